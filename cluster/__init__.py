@@ -1,0 +1,1 @@
+"""How the app meets a Ray cluster, and the ``ditserve`` command line."""

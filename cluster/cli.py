@@ -1,0 +1,129 @@
+"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("ditserve")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ditserve.models import implemented_families, list_specs
+
+    implemented = set(implemented_families())
+    rows = [("MODEL", "FAMILY", "OUTPUT", "STEPS", "GUIDANCE", "SIZE (default/multiple/max)", "READY", "FEATURES")]
+    for s in list_specs():
+        scale = s.true_cfg_scale if s.true_cfg_scale is not None else s.guidance_scale
+        rows.append((
+            s.id,
+            s.family,
+            s.modality.value,
+            str(s.num_inference_steps),
+            f"{s.guidance.value}={scale}" if scale is not None else s.guidance.value,
+            f"{s.default_width}x{s.default_height}/{s.size_multiple}/{s.max_size}",
+            "yes" if s.family in implemented else "no",
+            ",".join(sorted(f.value for f in s.features)) or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from ditserve.models.tiny import make_tiny
+
+    out = make_tiny(args.family, args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
+
+    fields = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "n": args.n,
+        "size": args.size,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "true_cfg_scale": args.true_cfg_scale,
+        "seed": args.seed,
+    }
+    try:
+        request = GenerationRequest.parse({k: v for k, v in fields.items() if v is not None})
+        engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+        resolved = engine.resolve(request)
+    except RequestError as exc:
+        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
+    result = engine.generate(request, callback=lambda i, n, latents: bar.update(1))
+    bar.close()
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(result.images))]
+    for image, path in zip(result.images, paths):
+        image.save(path)
+    for path in paths:
+        print(f"wrote {path}")
+    timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
+    print(f"model={result.model} seed={result.seed} request_id={result.request_id}")
+    print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ditserve.models import DEFAULT_MODEL
+    from ditserve.models.tiny import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="ditserve", description="Serving for diffusion transformers on Ray Serve.")
+    parser.add_argument("--log-level", default=os.environ.get("DITSERVE_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (diffusers format)")
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("generate", help="generate in this process (the reference runner)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's)")
+    p.add_argument("--n", type=int, help="number of images (default 1)")
+    p.add_argument("--num-inference-steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--true-cfg-scale", type=float)
+    p.add_argument("--seed", type=int, help="seed, as torch.Generator('cpu').manual_seed in diffusers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Nothing is ever downloaded at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ditserve.models import CheckpointError, FamilyNotImplementedError, ModelNotFoundError
+
+    try:
+        return args.func(args)
+    except (ModelNotFoundError, FamilyNotImplementedError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

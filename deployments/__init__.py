@@ -1,0 +1,17 @@
+"""Serving: request schema, the Ray-free engine (composer + in-process runner) and, on top of it,
+the Ray Serve deployments."""
+
+from .engine import Engine, EngineConfig, GenerationResult
+from .schema import GenerationRequest, LoraRequest, RequestError, ResolvedRequest, resolve_request, select_model
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "GenerationRequest",
+    "GenerationResult",
+    "LoraRequest",
+    "RequestError",
+    "ResolvedRequest",
+    "resolve_request",
+    "select_model",
+]

@@ -1,0 +1,193 @@
+"""The Ray-free composer: one config -> family adapter (+ parallel + features as they land), and
+the in-process reference runner built on it.
+
+``ditserve generate`` runs ``Engine.generate``; every served replica and worker builds the same
+``Engine`` for its stage(s) and calls the same step methods, so the served path and the
+reference path are one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ditserve.models import (
+    STAGES,
+    FamilyAdapter,
+    ModelSpec,
+    RequestContext,
+    TextConditioning,
+    adapter_class,
+    request_context,
+    resolve_model,
+)
+from ditserve.models.builtin import DEFAULT_MODEL
+
+from .schema import GenerationRequest, RequestError, ResolvedRequest, resolve_request, select_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineConfig(BaseModel):
+    """How to load and run one model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_MODEL, description="Registered model id or diffusers-format folder.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' is bfloat16 on GPU, float32 on CPU."
+    )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device={self.device!r} is not a torch device (try 'cpu' or 'cuda')") from None
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What a generation returns.
+
+    Attributes:
+        images: PIL images (or arrays, per ``output_type``).
+        request_id: id of the request (logs, metrics).
+        model: model id.
+        seed: the seed used (drawn when the request gave none), to reproduce the result.
+        timings: seconds per stage: encode, prepare, denoise, decode, postprocess.
+        latents: final packed latents (for equivalence checks and the served path's hand-off).
+    """
+
+    images: Any
+    request_id: str
+    model: str
+    seed: int
+    timings: dict[str, float]
+    latents: torch.Tensor | None = None
+
+
+class _Timer:
+    """Accumulates wall time per stage."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class Engine:
+    """A loaded model for some of the stages ("encode", "denoise", "decode").
+
+    Args:
+        config: what to load and where.
+        stages: the stages this process serves; the in-process runner loads all three.
+    """
+
+    def __init__(self, config: EngineConfig, stages: Sequence[str] = STAGES) -> None:
+        self.config = config
+        self.resolved = resolve_model(config.model)
+        self.spec: ModelSpec = self.resolved.spec
+        cls = adapter_class(self.spec.family)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.adapter: FamilyAdapter = cls.from_pretrained(
+            self.resolved.path, stages=stages, device=self.device, dtype=self.dtype
+        )
+        if self.adapter.size_multiple != self.spec.size_multiple:
+            raise ValueError(
+                f"model {self.spec.id}: registry says sizes are multiples of {self.spec.size_multiple}, "
+                f"the checkpoint's VAE and packing give {self.adapter.size_multiple}"
+            )
+        logger.info(
+            "engine ready: model=%s family=%s path=%s stages=%s device=%s dtype=%s",
+            self.spec.id, self.spec.family, self.resolved.path, list(stages), self.device, self.dtype,
+        )
+
+    # ---- request handling ---------------------------------------------------------------------
+
+    def resolve(self, req: GenerationRequest) -> ResolvedRequest:
+        """Validate ``req`` against this engine's model (raises ``RequestError``)."""
+        spec = select_model(req, {self.spec.id: self.spec}, self.spec.id)
+        resolved = resolve_request(req, spec)
+        if resolved.lora is not None:
+            raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
+        return resolved
+
+    # ---- the stages ---------------------------------------------------------------------------
+
+    def encode(self, req: ResolvedRequest) -> TextConditioning:
+        negative = [req.negative_prompt] if req.negative_prompt is not None else None
+        return self.adapter.encode_prompt([req.prompt], negative, req.params.num_images_per_prompt)
+
+    def denoise(
+        self,
+        req: ResolvedRequest,
+        cond: TextConditioning,
+        *,
+        request_id: str,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        timer: _Timer | None = None,
+    ) -> torch.Tensor:
+        timer = timer or _Timer()
+        cond = cond.to(self.device, self.dtype)
+        # Same as diffusers: the initial noise is drawn on the CPU from a seeded generator.
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        ctx = RequestContext(id=request_id, seed=req.seed, num_inference_steps=req.params.num_inference_steps)
+        with request_context(ctx):
+            with timer.stage("prepare"):
+                state = self.adapter.prepare(req.params, cond, generator)
+            with timer.stage("denoise"):
+                return self.adapter.denoise(state, cond, callback=callback)
+
+    def decode(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.adapter.decode(latents.to(self.device), req.params.height, req.params.width)
+
+    def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
+        return self.adapter.postprocess(images, output_type=output_type)
+
+    # ---- in-process reference runner ----------------------------------------------------------
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        output_type: str = "pil",
+        request_id: str | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> GenerationResult:
+        """Run all stages in this process (the reference path)."""
+        timer = _Timer()
+        request_id = request_id or RequestContext().id
+        resolved = self.resolve(req)
+        with timer.stage("encode"):
+            cond = self.encode(resolved)
+        latents = self.denoise(resolved, cond, request_id=request_id, callback=callback, timer=timer)
+        with timer.stage("decode"):
+            images = self.decode(resolved, latents)
+        with timer.stage("postprocess"):
+            out = self.postprocess(images, output_type)
+        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timer.timings, latents)

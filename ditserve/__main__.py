@@ -1,0 +1,3 @@
+from ditserve.cluster.cli import main
+
+raise SystemExit(main())

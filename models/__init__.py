@@ -1,0 +1,52 @@
+"""Model registry and family adapters (no Ray, nothing distributed).
+
+Public surface: the registry (``ModelSpec``, ``registry``, ``get_spec``), model resolution
+(``resolve_model``, ``adapter_class``), the adapter interface (``FamilyAdapter``,
+``SamplingParams``, ``TextConditioning``, ``DenoiseState``) and the request context.
+"""
+
+from .adapter import STAGES, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .builtin import DEFAULT_MODEL
+from .context import RequestContext, current_request, current_step, request_context, step_context
+from .families import ResolvedModel, adapter_class, implemented_families, resolve_model
+from .loading import CheckpointError
+from .registry import (
+    FamilyNotImplementedError,
+    Feature,
+    Guidance,
+    Modality,
+    ModelNotFoundError,
+    ModelSpec,
+    get_spec,
+    list_specs,
+    registry,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "STAGES",
+    "CheckpointError",
+    "DenoiseState",
+    "FamilyAdapter",
+    "FamilyNotImplementedError",
+    "Feature",
+    "Guidance",
+    "Modality",
+    "ModelNotFoundError",
+    "ModelSpec",
+    "RequestContext",
+    "ResolvedModel",
+    "SamplingParams",
+    "TextConditioning",
+    "adapter_class",
+    "current_request",
+    "current_step",
+    "get_spec",
+    "implemented_families",
+    "list_specs",
+    "request_context",
+    "resolve_model",
+    "serial_cfg",
+    "registry",
+    "step_context",
+]

@@ -1,0 +1,128 @@
+"""Family adapters by key, and resolution of a ``--model`` argument (registered id or folder) to
+a spec and a local diffusers folder.
+
+No network: a registered hub id is looked up in ``$DITSERVE_MODELS_DIR/<id>`` and in the local
+Hugging Face cache only; built-in models are built by the project on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from .loading import CheckpointError, read_checkpoint
+from .registry import FamilyNotImplementedError, ModelNotFoundError, ModelSpec, get_spec, list_specs
+
+logger = logging.getLogger(__name__)
+
+# family key -> "module:Class"; imported on demand so listing models stays cheap.
+_ADAPTERS = {
+    "qwen-image": "ditserve.models.qwen_image:QwenImageAdapter",
+    "flux": "ditserve.models.flux:FluxAdapter",
+}
+
+SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides
+
+
+def implemented_families() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_class(family: str) -> type:
+    """The adapter class of ``family``; a registered family without one raises clearly."""
+    target = _ADAPTERS.get(family)
+    if target is None:
+        known = sorted({s.family for s in list_specs()})
+        if family in known:
+            raise FamilyNotImplementedError(
+                f"model family {family!r} is registered but not implemented yet; "
+                f"implemented families: {', '.join(implemented_families())}"
+            )
+        raise FamilyNotImplementedError(f"unknown model family {family!r}; known families: {', '.join(known)}")
+    module_name, cls_name = target.split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def home_dir() -> Path:
+    """Where ditserve keeps built models: ``$DITSERVE_HOME`` or ``~/.cache/ditserve``."""
+    return Path(os.environ.get("DITSERVE_HOME") or Path.home() / ".cache" / "ditserve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to load: its spec (with folder overrides applied) and its folder."""
+
+    spec: ModelSpec
+    path: Path
+
+
+def _family_of_folder(path: Path) -> ModelSpec:
+    info = read_checkpoint(path)
+    for spec in list_specs():
+        if spec.components.pipeline == info.pipeline_class and not spec.builtin:
+            return spec
+    raise CheckpointError(
+        f"{path}: pipeline class {info.pipeline_class!r} belongs to no registered model family "
+        f"(implemented: {', '.join(implemented_families())})"
+    )
+
+
+def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
+    update: dict = {"id": model_id}
+    override_file = path / SPEC_OVERRIDES_FILE
+    if override_file.is_file():
+        update.update(json.loads(override_file.read_text()))
+    # Sizes must follow the checkpoint's real geometry, whatever its family's flagship uses.
+    adapter = adapter_class(spec.family)
+    vae_scale = adapter.vae_scale_from_config(read_checkpoint(path))
+    update.setdefault("size_multiple", vae_scale * 2)
+    return ModelSpec.model_validate({**spec.model_dump(), **update})
+
+
+def _builtin_path(spec: ModelSpec) -> Path:
+    from .tiny import ensure_builtin
+
+    return ensure_builtin(spec.id, home_dir() / "models" / spec.id)
+
+
+def _local_copy(model_id: str) -> Path | None:
+    root = os.environ.get("DITSERVE_MODELS_DIR")
+    if root and (Path(root) / model_id / "model_index.json").is_file():
+        return Path(root) / model_id
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # not in the local cache (no network is ever tried)
+        return None
+
+
+def resolve_model(model: str | os.PathLike) -> ResolvedModel:
+    """Resolve a registered model id or a diffusers-format folder.
+
+    Raises:
+        ModelNotFoundError: neither a registered id nor a folder.
+        FamilyNotImplementedError: registered, but its family has no adapter yet.
+        CheckpointError: a folder that is not a loadable checkpoint.
+    """
+    path = Path(model)
+    if path.is_dir():
+        spec = _family_of_folder(path)
+        adapter_class(spec.family)
+        return ResolvedModel(_apply_overrides(spec, path, str(path)), path)
+    spec = get_spec(str(model))
+    adapter_class(spec.family)  # fail early and clearly for unimplemented families
+    if spec.builtin:
+        return ResolvedModel(spec, _builtin_path(spec))
+    local = _local_copy(spec.id)
+    if local is None:
+        raise ModelNotFoundError(
+            f"model {spec.id!r} is registered but no local copy was found (nothing is downloaded at run "
+            f"time): put its diffusers folder at $DITSERVE_MODELS_DIR/{spec.id} or pass --model <folder>"
+        )
+    return ResolvedModel(_apply_overrides(spec, local, spec.id), local)

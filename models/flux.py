@@ -1,0 +1,100 @@
+"""FLUX.1 family adapter (FLUX.1-dev).
+
+CLIP (pooled) + T5 (sequence) text encoders; guidance-distilled: ``guidance_scale`` enters the
+transformer as an embedding, one call per step. Like ``FluxPipeline``, true CFG with a negative
+prompt is also available (``true_cfg_scale > 1``), at the cost of a second call per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from .loading import CheckpointInfo
+from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning
+
+
+class FluxAdapter(FamilyAdapter):
+    family = "flux"
+    pipeline_class = FluxPipeline
+    component_types = {
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "tokenizer": CLIPTokenizer,
+        "text_encoder_2": T5EncoderModel,
+        "tokenizer_2": T5TokenizerFast,
+        "transformer": FluxTransformer2DModel,
+    }
+    stage_components = {
+        "encode": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        "denoise": ("transformer", "scheduler"),
+        "decode": ("vae",),
+    }
+    max_sequence_length = 512  # the pipeline's default
+
+    @classmethod
+    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
+        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
+    ) -> TextConditioning:
+        self._require("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
+            embeds, pooled, text_ids = self.pipe.encode_prompt(
+                prompt=list(texts),
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=self.max_sequence_length,
+            )
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+        negative = encode(negative_prompts) if negative_prompts is not None else None
+        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+
+    def prepare(
+        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
+    ) -> DenoiseState:
+        self._require("transformer", "scheduler")
+        batch = cond.batch_size * params.num_images_per_prompt
+        embeds = cond.positive["encoder_hidden_states"]
+        latents, img_ids = self.pipe.prepare_latents(
+            batch,
+            self.transformer.config.in_channels // 4,
+            params.height,
+            params.width,
+            embeds.dtype,
+            self.device,
+            generator,
+        )
+        scheduler = self._new_scheduler()
+        timesteps = self._flow_match_timesteps(scheduler, params.num_inference_steps, latents.shape[1])
+        if self.transformer.config.guidance_embeds:
+            scale = 3.5 if params.guidance_scale is None else params.guidance_scale  # FluxPipeline's default
+            guidance = torch.full([batch], scale, device=self.device, dtype=torch.float32)
+        else:
+            guidance = None
+        cfg = params.true_cfg_scale if cond.negative is not None else None
+        return DenoiseState(
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=scheduler,
+            branch_kwargs={"img_ids": img_ids, "guidance": guidance, "joint_attention_kwargs": {}},
+            cfg_scale=cfg,
+            params=params,
+        )
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self._require("vae")
+        vae = self.components["vae"]
+        latents = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]

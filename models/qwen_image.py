@@ -1,0 +1,107 @@
+"""Qwen-Image family adapter (Qwen-Image, Qwen-Image-2512 text-to-image).
+
+Qwen2.5-VL text encoder with the pipeline's prompt template; true CFG with a negative prompt
+(``true_cfg_scale``), combined with the pipeline's norm rescaling; 3-D (frame axis) VAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from .loading import CheckpointInfo
+from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning
+
+
+class QwenImageAdapter(FamilyAdapter):
+    family = "qwen-image"
+    pipeline_class = QwenImagePipeline
+    component_types = {
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+        "vae": AutoencoderKLQwenImage,
+        "text_encoder": Qwen2_5_VLForConditionalGeneration,
+        "tokenizer": Qwen2Tokenizer,
+        "transformer": QwenImageTransformer2DModel,
+    }
+    stage_components = {
+        "encode": ("text_encoder", "tokenizer"),
+        "denoise": ("transformer", "scheduler"),
+        "decode": ("vae",),
+    }
+    max_sequence_length = 512  # the pipeline's default
+
+    @classmethod
+    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
+        return 2 ** len(info.config("vae")["temperal_downsample"])
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
+    ) -> TextConditioning:
+        self._require("text_encoder", "tokenizer")
+
+        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
+            embeds, mask = self.pipe.encode_prompt(
+                prompt=list(texts),
+                device=self.device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=self.max_sequence_length,
+            )
+            return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+        negative = encode(negative_prompts) if negative_prompts is not None else None
+        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+
+    def prepare(
+        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
+    ) -> DenoiseState:
+        self._require("transformer", "scheduler")
+        batch = cond.batch_size * params.num_images_per_prompt
+        embeds = cond.positive["encoder_hidden_states"]
+        latents = self.pipe.prepare_latents(
+            batch,
+            self.transformer.config.in_channels // 4,
+            params.height,
+            params.width,
+            embeds.dtype,
+            self.device,
+            generator,
+        )
+        scheduler = self._new_scheduler()
+        timesteps = self._flow_match_timesteps(scheduler, params.num_inference_steps, latents.shape[1])
+        vsf = self.vae_scale_factor
+        img_shapes = [[(1, params.height // vsf // 2, params.width // vsf // 2)]] * cond.batch_size
+        if self.transformer.config.guidance_embeds:
+            if params.guidance_scale is None:
+                raise ValueError("guidance_scale is required for a guidance-distilled Qwen-Image transformer")
+            guidance = torch.full([batch], params.guidance_scale, device=self.device, dtype=torch.float32)
+        else:
+            guidance = None
+        cfg = params.true_cfg_scale if cond.negative is not None else None
+        return DenoiseState(
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=scheduler,
+            branch_kwargs={"img_shapes": img_shapes, "guidance": guidance, "attention_kwargs": {}},
+            cfg_scale=cfg,
+            params=params,
+        )
+
+    def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        comb = uncond + scale * (cond - uncond)
+        # QwenImagePipeline rescales the combined prediction to the norm of the conditional one.
+        return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self._require("vae")
+        vae = self.components["vae"]
+        latents = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor).to(vae.dtype)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents / inv_std + mean
+        return vae.decode(latents, return_dict=False)[0][:, :, 0]

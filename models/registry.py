@@ -1,0 +1,134 @@
+"""The model registry: model identifier -> family, diffusers classes, defaults, sizes and features.
+
+Capabilities are data (STYLE.md rule 5): every registered model says which features it supports,
+and code that enables a feature asks the registry instead of keeping its own list. The starting
+truth for the feature flags is the seed table of ``shared/reference/diffusion-features.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Modality(str, enum.Enum):
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+
+
+class Feature(str, enum.Enum):
+    """Features a model may support; the columns of the seed feature table."""
+
+    TEA_CACHE = "tea_cache"
+    CACHE_DIT = "cache_dit"
+    SEQUENCE_PARALLEL = "sequence_parallel"
+    CFG_PARALLEL = "cfg_parallel"
+    TENSOR_PARALLEL = "tensor_parallel"
+    LAYERWISE_OFFLOAD = "layerwise_offload"
+    LORA = "lora"
+    VAE_PATCH_PARALLEL = "vae_patch_parallel"
+    FP8 = "fp8"
+
+
+class Guidance(str, enum.Enum):
+    """How a family applies guidance."""
+
+    TRUE_CFG = "true_cfg"  # two denoiser calls (prompt, negative prompt) combined with true_cfg_scale
+    DISTILLED = "distilled"  # guidance_scale enters the denoiser as an embedding; one call per step
+    CFG = "cfg"  # classic CFG with guidance_scale (two calls)
+    NONE = "none"
+
+
+class Components(BaseModel):
+    """The diffusers / transformers classes a model is made of (class names as in model_index.json).
+
+    ``None`` means the model has no such component, or that diffusers 0.42 does not ship it (see
+    ``ModelSpec.notes``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pipeline: str | None = Field(None, description="diffusers pipeline class of the reference path.")
+    transformer: str | None = Field(None, description="Denoiser class (diffusers).")
+    vae: str | None = Field(None, description="VAE / autoencoder class (diffusers).")
+    scheduler: str | None = Field(None, description="Scheduler class (diffusers).")
+    text_encoders: tuple[str, ...] = Field((), description="Text encoder classes, in pipeline order.")
+    tokenizers: tuple[str, ...] = Field((), description="Tokenizer classes, paired with text_encoders.")
+
+
+class ModelSpec(BaseModel):
+    """One registered model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Model identifier, e.g. 'Qwen/Qwen-Image'.")
+    name: str = Field(description="Display name.")
+    family: str = Field(description="Family adapter key, e.g. 'qwen-image', 'flux'.")
+    modality: Modality = Field(description="What the model outputs.")
+    task: str = Field("text-to-image", description="text-to-image | image-edit | text-to-video | ...")
+    components: Components = Field(description="Classes the model is made of.")
+    guidance: Guidance = Field(description="How guidance is applied.")
+    num_inference_steps: int = Field(ge=1, le=200, description="Default denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, description="Default guidance_scale (distilled/CFG).")
+    true_cfg_scale: float | None = Field(None, ge=0, description="Default true_cfg_scale (true CFG).")
+    default_width: int = Field(gt=0, description="Default width in pixels.")
+    default_height: int = Field(gt=0, description="Default height in pixels.")
+    size_multiple: int = Field(gt=0, description="Width and height must be multiples of this (VAE scale x patch).")
+    min_size: int = Field(gt=0, description="Smallest allowed width/height in pixels.")
+    max_size: int = Field(gt=0, description="Largest allowed width/height in pixels.")
+    num_frames: int | None = Field(None, description="Default frame count (video).")
+    audio_seconds: float | None = Field(None, description="Default duration (audio).")
+    features: frozenset[Feature] = Field(frozenset(), description="Features the model supports.")
+    builtin: bool = Field(False, description="Built by the project itself (no download needed).")
+    notes: str = Field("", description="Anything a user should know (e.g. not in diffusers 0.42).")
+
+    @model_validator(mode="after")
+    def _sizes_consistent(self) -> ModelSpec:
+        for field in ("default_width", "default_height", "min_size", "max_size"):
+            value = getattr(self, field)
+            if value % self.size_multiple:
+                raise ValueError(f"{self.id}: {field}={value} is not a multiple of size_multiple={self.size_multiple}")
+        if self.min_size > self.max_size:
+            raise ValueError(f"{self.id}: min_size={self.min_size} > max_size={self.max_size}")
+        return self
+
+    def supports(self, feature: Feature) -> bool:
+        return feature in self.features
+
+
+class ModelNotFoundError(LookupError):
+    """Raised for an identifier that is neither registered nor a local diffusers folder."""
+
+
+class FamilyNotImplementedError(NotImplementedError):
+    """Raised when a registered model's family has no adapter yet."""
+
+
+@functools.cache
+def registry() -> dict[str, ModelSpec]:
+    """All registered models by id: the seed catalog plus the project's built-in models."""
+    from .builtin import BUILTIN_MODELS
+    from .catalog import MODELS
+
+    specs: dict[str, ModelSpec] = {}
+    for spec in [*MODELS, *BUILTIN_MODELS]:
+        if spec.id in specs:
+            raise ValueError(f"model id {spec.id!r} registered twice")
+        specs[spec.id] = spec
+    return specs
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """The registered spec of ``model_id``; raises ``ModelNotFoundError`` listing the known ids."""
+    try:
+        return registry()[model_id]
+    except KeyError:
+        known = ", ".join(sorted(registry()))
+        raise ModelNotFoundError(f"unknown model {model_id!r}; registered models: {known}") from None
+
+
+def list_specs() -> list[ModelSpec]:
+    return list(registry().values())

@@ -1,0 +1,234 @@
+"""Tiny random-weight checkpoints of the real architectures, in diffusers format.
+
+``make_tiny(family, out)`` builds every component with its real class at toy sizes, tokenizers
+built locally (no hub), and saves them with the diffusers pipeline's own ``save_pretrained``
+(safetensors). Small enough that 4 steps at 64x64 take well under a second each on one core,
+while keeping head counts and token counts divisible by 2 and 4 for the parallel tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("qwen-image", "flux")
+BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux"}
+_COMPLETE_MARKER = ".ditserve-complete"
+
+# Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
+_QWEN_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    invert_sigmas=False,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    num_train_timesteps=1000,
+    shift=1.0,
+    shift_terminal=0.02,
+    stochastic_sampling=False,
+    time_shift_type="exponential",
+    use_dynamic_shifting=True,
+)
+_FLUX_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+
+
+def _qwen_image_pipeline():
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .tokenizers import build_qwen2_tokenizer, qwen2_special_token_ids
+
+    tokenizer = build_qwen2_tokenizer()
+    special = qwen2_special_token_ids(tokenizer)
+    text_hidden = 32
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": text_hidden,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer),
+            "rope_parameters": {"mrope_section": [2, 3, 3], "rope_type": "default", "rope_theta": 1000000.0},
+            "max_position_embeddings": 2048,
+            "bos_token_id": special["bos_token_id"],
+            "eos_token_id": special["eos_token_id"],
+            "pad_token_id": special["pad_token_id"],
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": text_hidden},
+        vocab_size=len(tokenizer),
+        image_token_id=special["image_token_id"],
+        video_token_id=special["video_token_id"],
+        vision_start_token_id=special["vision_start_token_id"],
+        vision_end_token_id=special["vision_end_token_id"],
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=16,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # three spatial downsamples: scale 8, as the real VAE
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=z_dim * 4,
+        out_channels=z_dim,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=text_hidden,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**_QWEN_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def _flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .tokenizers import build_clip_tokenizer, build_t5_tokenizer, clip_special_token_ids
+
+    clip_tok = build_clip_tokenizer()
+    t5_tok = build_t5_tokenizer()
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
+            vocab_size=len(clip_tok),
+            max_position_embeddings=77,
+            **clip_special_token_ids(clip_tok),
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=len(t5_tok),
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+        )
+    )
+    latent_channels = 4
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=latent_channels * 4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+_BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline}
+
+
+def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` to ``out`` (diffusers format).
+
+    Args:
+        family: one of ``FAMILIES``.
+        out: target folder (created; existing files of the same names are overwritten).
+        seed: weights are drawn with ``torch.manual_seed(seed)``; same seed, same bytes.
+        spec_overrides: registry fields to record in ``ditserve.json`` (e.g. default size).
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"--family {family!r} has no tiny checkpoint; choose from {', '.join(FAMILIES)}")
+    out = Path(out)
+    torch.manual_seed(seed)
+    pipe = _BUILDERS[family]()
+    pipe.save_pretrained(out, safe_serialization=True)
+    overrides = {"num_inference_steps": 8, "default_width": 128, "default_height": 128, "max_size": 1024}
+    overrides.update(spec_overrides or {})
+    (out / "ditserve.json").write_text(json.dumps(overrides, indent=2) + "\n")
+    logger.info("wrote tiny %s checkpoint to %s", family, out)
+    return out
+
+
+def ensure_builtin(model_id: str, path: Path) -> Path:
+    """Build the built-in model ``model_id`` at ``path`` unless it is already complete there.
+
+    Built in a temporary folder and renamed into place, so concurrent first uses (several
+    replicas starting at once) never see a half-written checkpoint.
+    """
+    if (path / _COMPLETE_MARKER).is_file():
+        return path
+    family = BUILTIN_FAMILY[model_id]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
+    try:
+        make_tiny(family, tmp)
+        (tmp / _COMPLETE_MARKER).write_text(model_id + "\n")
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first
+            if not (path / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
