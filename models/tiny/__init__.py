@@ -57,7 +57,7 @@ def _qwen_image_pipeline():
     )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .tokenizers import build_qwen2_tokenizer, qwen2_special_token_ids
+    from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
 
     tokenizer = build_qwen2_tokenizer()
     special = qwen2_special_token_ids(tokenizer)
@@ -118,7 +118,7 @@ def _flux_pipeline():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .tokenizers import build_clip_tokenizer, build_t5_tokenizer, clip_special_token_ids
+    from .tokenizer_builders import build_clip_tokenizer, build_t5_tokenizer, clip_special_token_ids
 
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()

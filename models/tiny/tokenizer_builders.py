@@ -31,11 +31,8 @@ QWEN2_SPECIAL_TOKENS = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )  # fmt: skip
 T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-QWEN2_MODEL_MAX_LENGTH = 131072
-CLIP_MODEL_MAX_LENGTH = 77
-T5_MODEL_MAX_LENGTH = 512
 _BPE_MERGES = 1200  # learned merges of both BPE tokenizers
-_UNIGRAM_VOCAB = 1500  # upper bound; the small corpus yields about 1270 pieces
+_UNIGRAM_VOCAB = 1500  # upper bound; the small corpus yields about 1240 pieces
 _EOW_SHIFT = 0xE000  # private-use stand-ins for the "<byte></w>" symbols while training CLIP's BPE
 
 # Word lists of the corpus ("_" joins the words of one entry).
@@ -138,7 +135,7 @@ def _words(proto: transformers.PreTrainedTokenizerBase) -> list[str]:
     return [w for line in build_corpus() for w, _ in backend.pre_tokenizer.pre_tokenize_str(normalize(line))]
 
 
-def _train_bpe_merges(proto: transformers.PreTrainedTokenizerBase, end_of_word: bool) -> list[tuple[str, str]]:
+def _train_bpe_merges(proto: transformers.PreTrainedTokenizerBase, end_of_word: bool) -> list[tuple]:
     """Trains byte-level BPE on the words of ``proto`` and returns the merges in order.
 
     With ``end_of_word`` the last symbol of a word carries the ``</w>`` suffix (CLIP). The trainer would
@@ -159,7 +156,7 @@ def _train_bpe_merges(proto: transformers.PreTrainedTokenizerBase, end_of_word: 
     return [tuple("".join(unshift.get(ch, ch) for ch in part) for part in merge) for merge in merges]
 
 
-def _bpe_vocab(base: list[str], merges: list[tuple[str, str]], tail: tuple[str, ...] = ()) -> dict[str, int]:
+def _bpe_vocab(base: list[str], merges: list[tuple], tail: tuple[str, ...] = ()) -> dict[str, int]:
     """Lays out a BPE vocab like the real files: base symbols, then merge results, then ``tail``."""
     return {token: i for i, token in enumerate(dict.fromkeys([*base, *(a + b for a, b in merges), *tail]))}
 
@@ -179,7 +176,7 @@ def build_qwen2_tokenizer() -> transformers.Qwen2Tokenizer:
         vocab=_bpe_vocab(_bytes_to_unicode(), merges),
         merges=merges,
         extra_special_tokens=list(QWEN2_SPECIAL_TOKENS[1:]),
-        model_max_length=QWEN2_MODEL_MAX_LENGTH,
+        model_max_length=131072,
     )
 
 
@@ -197,13 +194,14 @@ def qwen2_special_token_ids(tok: transformers.PreTrainedTokenizerBase) -> dict[s
         ``<name>_token_id`` for vision_start, vision_end, vision_pad, im_start, im_end and endoftext.
     """
     ids = {t.strip("<|>"): tok.convert_tokens_to_ids(t) for t in QWEN2_SPECIAL_TOKENS}
+    names = ("vision_start", "vision_end", "vision_pad", "im_start", "im_end", "endoftext")
     return {
         "bos_token_id": ids["endoftext"],
         "eos_token_id": ids["im_end"],
         "pad_token_id": tok.pad_token_id,
         "image_token_id": ids["image_pad"],
         "video_token_id": ids["video_pad"],
-        **{f"{n}_token_id": ids[n] for n in ("vision_start", "vision_end", "vision_pad", "im_start", "im_end", "endoftext")},
+        **{f"{name}_token_id": ids[name] for name in names},
     }
 
 
@@ -220,7 +218,7 @@ def build_clip_tokenizer() -> transformers.CLIPTokenizer:
     merges = _train_bpe_merges(transformers.CLIPTokenizer(), end_of_word=True)
     base = _bytes_to_unicode()
     vocab = _bpe_vocab([*base, *(b + "</w>" for b in base)], merges, ("<|startoftext|>", "<|endoftext|>"))
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MODEL_MAX_LENGTH)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def clip_special_token_ids(tok: transformers.PreTrainedTokenizerBase) -> dict[str, int]:
@@ -238,7 +236,7 @@ def clip_special_token_ids(tok: transformers.PreTrainedTokenizerBase) -> dict[st
 
 
 def build_t5_tokenizer() -> transformers.T5TokenizerFast:
-    """Builds a small T5 Unigram tokenizer (about 1270 ids): ``<pad>``=0, ``</s>``=1, ``<unk>``=2.
+    """Builds a small T5 Unigram tokenizer (about 1240 ids): ``<pad>``=0, ``</s>``=1, ``<unk>``=2.
 
     It appends ``</s>`` and has ``extra_ids=0`` (no ``<extra_id_*>`` sentinels; saved as such in
     ``tokenizer_config.json``), and no precompiled sentencepiece normalizer, unlike the real T5.
@@ -269,7 +267,7 @@ def build_t5_tokenizer() -> transformers.T5TokenizerFast:
     band = low + 1e-4 * (1 + sum(len(p) == 1 for p in scores))
     pieces = sorted((-(low if s < band else s), p) for p, s in scores.items())
     vocab = [*((p, 0.0) for p in T5_SPECIAL_TOKENS), *((p, -s) for s, p in pieces)]
-    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
 def t5_special_token_ids(tok: transformers.PreTrainedTokenizerBase) -> dict[str, int]:
