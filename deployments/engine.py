@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +34,11 @@ from ditserve.models.builtin import DEFAULT_MODEL
 from .schema import GenerationRequest, RequestError, ResolvedRequest, resolve_request, select_model
 
 logger = logging.getLogger(__name__)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8, rounded exactly as diffusers' ``numpy_to_pil``."""
+    return (images * 255).round().astype("uint8")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,6 +85,31 @@ class GenerationResult:
     request_id: str
     model: str
     seed: int
+    timings: dict[str, float]
+    latents: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class Encoded:
+    """TextEncoder -> DiT: one request's conditioning, and the time spent so far."""
+
+    cond: TextConditioning
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class Denoised:
+    """DiT -> VAE: final packed latents."""
+
+    latents: torch.Tensor
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class Decoded:
+    """VAE -> Router: images as uint8 arrays (n, H, W, 3), as the PIL path rounds them."""
+
+    images: np.ndarray
     timings: dict[str, float]
     latents: torch.Tensor | None = None
 
@@ -139,8 +170,25 @@ class Engine:
     # ---- the stages ---------------------------------------------------------------------------
 
     def encode(self, req: ResolvedRequest) -> TextConditioning:
-        negative = [req.negative_prompt] if req.negative_prompt is not None else None
-        return self.adapter.encode_prompt([req.prompt], negative, req.params.num_images_per_prompt)
+        return self.encode_batch([req])[0]
+
+    def encode_batch(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
+        """Encode the prompts (and negative prompts) of several requests, batching the texts
+        whose shapes allow it (``adapter.text_shape_key``) so each gets what it gets alone."""
+        texts = sorted({t for r in reqs for t in (r.prompt, r.negative_prompt) if t is not None})
+        groups: dict[Any, list[str]] = {}
+        for text in texts:
+            groups.setdefault(self.adapter.text_shape_key(text), []).append(text)
+        encoded: dict[str, dict[str, torch.Tensor | None]] = {}
+        with torch.inference_mode():
+            for group in groups.values():
+                encoded.update(zip(group, self.adapter.encode_texts(group)))
+        out = []
+        for r in reqs:
+            n = r.params.num_images_per_prompt
+            negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[r.negative_prompt], n)
+            out.append(TextConditioning(self.adapter.repeat_text(encoded[r.prompt], n), negative, batch_size=1))
+        return out
 
     def denoise(
         self,
@@ -168,6 +216,26 @@ class Engine:
 
     def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
         return self.adapter.postprocess(images, output_type=output_type)
+
+    # ---- the served path: one call per stage, payloads between deployments ----------------------
+
+    def run_encode(self, reqs: Sequence[ResolvedRequest]) -> list[Encoded]:
+        start = time.perf_counter()
+        conds = self.encode_batch(reqs)
+        elapsed = time.perf_counter() - start
+        return [Encoded(c, {"encode": elapsed}) for c in conds]
+
+    def run_denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str) -> Denoised:
+        timer = _Timer()
+        latents = self.denoise(req, encoded.cond, request_id=request_id, timer=timer)
+        return Denoised(latents.cpu(), {**encoded.timings, **timer.timings})
+
+    def run_decode(self, req: ResolvedRequest, denoised: Denoised, *, return_latents: bool = False) -> Decoded:
+        start = time.perf_counter()
+        images = self.postprocess(self.decode(req, denoised.latents), output_type="np")
+        images = to_uint8(images)
+        timings = {**denoised.timings, "decode": time.perf_counter() - start}
+        return Decoded(images, timings, denoised.latents if return_latents else None)
 
     # ---- in-process reference runner ----------------------------------------------------------
 

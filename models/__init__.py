@@ -8,7 +8,7 @@ Public surface: the registry (``ModelSpec``, ``registry``, ``get_spec``), model 
 from .adapter import STAGES, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
 from .builtin import DEFAULT_MODEL
 from .context import RequestContext, current_request, current_step, request_context, step_context
-from .families import ResolvedModel, adapter_class, implemented_families, resolve_model
+from .families import ResolvedModel, adapter_class, implemented_families, resolve_model, resolve_spec
 from .loading import CheckpointError
 from .registry import (
     FamilyNotImplementedError,
@@ -46,6 +46,7 @@ __all__ = [
     "list_specs",
     "request_context",
     "resolve_model",
+    "resolve_spec",
     "serial_cfg",
     "registry",
     "step_context",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -141,6 +141,8 @@ class FamilyAdapter:
     pipeline_class: ClassVar[type]
     component_types: ClassVar[dict[str, type]]
     stage_components: ClassVar[dict[Stage, tuple[str, ...]]]
+    #: text kwargs without a batch dimension (shared by every sample, e.g. FLUX ``txt_ids``)
+    unbatched_text_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -228,6 +230,28 @@ class FamilyAdapter:
     ) -> TextConditioning:
         """Encode prompts (and negative prompts when CFG is on) into transformer kwargs."""
         raise NotImplementedError
+
+    def text_shape_key(self, text: str) -> Hashable:
+        """Texts with equal keys encode to equal shapes and can share one encoder batch, with the
+        same numbers as alone. Default: the family pads to a fixed length, so all texts batch."""
+        return None
+
+    def encode_texts(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor | None]]:
+        """Encode texts in one batch (their ``text_shape_key`` must be equal); kwargs per text."""
+        cond = self.encode_prompt(texts, None, 1)
+        return [self._take(cond.positive, i) for i in range(len(texts))]
+
+    def _take(self, kwargs: dict[str, torch.Tensor | None], index: int) -> dict[str, torch.Tensor | None]:
+        return {
+            k: v if (v is None or k in self.unbatched_text_kwargs) else v[index : index + 1] for k, v in kwargs.items()
+        }
+
+    def repeat_text(self, kwargs: dict[str, torch.Tensor | None], n: int) -> dict[str, torch.Tensor | None]:
+        """One text's kwargs repeated for ``n`` images, as ``num_images_per_prompt`` does."""
+        return {
+            k: v if (v is None or k in self.unbatched_text_kwargs) else v.repeat_interleave(n, dim=0)
+            for k, v in kwargs.items()
+        }
 
     def prepare(
         self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None

@@ -102,6 +102,19 @@ def _local_copy(model_id: str) -> Path | None:
         return None
 
 
+def resolve_spec(model: str | os.PathLike) -> ModelSpec:
+    """The spec ``model`` will be served with, without building or loading anything (for
+    processes that validate requests but hold no model, like the router)."""
+    path = Path(model)
+    if path.is_dir():
+        return resolve_model(path).spec
+    spec = get_spec(str(model))
+    if spec.builtin:
+        adapter_class(spec.family)
+        return spec
+    return resolve_model(spec.id).spec
+
+
 def resolve_model(model: str | os.PathLike) -> ResolvedModel:
     """Resolve a registered model id or a diffusers-format folder.
 

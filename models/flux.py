@@ -35,6 +35,7 @@ class FluxAdapter(FamilyAdapter):
         "decode": ("vae",),
     }
     max_sequence_length = 512  # the pipeline's default
+    unbatched_text_kwargs = ("txt_ids",)
 
     @classmethod
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:

@@ -37,6 +37,11 @@ class QwenImageAdapter(FamilyAdapter):
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
         return 2 ** len(info.config("vae")["temperal_downsample"])
 
+    def text_shape_key(self, text: str) -> int:
+        # The pipeline pads a batch to its longest prompt; equal token counts mean no padding,
+        # so a batch gives each text exactly what it gets alone.
+        return len(self.pipe.tokenizer(self.pipe.prompt_template_encode.format(text)).input_ids)
+
     @torch.inference_mode()
     def encode_prompt(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int

@@ -1,0 +1,130 @@
+"""The one app config: model, resources and scaling of every deployment.
+
+``AppConfig`` is what ``ditserve run`` builds from its flags, what ``ditserve config`` writes into a
+Serve config file (as the app's ``args``), and what ``build_app`` turns into a bound graph. Each
+deployment's Ray options (actor resources, placement bundles, autoscaling) are derived here, in
+one place, so the test, the CLI and a KubeRay RayService all get the same placement.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .engine import EngineConfig
+
+
+class AutoscalingOptions(BaseModel):
+    """Ray Serve autoscaling of one deployment (``autoscaling_config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero; adds a cold start).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default min_replicas).")
+    target_ongoing_requests: float = Field(1.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="How long load must stay high before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="How long load must stay low before scaling down.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        out = self.model_dump(exclude={"metrics_interval_s"}, exclude_none=True)
+        out["metrics_interval_s"] = self.metrics_interval_s
+        return out
+
+
+class StageOptions(BaseModel):
+    """Resources and scaling of one deployment.
+
+    CPUs are fractional on purpose: on a 2-core machine every replica must fit (Ray's default is
+    one whole CPU per replica). ``custom_resources`` pins a deployment to labelled nodes in a
+    multi-node cluster (e.g. ``{"encoder_node": 0.01}``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(0.1, ge=0, description="CPUs of the replica (coordinator).")
+    worker_cpus: float = Field(0.25, ge=0, description="CPUs of each worker actor (DiT and VAE ranks).")
+    num_gpus: float = Field(
+        1.0, ge=0, le=1, description="GPUs of each rank (or of the text encoder replica) when accelerator is gpu; "
+        "below 1 shares a GPU (text encoder, VAE; DiT ranks need a whole GPU each for NCCL)."
+    )
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources of the replica and of each worker."
+    )
+    max_ongoing_requests: int = Field(4, ge=1, description="Requests a replica holds at once.")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests queued per caller before 503 (-1: no limit).")
+    autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions, description="Replica autoscaling.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Health check timeout.")
+
+
+class AppConfig(BaseModel):
+    """Everything the served app needs, as one validated object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Model, device and dtype.")
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="Whether DiT/VAE workers and the text encoder each take one GPU: 'auto' asks the "
+        "Ray cluster whether it has GPUs.",
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Placement strategy of each DiT/VAE replica's bundles."
+    )
+    dit_world_size: int = Field(1, ge=1, description="DiT ranks per replica (parallel degrees multiply to this).")
+    vae_workers: int = Field(1, ge=1, description="VAE workers per replica.")
+    distributed_timeout_s: float = Field(
+        120.0, gt=0, description="Timeout of rendezvous and collectives (a dead rank fails requests after this)."
+    )
+    text_encoder: StageOptions = Field(
+        default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=16),
+        description="TextEncoder deployment.",
+    )
+    dit: StageOptions = Field(
+        # One request at a time per DiT replica: collectives of two requests must never interleave.
+        default_factory=lambda: StageOptions(max_ongoing_requests=1),
+        description="DiT deployment (max_ongoing_requests must stay 1).",
+    )
+    vae: StageOptions = Field(
+        default_factory=lambda: StageOptions(max_ongoing_requests=1), description="VAE deployment."
+    )
+    router: StageOptions = Field(
+        default_factory=lambda: StageOptions(num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256),
+        description="Router (ingress) deployment.",
+    )
+    encode_batch_size: int = Field(8, ge=1, description="Most prompts the text encoder batches at once.")
+    encode_batch_wait_s: float = Field(0.005, ge=0, description="How long the text encoder waits to fill a batch.")
+    max_request_bytes: int = Field(1_000_000, gt=0, description="Largest HTTP body accepted (413 beyond).")
+
+    @model_validator(mode="after")
+    def _dit_sequential(self) -> AppConfig:
+        if self.dit.num_gpus not in (0.0, 1.0):
+            raise ValueError(f"dit.num_gpus={self.dit.num_gpus}: each DiT rank needs a whole GPU (1) for NCCL")
+        for name in ("dit", "vae"):
+            if getattr(self, name).max_ongoing_requests != 1:
+                raise ValueError(
+                    f"{name}.max_ongoing_requests={getattr(self, name).max_ongoing_requests}: must be 1, a replica "
+                    "runs one request at a time so that its workers' collectives never interleave"
+                )
+        return self
+
+    def uses_gpu(self) -> bool:
+        if self.accelerator != "auto":
+            return self.accelerator == "gpu"
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+        import torch
+
+        return torch.cuda.is_available()

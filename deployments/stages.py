@@ -1,0 +1,145 @@
+"""The three model deployments: TextEncoder, DiT, VAE.
+
+Each owns its Ray options (``deployment_options(cfg)``). The TextEncoder runs its engine in the
+replica (one bundle) and batches concurrent requests. The DiT and VAE replicas are coordinators:
+each reserves one placement group (bundle 0 for itself, one bundle per rank) and starts a
+``WorkerGroup`` in it; a request is one ``call_all`` (the whole loop runs in the workers).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray import serve
+
+from .config import AppConfig, StageOptions
+from .engine import Decoded, Denoised, Encoded, Engine
+from .schema import ResolvedRequest
+from .worker_group import WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+
+def _request_id() -> str:
+    return serve.context._get_serve_request_context().request_id
+
+
+def _resources(opts: StageOptions) -> dict[str, float]:
+    return {k: v for k, v in opts.custom_resources.items() if v > 0}
+
+
+def _common_options(opts: StageOptions) -> dict[str, Any]:
+    return {
+        "max_ongoing_requests": opts.max_ongoing_requests,
+        "max_queued_requests": opts.max_queued_requests,
+        "autoscaling_config": opts.autoscaling.to_serve(),
+        "health_check_period_s": opts.health_check_period_s,
+        "health_check_timeout_s": opts.health_check_timeout_s,
+    }
+
+
+def _worker_group_options(opts: StageOptions, workers: int, gpu: bool, strategy: str) -> dict[str, Any]:
+    """Bundle 0 holds the coordinator replica; bundles 1..N one rank each."""
+    res = _resources(opts)
+    coordinator = {"CPU": opts.num_cpus, **res}
+    rank = {"CPU": opts.worker_cpus, **res, **({"GPU": opts.num_gpus} if gpu and opts.num_gpus else {})}
+    return {
+        **_common_options(opts),
+        "ray_actor_options": {"num_cpus": opts.num_cpus, "resources": res},
+        "placement_group_bundles": [coordinator] + [rank] * workers,
+        "placement_group_strategy": strategy,
+    }
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder:
+    """Tokenizer(s) + text encoder(s); batches concurrent requests whose shapes allow it."""
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        opts = cfg.text_encoder
+        return {
+            **_common_options(opts),
+            "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus if gpu else 0.0, "resources": _resources(opts)},
+        }
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.engine = Engine(cfg.engine, stages=["encode"])
+        self.encode.set_max_batch_size(cfg.encode_batch_size)
+        self.encode.set_batch_wait_timeout_s(cfg.encode_batch_wait_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def encode(self, reqs: list[ResolvedRequest]) -> list[Encoded]:
+        return self.engine.run_encode(reqs)
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "model": self.engine.spec.id}
+
+
+@serve.deployment(name="DiT")
+class DiT:
+    """Coordinator of one DiT worker group (one torch.distributed world); one request at a time."""
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        return _worker_group_options(cfg.dit, cfg.dit_world_size, gpu, cfg.placement_strategy)
+
+    def __init__(self, cfg: AppConfig, gpu: bool) -> None:
+        self.group = WorkerGroup(
+            cfg.dit_world_size,
+            cfg.engine,
+            ["denoise"],
+            num_cpus=cfg.dit.worker_cpus,
+            num_gpus=cfg.dit.num_gpus if gpu else 0.0,
+            resources=_resources(cfg.dit),
+            placement_group=ray.util.get_current_placement_group(),
+            timeout_s=cfg.distributed_timeout_s,
+        )
+        logger.info("DiT worker group ready: %s", self.group.info)
+
+    async def denoise(self, req: ResolvedRequest, encoded: Encoded) -> Denoised:
+        results = await self.group.call_all_async("run_denoise", req, encoded, _request_id())
+        return results[0]  # every rank ends with the same latents; rank 0's are returned
+
+    def check_health(self) -> None:
+        self.group.check_health()
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "worker_node_ids": self.group.node_ids(), **self.group.info}
+
+
+@serve.deployment(name="VAE")
+class VAE:
+    """Coordinator of the VAE worker(s): latents -> uint8 images (patch-parallel later)."""
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        return _worker_group_options(cfg.vae, cfg.vae_workers, gpu, cfg.placement_strategy)
+
+    def __init__(self, cfg: AppConfig, gpu: bool) -> None:
+        self.group = WorkerGroup(
+            cfg.vae_workers,
+            cfg.engine,
+            ["decode"],
+            num_cpus=cfg.vae.worker_cpus,
+            num_gpus=cfg.vae.num_gpus if gpu else 0.0,
+            resources=_resources(cfg.vae),
+            placement_group=ray.util.get_current_placement_group(),
+            timeout_s=cfg.distributed_timeout_s,
+        )
+
+    async def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
+        results = await self.group.call_all_async("run_decode", req, denoised, return_latents=return_latents)
+        return results[0]
+
+    def check_health(self) -> None:
+        self.group.check_health()
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "worker_node_ids": self.group.node_ids(), **self.group.info}
