@@ -1,4 +1,4 @@
-"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``."""
+"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``, ``run``, ``config``."""
 
 from __future__ import annotations
 
@@ -43,10 +43,35 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
     from tqdm import tqdm
 
     from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
 
+    try:
+        request = GenerationRequest.parse(_request_fields(args))
+        engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+        resolved = engine.resolve(request)
+    except RequestError as exc:
+        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
+    result = engine.generate(request, callback=lambda i, n, latents: bar.update(1))
+    bar.close()
+
+    paths = _output_paths(Path(args.output), len(result.images))
+    for image, path in zip(result.images, paths):
+        image.save(path)
+    for path in paths:
+        print(f"wrote {path}")
+    timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
+    print(f"model={result.model} seed={result.seed} request_id={result.request_id}")
+    print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
+    return 0
+
+
+def _request_fields(args: argparse.Namespace) -> dict:
     fields = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -57,28 +82,85 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "true_cfg_scale": args.true_cfg_scale,
         "seed": args.seed,
     }
-    try:
-        request = GenerationRequest.parse({k: v for k, v in fields.items() if v is not None})
-        engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
-        resolved = engine.resolve(request)
-    except RequestError as exc:
-        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
-        return 2
-    bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
-    result = engine.generate(request, callback=lambda i, n, latents: bar.update(1))
-    bar.close()
+    return {k: v for k, v in fields.items() if v is not None}
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(result.images))]
-    for image, path in zip(result.images, paths):
-        image.save(path)
-    for path in paths:
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """``generate --server URL``: the same request, through a running server's HTTP API."""
+    from .client import ServerError, generate_images
+
+    body = _request_fields(args)
+    if args.model_given:
+        body["model"] = args.model
+    try:
+        images, reply = generate_images(args.server, body, output_format=_format_of(args.output))
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = _output_paths(Path(args.output), len(images))
+    for data, path in zip(images, paths):
+        path.write_bytes(data)
         print(f"wrote {path}")
-    timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
-    print(f"model={result.model} seed={result.seed} request_id={result.request_id}")
-    print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
+    timings = "  ".join(f"{k}={v:.3f}s" for k, v in reply["timings"].items())
+    print(f"model={reply['model']} seed={reply['seed']} request_id={reply['request_id']}")
+    print(f"timings: {timings}")
     return 0
+
+
+def _format_of(path: str) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(suffix, "png")
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
+
+
+def _app_config(args: argparse.Namespace):
+    from ditserve.deployments.config import AppConfig, AutoscalingOptions
+
+    def scaling(prefix: str) -> dict:
+        lo, hi = getattr(args, f"{prefix}_min_replicas"), getattr(args, f"{prefix}_max_replicas")
+        return {"autoscaling": AutoscalingOptions(min_replicas=lo, max_replicas=max(lo, hi))}
+
+    return AppConfig(
+        engine={"model": args.model, "device": args.device, "dtype": args.dtype},
+        accelerator=args.accelerator,
+        placement_strategy=args.placement_strategy,
+        text_encoder={"num_cpus": 0.2, "max_ongoing_requests": 16, **scaling("encoder")},
+        dit={"max_ongoing_requests": 1, **scaling("dit")},
+        vae={"max_ongoing_requests": 1, **scaling("vae")},
+    )
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .serve_config import serve_config_yaml
+
+    print(serve_config_yaml(_app_config(args), host=args.host or "0.0.0.0", port=args.port), end="")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    return run_server(_app_config(args), host=args.host or "127.0.0.1", port=args.port, blocking=True)
+
+
+def _add_app_options(p: argparse.ArgumentParser) -> None:
+    from ditserve.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="give each text encoder replica, DiT rank and VAE worker a GPU (auto: if the cluster has GPUs)")
+    p.add_argument("--placement-strategy", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"])
+    p.add_argument("--host", help="HTTP host (run: 127.0.0.1 by default; config: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    for prefix, name in (("encoder", "text encoder"), ("dit", "DiT"), ("vae", "VAE")):
+        p.add_argument(f"--{prefix}-min-replicas", type=int, default=1, help=f"{name} replicas, lower bound")
+        p.add_argument(f"--{prefix}-max-replicas", type=int, default=1, help=f"{name} replicas, upper bound (autoscaling)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=_cmd_make_tiny)
 
-    p = sub.add_parser("generate", help="generate in this process (the reference runner)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
+    p = sub.add_parser("run", help="serve the app on a Ray cluster (local, or RAY_ADDRESS)")
+    _add_app_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("config", help="write a Ray Serve config file (serve deploy / KubeRay RayService)")
+    _add_app_options(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("generate", help="generate in this process (the reference runner), or via --server")
+    p.add_argument("--model", default=None, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--server", help="URL of a running server (e.g. http://127.0.0.1:8000); default: in process")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
     p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's)")
@@ -119,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing is ever downloaded at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        from ditserve.models import DEFAULT_MODEL
+
+        args.model_given = args.model is not None
+        args.model = args.model or DEFAULT_MODEL
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ditserve.models import CheckpointError, FamilyNotImplementedError, ModelNotFoundError
 

@@ -31,6 +31,9 @@ class RequestError(ValueError):
         self.message = message
         self.status = status
 
+    def __reduce__(self):  # crosses process boundaries (Ray) with all its fields
+        return (type(self), (self.field, self.message, self.status))
+
 
 class LoraRequest(BaseModel):
     """A LoRA adapter to apply to this request."""

@@ -39,3 +39,34 @@ def tiny_flux(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_qwen, tiny_flux):
     return {"qwen-image": tiny_qwen, "flux": tiny_flux}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole session: two nodes simulated on this machine.
+
+    Node A ("node_a") has CPUs only; node B ("node_b") also has 4 logical GPUs, so GPU-placed
+    stages use exactly the production resource specs (torch stays on the CPU: logical GPUs only
+    set CUDA_VISIBLE_DEVICES). Serve's HTTP proxy listens on a free port of 127.0.0.1.
+    """
+    import socket
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"node_a": 10}, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2, num_gpus=4, resources={"node_b": 10})
+    ray.init(address=cluster.address, log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    yield {"cluster": cluster, "url": f"http://127.0.0.1:{port}"}
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()

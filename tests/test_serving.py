@@ -1,0 +1,186 @@
+"""The served graph (Router -> TextEncoder -> DiT -> VAE) on a 2-node Ray cluster: same images as
+the in-process reference runner, over HTTP and handles, with placement as configured."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.deployments.app import build_app
+from ditserve.deployments.config import AppConfig
+
+pytestmark = pytest.mark.timeout(600)
+
+APP = "serving-test"
+
+
+def make_app_config(model: str, **overrides) -> AppConfig:
+    """Text encoder pinned to node A (CPU only); DiT and VAE ranks take a (logical) GPU on node B."""
+    base = dict(
+        engine={"model": model, "device": "cpu", "dtype": "float32"},
+        accelerator="gpu",
+        distributed_timeout_s=60,
+        text_encoder={"num_cpus": 0.1, "num_gpus": 0, "custom_resources": {"node_a": 0.01}, "max_ongoing_requests": 16},
+    )
+    return AppConfig.model_validate({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_qwen):
+    handle = serve.run(build_app(make_app_config(str(tiny_qwen))), name=APP, route_prefix="/")
+    yield {"handle": handle, "url": ray_cluster["url"], "model": str(tiny_qwen)}
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen):
+    return Engine(EngineConfig(model=str(tiny_qwen), device="cpu", dtype="float32"))
+
+
+def _post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/images/generations", data=data,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def _pixels(b64: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def _reference_pixels(reference: Engine, **fields) -> tuple[np.ndarray, object]:
+    result = reference.generate(GenerationRequest(**fields))
+    return np.stack([np.asarray(im) for im in result.images]), result
+
+
+REQ = dict(prompt="a red circle on a blue background", size="64x48", num_inference_steps=4, seed=7)
+
+
+def test_handle_matches_reference_runner(served, reference):
+    expected, ref = _reference_pixels(reference, **REQ)
+    result = served["handle"].generate.remote(GenerationRequest(**REQ), "np", True).result()
+    assert result.seed == 7 and result.model == served["model"]
+    assert float((result.latents - ref.latents).abs().max()) <= 1e-4
+    assert np.array_equal(np.stack(result.images), expected)
+    assert set(result.timings) >= {"queue", "encode", "prepare", "denoise", "decode", "postprocess", "total"}
+    assert result.request_id
+
+
+def test_handle_with_cfg_and_n_images(served, reference):
+    fields = dict(REQ, negative_prompt="blurry", true_cfg_scale=3.0, n=2)
+    expected, _ = _reference_pixels(reference, **fields)
+    result = served["handle"].generate.remote(GenerationRequest(**fields)).result()
+    assert len(result.images) == 2 and result.images[0].size == (64, 48)
+    assert np.array_equal(np.stack([np.asarray(im) for im in result.images]), expected)
+
+
+def test_http_matches_reference_runner(served, reference):
+    expected, _ = _reference_pixels(reference, **REQ)
+    status, body, headers = _post(served["url"], {**REQ, "model": served["model"]}, {"x-request-id": "my-req-1"})
+    assert status == 200, body
+    assert np.array_equal(_pixels(body["data"][0]["b64_json"]), expected[0])
+    assert body["request_id"] == "my-req-1" and headers.get("x-request-id") == "my-req-1"
+    assert body["size"] == "64x48" and body["seed"] == 7 and body["output_format"] == "png"
+    assert set(body["timings"]) >= {"queue", "encode", "denoise", "decode", "postprocess", "total"}
+
+
+def test_eight_concurrent_http_requests_each_match_their_reference(served, reference):
+    # Prompts of equal and different token counts, so the text encoder batches some of them.
+    prompts = ["a red circle", "a blue square", "a green star on black", "a cat", "a dog", "a red circle",
+               "a small yellow triangle in the top left", "a white cross"]
+    bodies = [dict(REQ, prompt=p, seed=100 + i) for i, p in enumerate(prompts)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda b: _post(served["url"], b), bodies))
+    for body, (status, reply, _) in zip(bodies, replies):
+        assert status == 200, reply
+        expected, _ = _reference_pixels(reference, **body)
+        # Texts batched in the encoder can differ from a lone encode in the last float bits
+        # (~1e-7); after rounding to uint8 that is at most one level on a few pixels.
+        diff = np.abs(_pixels(reply["data"][0]["b64_json"]).astype(int) - expected[0].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (body, diff.max(), (diff > 0).mean())
+    assert len({r[1]["request_id"] for r in replies}) == 8
+
+
+def test_placement_dit_group_on_one_node_encoder_on_its_own(served, ray_cluster):
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    encoder = serve.get_deployment_handle("TextEncoder", APP).info.remote().result()
+    dit = serve.get_deployment_handle("DiT", APP).info.remote().result()
+    vae = serve.get_deployment_handle("VAE", APP).info.remote().result()
+    assert "node_a" in nodes[encoder["node_id"]]
+    for stage in (dit, vae):
+        # STRICT_PACK: the coordinator and every rank on one node, the one with the GPUs.
+        assert {stage["node_id"], *stage["worker_node_ids"]} == {stage["node_id"]}
+        assert "node_b" in nodes[stage["node_id"]]
+        assert stage["backend"] == "gloo"
+    pgs = [pg for pg in ray.util.placement_group_table().values()
+           if pg["state"] == "CREATED" and f"{APP}#DiT" in pg["name"]]
+    assert len(pgs) == 1
+    assert pgs[0]["strategy"] == "STRICT_PACK" and len(pgs[0]["bundles"]) == 2  # coordinator + 1 rank
+    assert len(set(pgs[0]["bundles_to_node_id"].values())) == 1
+    assert pgs[0]["bundles"][1].get("GPU") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "message"),
+    [
+        (dict(REQ, size="70x48"), 422, "size", "width 70 is not a multiple of 16"),
+        (dict(REQ, num_inference_steps=500), 422, "num_inference_steps", "less than or equal to 200"),
+        (dict(REQ, prompt=""), 422, "prompt", "must not be empty"),
+        (dict(REQ, n=11), 422, "n", "less than or equal to 10"),
+        (dict(REQ, model="nope/nope"), 404, "model", "unknown model 'nope/nope'"),
+        (dict(REQ, response_format="url"), 422, "response_format", "b64_json"),
+        (dict(REQ, output_compression=50), 422, "output_compression", "jpeg and webp only"),
+        (dict(REQ, lora={"name": "x"}), 422, "lora", "no LoRA adapters are served"),
+        (b"{not json", 400, "body", "invalid JSON"),
+        (b"[1, 2]", 400, "body", "must be a JSON object"),
+        (b'{"prompt": "' + b"x" * 1_100_000 + b'"}', 413, "body", "exceeds"),
+    ],
+)
+def test_http_errors_in_openai_shape(served, body, status, param, message):
+    code, reply, _ = _post(served["url"], body)
+    assert code == status
+    assert reply["error"]["param"] == param and message in reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+def test_http_jpeg_and_webp(served):
+    for fmt, magic in (("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):
+        status, reply, _ = _post(served["url"], dict(REQ, output_format=fmt, output_compression=80))
+        assert status == 200 and base64.b64decode(reply["data"][0]["b64_json"]).startswith(magic)
+
+
+def test_models_health_and_unknown_routes(served):
+    with urllib.request.urlopen(served["url"] + "/v1/models") as resp:
+        models = json.loads(resp.read())
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [served["model"]]
+    with urllib.request.urlopen(served["url"] + "/health") as resp:
+        assert json.loads(resp.read()) == {"status": "ok"}
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(served["url"] + "/v1/nothing")
+    assert info.value.code == 404 and "error" in json.loads(info.value.read())
+
+
+def test_bad_handle_request_raises_naming_the_field(served):
+    from ditserve.deployments import RequestError
+
+    with pytest.raises(RequestError, match="size: height 40 is not a multiple of 16"):
+        served["handle"].generate.remote(GenerationRequest(prompt="x", size="64x40")).result()
+    # the replica is still serving
+    assert served["handle"].generate.remote(GenerationRequest(**REQ)).result().seed == 7
