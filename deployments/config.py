@@ -27,7 +27,10 @@ class AutoscalingOptions(BaseModel):
     upscale_delay_s: float = Field(10.0, ge=0, description="How long load must stay high before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="How long load must stay low before scaling down.")
     look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
-    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load.")
+    metrics_interval_s: float = Field(
+        2.0, gt=0, description="How often callers' handles report queued requests (Ray marks it deprecated, but "
+        "in 2.60 handles still push at this period; Ray's default of 10 s makes scaling slow)."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingOptions:
@@ -36,9 +39,7 @@ class AutoscalingOptions(BaseModel):
         return self
 
     def to_serve(self) -> dict[str, Any]:
-        out = self.model_dump(exclude={"metrics_interval_s"}, exclude_none=True)
-        out["metrics_interval_s"] = self.metrics_interval_s
-        return out
+        return self.model_dump(exclude_none=True)
 
 
 class StageOptions(BaseModel):

@@ -52,6 +52,9 @@ def ray_cluster():
     import socket
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Load reports every 0.5 s instead of 10 s, so autoscaling reacts within a test.
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster

@@ -1,0 +1,112 @@
+"""How the app meets a cluster: Serve config files round-trip, `ditserve run`, autoscaling."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import urllib.parse
+
+import pytest
+import yaml
+from PIL import Image
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from ditserve.cluster.cli import main
+from ditserve.cluster.serve_config import APP_NAME
+from ditserve.cluster.server import run_server
+from ditserve.deployments import GenerationRequest
+from ditserve.deployments.app import build_app
+from ditserve.deployments.config import AppConfig
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _wait_running(app: str, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"app {app} not RUNNING after {timeout_s}s: {serve.status().applications.get(app)}")
+
+
+def test_config_file_round_trips_and_serves(ray_cluster, tiny_qwen, tmp_path, capsys):
+    port = urllib.parse.urlparse(ray_cluster["url"]).port
+    assert main(["config", "--model", str(tiny_qwen), "--accelerator", "gpu", "--host", "127.0.0.1",
+                 "--port", str(port), "--dit-max-replicas", "2"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "serve.yaml").write_text(text)
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))  # what `serve deploy` checks
+    app = config.applications[0]
+    assert app.import_path == "ditserve.deployments.app:build_app"
+    cfg = AppConfig.model_validate(app.args)
+    assert cfg.engine.model == str(tiny_qwen) and cfg.dit.autoscaling.max_replicas == 2
+
+    # Deploy the file as `serve deploy serve.yaml` does, then call it over HTTP via the CLI.
+    serve.context._get_global_client().deploy_apps(config, _blocking=False)
+    try:
+        _wait_running(APP_NAME)
+        out = tmp_path / "remote.png"
+        assert main(["generate", "--server", ray_cluster["url"], "--prompt", "a red circle", "--size", "64x32",
+                     "--num-inference-steps", "2", "--seed", "3", "--output", str(out)]) == 0
+        with Image.open(out) as image:
+            assert image.size == (64, 32) and image.format == "PNG"
+        assert "seed=3" in capsys.readouterr().out
+        assert main(["generate", "--server", ray_cluster["url"], "--prompt", "x", "--size", "65x32",
+                     "--output", str(tmp_path / "bad.png")]) == 2
+        assert "422: size: width 65 is not a multiple of 16" in capsys.readouterr().err
+    finally:
+        serve.delete(APP_NAME)
+
+
+def test_run_server_joins_the_running_cluster(ray_cluster, tiny_flux):
+    cfg = AppConfig(engine={"model": str(tiny_flux), "device": "cpu"}, accelerator="gpu")
+    port = urllib.parse.urlparse(ray_cluster["url"]).port
+    assert run_server(cfg, host="127.0.0.1", port=port, blocking=False) == 0
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+        result = handle.generate.remote(GenerationRequest(prompt="a star", size="64x64", num_inference_steps=2,
+                                                          seed=1, guidance_scale=4.0)).result()
+        assert result.images[0].size == (64, 64) and result.model == str(tiny_flux)
+    finally:
+        serve.delete(APP_NAME)
+
+
+def _dit_replicas(app: str) -> int:
+    dep = serve.status().applications[app].deployments["DiT"]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+def test_dit_autoscales_up_under_a_burst_and_back_down(ray_cluster, tiny_qwen):
+    app = "autoscale-test"
+    fast = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2, "look_back_period_s": 1, "metrics_interval_s": 0.25}
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "device": "cpu"},
+        "accelerator": "gpu",
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0, "max_ongoing_requests": 16},
+        "dit": {"max_ongoing_requests": 1, "autoscaling": fast},
+    })
+    handle = serve.run(build_app(cfg), name=app, route_prefix=None)
+    try:
+        assert _dit_replicas(app) == 1
+        # ~2 s of denoising each: a burst long enough for a second replica to start and serve.
+        req = GenerationRequest(prompt="a cat", size="256x256", num_inference_steps=200, seed=0)
+        peak = 1
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(lambda: handle.generate.remote(req).result()) for _ in range(16)]
+            while not all(f.done() for f in futures):
+                peak = max(peak, _dit_replicas(app))
+                time.sleep(0.25)
+            results = [f.result() for f in futures]
+        assert len({r.request_id for r in results}) == 16
+        assert peak == 2, "the DiT deployment did not scale up to 2 replicas under the burst"
+        deadline = time.time() + 90
+        while _dit_replicas(app) != 1 and time.time() < deadline:
+            time.sleep(0.5)
+        assert _dit_replicas(app) == 1, "the DiT deployment did not scale back down to 1 replica"
+    finally:
+        serve.delete(app)
