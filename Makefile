@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the built-in default model.
+# The main job: serve the built-in default model on http://127.0.0.1:8000 (a local Ray cluster
+# is started on demand; set RAY_ADDRESS to join an existing one). Ctrl-C stops it.
 serve: install
-	$(BIN)/ditserve generate --prompt "a red circle on a blue background" --seed 0 --output out.png
+	$(BIN)/ditserve run
 
 test: install
 	$(BIN)/python -m pytest -q tests
