@@ -82,64 +82,65 @@ class TextEncoder:
         return {"node_id": _node_id(), "model": self.engine.spec.id}
 
 
+class _GroupCoordinator:
+    """A replica that coordinates one worker group in its own placement group."""
+
+    stage: str
+    method: str
+
+    def __init__(self, cfg: AppConfig, gpu: bool, workers: int, opts: StageOptions) -> None:
+        self.group = WorkerGroup(
+            workers,
+            cfg.engine,
+            [self.stage],
+            num_cpus=opts.worker_cpus,
+            num_gpus=opts.num_gpus if gpu else 0.0,
+            resources=_resources(opts),
+            placement_group=ray.util.get_current_placement_group(),
+            timeout_s=cfg.distributed_timeout_s,
+        )
+        logger.info("%s worker group ready: %s", type(self).__name__, self.group.info)
+
+    async def _call(self, *args: Any, **kwargs: Any) -> Any:
+        # every rank ends with the same result; rank 0's is returned
+        return (await self.group.call_all_async(self.method, *args, **kwargs))[0]
+
+    def check_health(self) -> None:
+        self.group.check_health()
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "worker_node_ids": self.group.node_ids(), **self.group.info}
+
+
 @serve.deployment(name="DiT")
-class DiT:
+class DiT(_GroupCoordinator):
     """Coordinator of one DiT worker group (one torch.distributed world); one request at a time."""
+
+    stage, method = "denoise", "run_denoise"
 
     @staticmethod
     def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
         return _worker_group_options(cfg.dit, cfg.dit_world_size, gpu, cfg.placement_strategy)
 
     def __init__(self, cfg: AppConfig, gpu: bool) -> None:
-        self.group = WorkerGroup(
-            cfg.dit_world_size,
-            cfg.engine,
-            ["denoise"],
-            num_cpus=cfg.dit.worker_cpus,
-            num_gpus=cfg.dit.num_gpus if gpu else 0.0,
-            resources=_resources(cfg.dit),
-            placement_group=ray.util.get_current_placement_group(),
-            timeout_s=cfg.distributed_timeout_s,
-        )
-        logger.info("DiT worker group ready: %s", self.group.info)
+        super().__init__(cfg, gpu, cfg.dit_world_size, cfg.dit)
 
     async def denoise(self, req: ResolvedRequest, encoded: Encoded) -> Denoised:
-        results = await self.group.call_all_async("run_denoise", req, encoded, _request_id())
-        return results[0]  # every rank ends with the same latents; rank 0's are returned
-
-    def check_health(self) -> None:
-        self.group.check_health()
-
-    def info(self) -> dict[str, Any]:
-        return {"node_id": _node_id(), "worker_node_ids": self.group.node_ids(), **self.group.info}
+        return await self._call(req, encoded, _request_id())
 
 
 @serve.deployment(name="VAE")
-class VAE:
+class VAE(_GroupCoordinator):
     """Coordinator of the VAE worker(s): latents -> uint8 images (patch-parallel later)."""
+
+    stage, method = "decode", "run_decode"
 
     @staticmethod
     def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
         return _worker_group_options(cfg.vae, cfg.vae_workers, gpu, cfg.placement_strategy)
 
     def __init__(self, cfg: AppConfig, gpu: bool) -> None:
-        self.group = WorkerGroup(
-            cfg.vae_workers,
-            cfg.engine,
-            ["decode"],
-            num_cpus=cfg.vae.worker_cpus,
-            num_gpus=cfg.vae.num_gpus if gpu else 0.0,
-            resources=_resources(cfg.vae),
-            placement_group=ray.util.get_current_placement_group(),
-            timeout_s=cfg.distributed_timeout_s,
-        )
+        super().__init__(cfg, gpu, cfg.vae_workers, cfg.vae)
 
     async def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
-        results = await self.group.call_all_async("run_decode", req, denoised, return_latents=return_latents)
-        return results[0]
-
-    def check_health(self) -> None:
-        self.group.check_health()
-
-    def info(self) -> dict[str, Any]:
-        return {"node_id": _node_id(), "worker_node_ids": self.group.node_ids(), **self.group.info}
+        return await self._call(req, denoised, return_latents=return_latents)

@@ -161,9 +161,13 @@ class WorkerGroup:
 
         refs = [w.call.remote(method, *args, **kwargs) for w in self.workers]
         try:
-            return await asyncio.wait_for(asyncio.gather(*refs), timeout=self.timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*refs, return_exceptions=True), timeout=self.timeout_s)
         except asyncio.TimeoutError:
             raise WorkerError(f"{method}: no answer from all ranks within {self.timeout_s:.0f}s") from None
+        for rank, result in enumerate(results):
+            if isinstance(result, BaseException):
+                raise WorkerError(f"{method} failed on rank {rank}: {result}") from result
+        return results
 
     def node_ids(self) -> list[str]:
         return ray.get([w.node_id.remote() for w in self.workers])

@@ -143,6 +143,8 @@ class FamilyAdapter:
     stage_components: ClassVar[dict[Stage, tuple[str, ...]]]
     #: text kwargs without a batch dimension (shared by every sample, e.g. FLUX ``txt_ids``)
     unbatched_text_kwargs: ClassVar[tuple[str, ...]] = ()
+    #: the pipeline's guidance_scale default for guidance-distilled transformers (None: required)
+    default_guidance_scale: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -256,8 +258,46 @@ class FamilyAdapter:
     def prepare(
         self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
     ) -> DenoiseState:
-        """Initial latents (drawn exactly as the diffusers pipeline draws them) and timesteps."""
+        """Initial latents (drawn by the pipeline's own ``prepare_latents``, exactly as diffusers
+        draws them), this request's scheduler and timesteps, and the transformer kwargs."""
+        self._require("transformer", "scheduler")
+        batch = cond.batch_size * params.num_images_per_prompt
+        prepared = self.pipe.prepare_latents(
+            batch,
+            self.transformer.config.in_channels // 4,
+            params.height,
+            params.width,
+            cond.positive["encoder_hidden_states"].dtype,
+            self.device,
+            generator,
+        )
+        latents, kwargs = self._latents_and_kwargs(prepared, params, cond)
+        scheduler = self._new_scheduler()
+        timesteps = self._flow_match_timesteps(scheduler, params.num_inference_steps, latents.shape[1])
+        return DenoiseState(
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=scheduler,
+            branch_kwargs={**kwargs, "guidance": self._guidance(params, batch)},
+            cfg_scale=params.true_cfg_scale if cond.negative is not None else None,
+            params=params,
+        )
+
+    def _latents_and_kwargs(
+        self, prepared: Any, params: SamplingParams, cond: TextConditioning
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Split what the pipeline's ``prepare_latents`` returned into the latents and the extra
+        transformer kwargs of the family (positions, shapes, attention kwargs)."""
         raise NotImplementedError
+
+    def _guidance(self, params: SamplingParams, batch: int) -> torch.Tensor | None:
+        """The distilled-guidance embedding input, for transformers that have one."""
+        if not self.transformer.config.guidance_embeds:
+            return None
+        scale = self.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
+        if scale is None:
+            raise ValueError(f"guidance_scale is required for a guidance-distilled {self.family} transformer")
+        return torch.full([batch], scale, device=self.device, dtype=torch.float32)
 
     def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """The family's CFG combination of the two branch predictions."""

@@ -8,13 +8,14 @@ prompt is also available (``true_cfg_scale > 1``), at the cost of a second call 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .loading import CheckpointInfo
-from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning
+from .adapter import FamilyAdapter, SamplingParams, TextConditioning
 
 
 class FluxAdapter(FamilyAdapter):
@@ -36,6 +37,7 @@ class FluxAdapter(FamilyAdapter):
     }
     max_sequence_length = 512  # the pipeline's default
     unbatched_text_kwargs = ("txt_ids",)
+    default_guidance_scale = 3.5  # FluxPipeline's
 
     @classmethod
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
@@ -60,37 +62,11 @@ class FluxAdapter(FamilyAdapter):
         negative = encode(negative_prompts) if negative_prompts is not None else None
         return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
 
-    def prepare(
-        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
-    ) -> DenoiseState:
-        self._require("transformer", "scheduler")
-        batch = cond.batch_size * params.num_images_per_prompt
-        embeds = cond.positive["encoder_hidden_states"]
-        latents, img_ids = self.pipe.prepare_latents(
-            batch,
-            self.transformer.config.in_channels // 4,
-            params.height,
-            params.width,
-            embeds.dtype,
-            self.device,
-            generator,
-        )
-        scheduler = self._new_scheduler()
-        timesteps = self._flow_match_timesteps(scheduler, params.num_inference_steps, latents.shape[1])
-        if self.transformer.config.guidance_embeds:
-            scale = 3.5 if params.guidance_scale is None else params.guidance_scale  # FluxPipeline's default
-            guidance = torch.full([batch], scale, device=self.device, dtype=torch.float32)
-        else:
-            guidance = None
-        cfg = params.true_cfg_scale if cond.negative is not None else None
-        return DenoiseState(
-            latents=latents,
-            timesteps=timesteps,
-            scheduler=scheduler,
-            branch_kwargs={"img_ids": img_ids, "guidance": guidance, "joint_attention_kwargs": {}},
-            cfg_scale=cfg,
-            params=params,
-        )
+    def _latents_and_kwargs(
+        self, prepared: tuple[torch.Tensor, torch.Tensor], params: SamplingParams, cond: TextConditioning
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        latents, img_ids = prepared
+        return latents, {"img_ids": img_ids, "joint_attention_kwargs": {}}
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

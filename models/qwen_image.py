@@ -7,13 +7,14 @@ Qwen2.5-VL text encoder with the pipeline's prompt template; true CFG with a neg
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from .loading import CheckpointInfo
-from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning
+from .adapter import FamilyAdapter, SamplingParams, TextConditioning
 
 
 class QwenImageAdapter(FamilyAdapter):
@@ -60,40 +61,12 @@ class QwenImageAdapter(FamilyAdapter):
         negative = encode(negative_prompts) if negative_prompts is not None else None
         return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
 
-    def prepare(
-        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
-    ) -> DenoiseState:
-        self._require("transformer", "scheduler")
-        batch = cond.batch_size * params.num_images_per_prompt
-        embeds = cond.positive["encoder_hidden_states"]
-        latents = self.pipe.prepare_latents(
-            batch,
-            self.transformer.config.in_channels // 4,
-            params.height,
-            params.width,
-            embeds.dtype,
-            self.device,
-            generator,
-        )
-        scheduler = self._new_scheduler()
-        timesteps = self._flow_match_timesteps(scheduler, params.num_inference_steps, latents.shape[1])
+    def _latents_and_kwargs(
+        self, prepared: torch.Tensor, params: SamplingParams, cond: TextConditioning
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         vsf = self.vae_scale_factor
         img_shapes = [[(1, params.height // vsf // 2, params.width // vsf // 2)]] * cond.batch_size
-        if self.transformer.config.guidance_embeds:
-            if params.guidance_scale is None:
-                raise ValueError("guidance_scale is required for a guidance-distilled Qwen-Image transformer")
-            guidance = torch.full([batch], params.guidance_scale, device=self.device, dtype=torch.float32)
-        else:
-            guidance = None
-        cfg = params.true_cfg_scale if cond.negative is not None else None
-        return DenoiseState(
-            latents=latents,
-            timesteps=timesteps,
-            scheduler=scheduler,
-            branch_kwargs={"img_shapes": img_shapes, "guidance": guidance, "attention_kwargs": {}},
-            cfg_scale=cfg,
-            params=params,
-        )
+        return prepared, {"img_shapes": img_shapes, "attention_kwargs": {}}
 
     def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         comb = uncond + scale * (cond - uncond)

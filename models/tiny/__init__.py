@@ -203,7 +203,9 @@ def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overri
     torch.manual_seed(seed)
     pipe = _BUILDERS[family]()
     pipe.save_pretrained(out, safe_serialization=True)
-    overrides = {"num_inference_steps": 8, "default_width": 128, "default_height": 128, "max_size": 1024}
+    from ..builtin import _TINY_DEFAULTS
+
+    overrides = {k: v for k, v in _TINY_DEFAULTS.items() if k != "builtin"}
     overrides.update(spec_overrides or {})
     (out / "ditserve.json").write_text(json.dumps(overrides, indent=2) + "\n")
     logger.info("wrote tiny %s checkpoint to %s", family, out)
