@@ -110,3 +110,27 @@ def test_dit_autoscales_up_under_a_burst_and_back_down(ray_cluster, tiny_qwen):
         assert _dit_replicas(app) == 1, "the DiT deployment did not scale back down to 1 replica"
     finally:
         serve.delete(app)
+
+
+def test_worker_group_errors_name_the_rank(ray_cluster, tiny_qwen):
+    from ditserve.deployments import EngineConfig
+    from ditserve.deployments.worker_group import WorkerError, WorkerGroup
+
+    group = WorkerGroup(2, EngineConfig(model=str(tiny_qwen), device="cpu"), ["decode"], num_cpus=0.1, num_gpus=0,
+                        resources={}, placement_group=None, timeout_s=60)
+    try:
+        assert group.info["backend"] == "gloo"
+        group.check_health()
+        with pytest.raises(WorkerError, match="no_such_method failed on rank 0"):
+            group.call_all("no_such_method")
+    finally:
+        group.kill()
+
+
+def test_worker_that_cannot_be_placed_fails_with_a_clear_message(ray_cluster, tiny_qwen):
+    from ditserve.deployments import EngineConfig
+    from ditserve.deployments.worker_group import WorkerError, WorkerGroup
+
+    with pytest.raises(WorkerError, match=r"start: rank\(s\) \[0\] did not answer within 3s"):
+        WorkerGroup(1, EngineConfig(model=str(tiny_qwen)), ["decode"], num_cpus=0.1, num_gpus=0,
+                    resources={"no_such_node": 1}, placement_group=None, timeout_s=3)
