@@ -109,7 +109,13 @@ class _GroupCoordinator:
         self.group.check_health()
 
     def info(self) -> dict[str, Any]:
-        return {"node_id": _node_id(), "worker_node_ids": self.group.node_ids(), **self.group.info}
+        return {
+            "node_id": _node_id(),
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "worker_node_ids": self.group.node_ids(),
+            "worker_pids": self.group.pids(),
+            **self.group.info,
+        }
 
 
 @serve.deployment(name="DiT")

@@ -42,6 +42,9 @@ class StageWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def open_store(self, timeout_s: float) -> tuple[str, int]:
         """Rank 0 only: open the rendezvous store on a free port of this node."""
         host = ray.util.get_node_ip_address()
@@ -171,6 +174,9 @@ class WorkerGroup:
 
     def node_ids(self) -> list[str]:
         return ray.get([w.node_id.remote() for w in self.workers])
+
+    def pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.workers])
 
     def check_health(self, timeout_s: float = 10.0) -> None:
         refs = [w.ping.remote() for w in self.workers]

@@ -21,7 +21,6 @@ from ditserve.deployments.config import AppConfig
 
 pytestmark = pytest.mark.timeout(600)
 
-
 def _wait_running(app: str, timeout_s: float = 180) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -30,7 +29,6 @@ def _wait_running(app: str, timeout_s: float = 180) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"app {app} not RUNNING after {timeout_s}s: {serve.status().applications.get(app)}")
-
 
 def test_config_file_round_trips_and_serves(ray_cluster, tiny_qwen, tmp_path, capsys):
     port = urllib.parse.urlparse(ray_cluster["url"]).port
@@ -61,7 +59,6 @@ def test_config_file_round_trips_and_serves(ray_cluster, tiny_qwen, tmp_path, ca
     finally:
         serve.delete(APP_NAME)
 
-
 def test_run_server_joins_the_running_cluster(ray_cluster, tiny_flux):
     cfg = AppConfig(engine={"model": str(tiny_flux), "device": "cpu"}, accelerator="gpu")
     port = urllib.parse.urlparse(ray_cluster["url"]).port
@@ -74,11 +71,9 @@ def test_run_server_joins_the_running_cluster(ray_cluster, tiny_flux):
     finally:
         serve.delete(APP_NAME)
 
-
 def _dit_replicas(app: str) -> int:
     dep = serve.status().applications[app].deployments["DiT"]
     return dep.replica_states.get("RUNNING", 0)
-
 
 def test_dit_autoscales_up_under_a_burst_and_back_down(ray_cluster, tiny_qwen):
     app = "autoscale-test"
@@ -111,7 +106,6 @@ def test_dit_autoscales_up_under_a_burst_and_back_down(ray_cluster, tiny_qwen):
     finally:
         serve.delete(app)
 
-
 def test_worker_group_errors_name_the_rank(ray_cluster, tiny_qwen):
     from ditserve.deployments import EngineConfig
     from ditserve.deployments.worker_group import WorkerError, WorkerGroup
@@ -126,7 +120,6 @@ def test_worker_group_errors_name_the_rank(ray_cluster, tiny_qwen):
     finally:
         group.kill()
 
-
 def test_worker_that_cannot_be_placed_fails_with_a_clear_message(ray_cluster, tiny_qwen):
     from ditserve.deployments import EngineConfig
     from ditserve.deployments.worker_group import WorkerError, WorkerGroup
@@ -134,3 +127,40 @@ def test_worker_that_cannot_be_placed_fails_with_a_clear_message(ray_cluster, ti
     with pytest.raises(WorkerError, match=r"start: rank\(s\) \[0\] did not answer within 3s"):
         WorkerGroup(1, EngineConfig(model=str(tiny_qwen)), ["decode"], num_cpus=0.1, num_gpus=0,
                     resources={"no_such_node": 1}, placement_group=None, timeout_s=3)
+
+def test_dead_dit_worker_fails_health_check_and_the_replica_is_replaced(ray_cluster, tiny_qwen):
+    import os
+    import signal
+
+    from ditserve.deployments import RequestError  # noqa: F401  (imported for the handle's errors)
+
+    app = "health-test"
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "device": "cpu"},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 20,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+        "dit": {"max_ongoing_requests": 1, "health_check_period_s": 1, "health_check_timeout_s": 5},
+    })
+    handle = serve.run(build_app(cfg), name=app, route_prefix=None)
+    req = GenerationRequest(prompt="a cat", size="64x64", num_inference_steps=2, seed=0)
+    try:
+        before = handle.generate.remote(req, "np").result()
+        dit = serve.get_deployment_handle("DiT", app)
+        info = dit.info.remote().result()
+        os.kill(info["worker_pids"][0], signal.SIGKILL)  # a crashed rank
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if dit.info.remote().result(timeout_s=10)["replica_id"] != info["replica_id"]:
+                    break
+            except Exception:  # the old replica is going away
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the DiT replica with a dead worker was not replaced")
+        _wait_running(app)
+        after = handle.generate.remote(req, "np").result()
+        assert (after.images[0] == before.images[0]).all()
+    finally:
+        serve.delete(app)
