@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ditserve.models import (
     STAGES,
+    Feature,
     FamilyAdapter,
     ModelSpec,
     RequestContext,
@@ -30,6 +31,7 @@ from ditserve.models import (
     resolve_model,
 )
 from ditserve.models.builtin import DEFAULT_MODEL
+from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel
 
 from .schema import GenerationRequest, RequestError, ResolvedRequest, resolve_request, select_model
 
@@ -53,6 +55,7 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' is bfloat16 on GPU, float32 on CPU."
     )
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="DiT parallel degrees.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -137,7 +140,9 @@ class Engine:
         stages: the stages this process serves; the in-process runner loads all three.
     """
 
-    def __init__(self, config: EngineConfig, stages: Sequence[str] = STAGES) -> None:
+    def __init__(
+        self, config: EngineConfig, stages: Sequence[str] = STAGES, groups: ParallelGroups | None = None
+    ) -> None:
         self.config = config
         self.resolved = resolve_model(config.model)
         self.spec: ModelSpec = self.resolved.spec
@@ -152,10 +157,31 @@ class Engine:
                 f"model {self.spec.id}: registry says sizes are multiples of {self.spec.size_multiple}, "
                 f"the checkpoint's VAE and packing give {self.adapter.size_multiple}"
             )
+        if "denoise" in stages:
+            self.check_parallel()
+            if config.parallel.world_size > 1:
+                if groups is None:
+                    raise ValueError(f"{config.parallel.describe()} needs process groups (run it in a worker group)")
+                apply_parallel(self.adapter, groups)
         logger.info(
             "engine ready: model=%s family=%s path=%s stages=%s device=%s dtype=%s",
             self.spec.id, self.spec.family, self.resolved.path, list(stages), self.device, self.dtype,
         )
+
+    def check_parallel(self) -> None:
+        """Refuse a parallel layout this model cannot run (start-up error naming the option)."""
+        features = self.spec.features
+        check_parallel(
+            self.config.parallel,
+            self.resolved_transformer_config(),
+            model=self.spec.id,
+            cfg_ok=Feature.CFG_PARALLEL in features,
+            sp_ok=Feature.SEQUENCE_PARALLEL in features and bool(getattr(self.adapter.component_types["transformer"], "_cp_plan", None)),
+            tp_ok=Feature.TENSOR_PARALLEL in features,
+        )
+
+    def resolved_transformer_config(self) -> dict:
+        return self.adapter.info.config("transformer")
 
     # ---- request handling ---------------------------------------------------------------------
 

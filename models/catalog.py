@@ -128,7 +128,9 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=28,
         guidance_scale=3.5,
         **_image_sizes(16),
-        features=_row("❌ ✅ ❌ ❌ ✅ ❌ ✅ ❌ ❌"),
+        # Seed row: "❌ ✅ ❌ ❌ ✅ ❌ ✅ ❌ ❌". Added, verified by our equivalence tests (Ulysses, Ring,
+        # USP and CFG-parallel equal the single-rank reference): sequence and CFG parallelism.
+        features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
         notes="Guidance-distilled: guidance_scale enters the transformer as an embedding (one call per step).",
     ),
     ModelSpec(

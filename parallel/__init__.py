@@ -1,2 +1,8 @@
-"""Process groups and rank layout, Ulysses/Ring attention, tensor and CFG parallelism, VAE patch
-parallelism. Never imports Ray: groups are passed in (see shared/DESIGN.md)."""
+"""Process groups and rank layout; Ulysses, Ring and hybrid sequence parallelism; CFG parallelism;
+tensor parallelism. Never imports Ray: groups are built from a ``ParallelConfig`` inside each
+worker and passed in (see shared/DESIGN.md)."""
+
+from .apply import apply_parallel, check_parallel
+from .groups import Group, ParallelConfig, ParallelGroups, build_groups, layout
+
+__all__ = ["Group", "ParallelConfig", "ParallelGroups", "apply_parallel", "build_groups", "check_parallel", "layout"]

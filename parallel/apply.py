@@ -1,0 +1,66 @@
+"""Attach parallelism to a loaded family adapter, and the start-up checks that refuse layouts a
+model cannot run (each message names the option and what would work)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .cfg import CFGParallel
+from .groups import ParallelConfig, ParallelGroups
+from .sequence import apply_sequence_parallel
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_parallel(config: ParallelConfig, transformer_config: dict[str, Any], *, model: str,
+                   cfg_ok: bool, sp_ok: bool, tp_ok: bool) -> None:
+    """Refuse a layout the model cannot run, naming the option.
+
+    Args:
+        transformer_config: the transformer's config.json (for the head count).
+        cfg_ok, sp_ok, tp_ok: whether the model supports CFG-, sequence- and tensor parallelism
+            (the registry's feature flags; sequence parallel also needs a ``_cp_plan``).
+    """
+    heads = int(transformer_config.get("num_attention_heads", 0))
+    if config.cfg_parallel_size > 1 and not cfg_ok:
+        raise ValueError(
+            f"cfg_parallel_size={config.cfg_parallel_size}: model {model} has no CFG branches to split "
+            "(not a true-CFG model); use cfg_parallel_size=1"
+        )
+    if config.sp_degree > 1 and not sp_ok:
+        raise ValueError(
+            f"ulysses_degree={config.ulysses_degree}, ring_degree={config.ring_degree}: model {model} does not "
+            "support sequence parallelism; use 1"
+        )
+    if config.tensor_parallel_size > 1 and not tp_ok:
+        raise ValueError(
+            f"tensor_parallel_size={config.tensor_parallel_size}: model {model} does not support tensor "
+            "parallelism; use 1"
+        )
+    if heads % (config.ulysses_degree * config.tensor_parallel_size):
+        works = _divisors(heads)
+        if config.tensor_parallel_size > 1 and config.ulysses_degree > 1:
+            raise ValueError(
+                f"ulysses_degree={config.ulysses_degree} × tensor_parallel_size={config.tensor_parallel_size} "
+                f"must divide num_heads={heads} of model {model} (products that work: {works})"
+            )
+        name, value = (
+            ("tensor_parallel_size", config.tensor_parallel_size) if config.tensor_parallel_size > 1
+            else ("ulysses_degree", config.ulysses_degree)
+        )
+        raise ValueError(f"{name}={value} must divide num_heads={heads} of model {model} (try {works})")
+
+
+def apply_parallel(adapter: Any, groups: ParallelGroups) -> None:
+    """Attach the layout of ``groups`` to a loaded adapter (denoise stage)."""
+    config = groups.config
+    if config.cfg_parallel_size > 1:
+        adapter.cfg_strategy = CFGParallel(groups.cfg)
+    if config.sp_degree > 1:
+        apply_sequence_parallel(adapter.transformer, groups)
+    if config.tensor_parallel_size > 1:
+        from .tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(adapter.transformer, groups.tp)
