@@ -49,9 +49,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
 
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, parallel=_parallel(args))
+    if config.parallel.world_size > 1:
+        return _generate_local_parallel(args, config)
     try:
         request = GenerationRequest.parse(_request_fields(args))
-        engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+        engine = Engine(config)
         resolved = engine.resolve(request)
     except RequestError as exc:
         print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
@@ -68,6 +71,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"model={result.model} seed={result.seed} request_id={result.request_id}")
     print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
+    return 0
+
+
+def _generate_local_parallel(args: argparse.Namespace, config) -> int:
+    """``generate`` with parallel degrees: the ranks run as local processes joined by gloo."""
+    from PIL import Image
+
+    from ditserve.deployments import GenerationRequest, RequestError, resolve_request
+    from ditserve.deployments.engine import check_model_parallel, to_uint8
+    from ditserve.deployments.local import run_local
+    from ditserve.models import resolve_spec
+
+    try:
+        request = GenerationRequest.parse(_request_fields(args))
+        check_model_parallel(config)
+        resolved = resolve_request(request, resolve_spec(config.model))
+    except RequestError as exc:
+        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
+    # the seed is fixed here so every rank draws the same noise
+    result = run_local(config, [request.model_copy(update={"seed": resolved.seed})])[0][0]
+    paths = _output_paths(Path(args.output), len(result["images"]))
+    for array, path in zip(to_uint8(result["images"]), paths):
+        Image.fromarray(array).save(path)
+        print(f"wrote {path}")
+    timings = "  ".join(f"{k}={v:.3f}s" for k, v in result["timings"].items())
+    print(f"model={args.model} seed={resolved.seed} layout={config.parallel.describe()}")
+    print(f"timings (rank 0): {timings}")
     return 0
 
 
@@ -125,7 +156,7 @@ def _app_config(args: argparse.Namespace):
         return {"autoscaling": AutoscalingOptions(min_replicas=lo, max_replicas=max(lo, hi))}
 
     return AppConfig(
-        engine={"model": args.model, "device": args.device, "dtype": args.dtype},
+        engine={"model": args.model, "device": args.device, "dtype": args.dtype, "parallel": _parallel(args)},
         accelerator=args.accelerator,
         placement_strategy=args.placement_strategy,
         text_encoder={"num_cpus": 0.2, "max_ongoing_requests": 16, **scaling("encoder")},
@@ -147,7 +178,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_server(_app_config(args), host=args.host or "127.0.0.1", port=args.port, blocking=True)
 
 
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence parallel degree")
+    p.add_argument("--ring-degree", type=int, default=1, help="Ring attention degree")
+    p.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2], help="CFG branches on 2 rank sets")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor parallel degree")
+
+
+def _parallel(args: argparse.Namespace) -> dict:
+    return {
+        "ulysses_degree": args.ulysses_degree,
+        "ring_degree": args.ring_degree,
+        "cfg_parallel_size": args.cfg_parallel_size,
+        "tensor_parallel_size": args.tensor_parallel_size,
+    }
+
+
 def _add_app_options(p: argparse.ArgumentParser) -> None:
+    _add_parallel_options(p)
     from ditserve.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
@@ -199,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--true-cfg-scale", type=float)
     p.add_argument("--seed", type=int, help="seed, as torch.Generator('cpu').manual_seed in diffusers")
+    _add_parallel_options(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")

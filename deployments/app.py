@@ -12,6 +12,7 @@ from typing import Any
 from ray.serve import Application
 
 from .config import AppConfig
+from .engine import check_model_parallel
 from .router import Router
 from .stages import VAE, DiT, TextEncoder
 
@@ -22,6 +23,8 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
     """Bind Router(TextEncoder, DiT, VAE) for one config; each deployment sets its own options."""
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(dict(args or {}))
     gpu = cfg.uses_gpu()
+    cfg.check_placement(gpu)
+    check_model_parallel(cfg.engine)
     encoder = TextEncoder.options(**TextEncoder.func_or_class.deployment_options(cfg, gpu)).bind(cfg)
     dit = DiT.options(**DiT.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
     vae = VAE.options(**VAE.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)

@@ -82,7 +82,6 @@ class AppConfig(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="Placement strategy of each DiT/VAE replica's bundles."
     )
-    dit_world_size: int = Field(1, ge=1, description="DiT ranks per replica (parallel degrees multiply to this).")
     vae_workers: int = Field(1, ge=1, description="VAE workers per replica.")
     distributed_timeout_s: float = Field(
         120.0, gt=0, description="Timeout of rendezvous and collectives (a dead rank fails requests after this)."
@@ -118,6 +117,31 @@ class AppConfig(BaseModel):
                     "runs one request at a time so that its workers' collectives never interleave"
                 )
         return self
+
+    @property
+    def dit_world_size(self) -> int:
+        """DiT ranks per replica: the product of the parallel degrees (``engine.parallel``)."""
+        return self.engine.parallel.world_size
+
+    def check_placement(self, gpu: bool) -> None:
+        """Refuse, before deploying, a DiT replica that no node of the running cluster can hold
+        (its bundles are STRICT_PACKed onto one node)."""
+        import ray
+
+        if not ray.is_initialized() or self.placement_strategy != "STRICT_PACK":
+            return
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        world = self.dit_world_size
+        need_gpu = world * self.dit.num_gpus if gpu else 0.0
+        need_cpu = self.dit.num_cpus + world * self.dit.worker_cpus
+        if not any(r.get("GPU", 0) >= need_gpu and r.get("CPU", 0) >= need_cpu for r in nodes):
+            most_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+            most_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+            raise ValueError(
+                f"the DiT world of {world} ranks ({self.engine.parallel.describe()}) needs {need_gpu:g} GPUs and "
+                f"{need_cpu:g} CPUs on one node (placement_strategy=STRICT_PACK); the largest node has "
+                f"{most_gpu:g} GPUs and {most_cpu:g} CPUs: lower the degrees or use placement_strategy=PACK"
+            )
 
     def uses_gpu(self) -> bool:
         if self.accelerator != "auto":

@@ -25,12 +25,14 @@ from ditserve.models import (
     FamilyAdapter,
     ModelSpec,
     RequestContext,
+    ResolvedModel,
     TextConditioning,
     adapter_class,
     request_context,
     resolve_model,
 )
 from ditserve.models.builtin import DEFAULT_MODEL
+from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel
 
 from .schema import GenerationRequest, RequestError, ResolvedRequest, resolve_request, select_model
@@ -132,6 +134,25 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+def check_model_parallel(config: EngineConfig, resolved: ResolvedModel | None = None,
+                         adapter: type[FamilyAdapter] | None = None) -> None:
+    """Refuse a parallel layout the model cannot run (start-up error naming the option)."""
+    if config.parallel.world_size == 1:
+        return
+    resolved = resolved or resolve_model(config.model)
+    adapter = adapter or adapter_class(resolved.spec.family)
+    features = resolved.spec.features
+    check_parallel(
+        config.parallel,
+        read_checkpoint(resolved.path).config("transformer"),
+        model=resolved.spec.id,
+        cfg_ok=Feature.CFG_PARALLEL in features,
+        sp_ok=Feature.SEQUENCE_PARALLEL in features
+        and bool(getattr(adapter.component_types["transformer"], "_cp_plan", None)),
+        tp_ok=Feature.TENSOR_PARALLEL in features,
+    )
+
+
 class Engine:
     """A loaded model for some of the stages ("encode", "denoise", "decode").
 
@@ -158,7 +179,7 @@ class Engine:
                 f"the checkpoint's VAE and packing give {self.adapter.size_multiple}"
             )
         if "denoise" in stages:
-            self.check_parallel()
+            check_model_parallel(config, self.resolved, type(self.adapter))
             if config.parallel.world_size > 1:
                 if groups is None:
                     raise ValueError(f"{config.parallel.describe()} needs process groups (run it in a worker group)")
@@ -167,21 +188,6 @@ class Engine:
             "engine ready: model=%s family=%s path=%s stages=%s device=%s dtype=%s",
             self.spec.id, self.spec.family, self.resolved.path, list(stages), self.device, self.dtype,
         )
-
-    def check_parallel(self) -> None:
-        """Refuse a parallel layout this model cannot run (start-up error naming the option)."""
-        features = self.spec.features
-        check_parallel(
-            self.config.parallel,
-            self.resolved_transformer_config(),
-            model=self.spec.id,
-            cfg_ok=Feature.CFG_PARALLEL in features,
-            sp_ok=Feature.SEQUENCE_PARALLEL in features and bool(getattr(self.adapter.component_types["transformer"], "_cp_plan", None)),
-            tp_ok=Feature.TENSOR_PARALLEL in features,
-        )
-
-    def resolved_transformer_config(self) -> dict:
-        return self.adapter.info.config("transformer")
 
     # ---- request handling ---------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ditserve.parallel import build_groups
+
 from .engine import Engine, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,9 @@ class StageWorker:
         return backend
 
     def load(self, config: EngineConfig, stages: Sequence[str]) -> dict[str, Any]:
-        self.engine = Engine(config, stages)
+        # The DiT ranks form the parallel layout's world; other stages' workers stand alone.
+        groups = build_groups(config.parallel) if "denoise" in stages else None
+        self.engine = Engine(config, stages, groups)
         return {"model": self.engine.spec.id, "device": str(self.engine.device), "dtype": str(self.engine.dtype)}
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,143 @@
+"""Lossless parallelism: N DiT ranks (gloo, local processes) give the single-rank reference's latents
+and images; layouts a model cannot run are refused at start-up naming the option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.deployments.local import run_local
+from ditserve.parallel import ParallelConfig, layout
+
+pytestmark = pytest.mark.timeout(300)
+
+# 80x48 -> 15 image tokens: uneven shards for 2 and 4 ranks on purpose.
+BASE = dict(prompt="a red circle on a blue background", size="80x48", num_inference_steps=3)
+REQUESTS = {
+    "qwen-image": [
+        GenerationRequest(seed=1, negative_prompt="blurry", true_cfg_scale=4.0, **BASE),
+        GenerationRequest(seed=2, **BASE),  # no negative branch: CFG-parallel must not deadlock
+    ],
+    "flux": [
+        GenerationRequest(seed=1, guidance_scale=3.5, **BASE),
+        GenerationRequest(seed=2, negative_prompt="blurry", true_cfg_scale=3.0, **BASE),
+    ],
+}
+LAYOUTS = [
+    {"ulysses_degree": 2},
+    {"ring_degree": 2},
+    {"cfg_parallel_size": 2},
+    {"ulysses_degree": 2, "ring_degree": 2},
+    {"ulysses_degree": 2, "cfg_parallel_size": 2},
+    {"ring_degree": 4},
+]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoints):
+    out = {}
+    for family, path in tiny_checkpoints.items():
+        engine = Engine(EngineConfig(model=str(path), device="cpu"))
+        out[family] = [engine.generate(r, output_type="np") for r in REQUESTS[family]]
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "flux"])
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=lambda d: "_".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+def test_layout_matches_single_rank(tiny_checkpoints, references, family, degrees):
+    config = EngineConfig(model=str(tiny_checkpoints[family]), device="cpu", parallel=ParallelConfig(**degrees))
+    ranks = run_local(config, REQUESTS[family])
+    assert len(ranks) == config.parallel.world_size
+    for rank, results in enumerate(ranks):
+        for ref, got in zip(references[family], results):
+            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
+            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, (rank, degrees)
+    # every rank ends with bit-identical latents (collective decisions may rely on it)
+    for results in ranks[1:]:
+        for a, b in zip(ranks[0], results):
+            assert torch.equal(a["latents"], b["latents"])
+    if config.parallel.sp_degree > 1:
+        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+
+
+def test_layout_groups_follow_the_documented_order():
+    groups = layout(ParallelConfig(ulysses_degree=2, cfg_parallel_size=2))
+    assert groups["ulysses"] == [(0, 1), (2, 3)]
+    assert groups["cfg"] == [(0, 2), (1, 3)]
+    assert groups["sp"] == groups["ulysses"]
+    mixed = layout(ParallelConfig(ulysses_degree=2, ring_degree=2, tensor_parallel_size=2))
+    assert mixed["tp"][0] == (0, 1) and mixed["ulysses"][0] == (0, 2) and mixed["ring"][0] == (0, 4)
+    assert mixed["sp"][0] == (0, 2, 4, 6)  # ring-major: ulysses neighbours hold neighbouring shards
+
+
+@pytest.mark.parametrize(
+    ("model", "degrees", "message"),
+    [
+        ("tiny_qwen", {"ulysses_degree": 3}, r"ulysses_degree=3 must divide num_heads=4 .*\(try \[1, 2, 4\]\)"),
+        ("tiny_qwen", {"ulysses_degree": 8}, r"ulysses_degree=8 must divide num_heads=4"),
+        ("tiny_qwen", {"tensor_parallel_size": 3}, r"tensor_parallel_size=3 must divide num_heads=4"),
+        ("tiny_qwen", {"ulysses_degree": 2, "tensor_parallel_size": 4},
+         r"ulysses_degree=2 × tensor_parallel_size=4 must divide num_heads=4"),
+    ],
+)
+def test_invalid_layouts_fail_at_start_up(request, model, degrees, message):
+    path = request.getfixturevalue(model)
+    with pytest.raises(ValueError, match=message):
+        Engine(EngineConfig(model=str(path), device="cpu", parallel=ParallelConfig(**degrees)), stages=["denoise"])
+
+
+def test_cfg_parallel_on_a_model_without_cfg_is_refused(tiny_qwen, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "no-cfg"
+    shutil.copytree(tiny_qwen, folder)
+    # a registry entry without CFG-parallel (what a step-distilled model declares)
+    (folder / "ditserve.json").write_text(json.dumps({"features": ["sequence_parallel"]}))
+    with pytest.raises(ValueError, match="cfg_parallel_size=2: model .* has no CFG branches to split"):
+        Engine(EngineConfig(model=str(folder), device="cpu", parallel=ParallelConfig(cfg_parallel_size=2)),
+               stages=["denoise"])
+
+
+def test_parallel_engine_needs_groups(tiny_qwen):
+    with pytest.raises(ValueError, match="needs process groups"):
+        Engine(EngineConfig(model=str(tiny_qwen), device="cpu", parallel=ParallelConfig(ulysses_degree=2)),
+               stages=["denoise"])
+
+
+def test_served_graph_with_ulysses2_matches_reference(ray_cluster, tiny_qwen, references):
+    import numpy as np
+    from ray import serve
+
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "device": "cpu", "parallel": {"ulysses_degree": 2}},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 60,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+    })
+    handle = serve.run(build_app(cfg), name="parallel-test", route_prefix=None)
+    try:
+        info = serve.get_deployment_handle("DiT", "parallel-test").info.remote().result()
+        assert len(info["worker_node_ids"]) == 2 and len(set(info["worker_node_ids"])) == 1
+        for req, ref in zip(REQUESTS["qwen-image"], references["qwen-image"]):
+            got = handle.generate.remote(req, "np", True).result()
+            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
+    finally:
+        serve.delete("parallel-test")
+
+
+def test_world_larger_than_any_node_is_refused_before_deploying(ray_cluster, tiny_qwen):
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "parallel": {"ulysses_degree": 4, "cfg_parallel_size": 2}},
+        "accelerator": "gpu",
+    })
+    with pytest.raises(ValueError, match=r"DiT world of 8 ranks \(ulysses 4 × cfg 2\) needs 8 GPUs .* largest node has 4 GPUs"):
+        build_app(cfg)
