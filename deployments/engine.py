@@ -33,7 +33,7 @@ from ditserve.models import (
 )
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.models.loading import read_checkpoint
-from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel
+from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel, transformer_loader
 
 from .schema import GenerationRequest, RequestError, ResolvedRequest, resolve_request, select_model
 
@@ -170,20 +170,22 @@ class Engine:
         cls = adapter_class(self.spec.family)
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
+        if "denoise" in stages:
+            check_model_parallel(config, self.resolved, cls)
+            if config.parallel.world_size > 1 and groups is None:
+                raise ValueError(f"{config.parallel.describe()} needs process groups (run it in a worker group)")
+        loader = transformer_loader(groups) if groups is not None and "denoise" in stages else None
         self.adapter: FamilyAdapter = cls.from_pretrained(
-            self.resolved.path, stages=stages, device=self.device, dtype=self.dtype
+            self.resolved.path, stages=stages, device=self.device, dtype=self.dtype,
+            loaders={"transformer": loader} if loader else None,
         )
         if self.adapter.size_multiple != self.spec.size_multiple:
             raise ValueError(
                 f"model {self.spec.id}: registry says sizes are multiples of {self.spec.size_multiple}, "
                 f"the checkpoint's VAE and packing give {self.adapter.size_multiple}"
             )
-        if "denoise" in stages:
-            check_model_parallel(config, self.resolved, type(self.adapter))
-            if config.parallel.world_size > 1:
-                if groups is None:
-                    raise ValueError(f"{config.parallel.describe()} needs process groups (run it in a worker group)")
-                apply_parallel(self.adapter, groups)
+        if "denoise" in stages and config.parallel.world_size > 1:
+            apply_parallel(self.adapter, groups)
         logger.info(
             "engine ready: model=%s family=%s path=%s stages=%s device=%s dtype=%s",
             self.spec.id, self.spec.family, self.resolved.path, list(stages), self.device, self.dtype,

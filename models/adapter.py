@@ -123,6 +123,7 @@ def serial_cfg(
 
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, num steps, latents)
+ComponentLoader = Callable[[type, Path, torch.dtype], torch.nn.Module]  # (class, component folder, dtype)
 
 
 class FamilyAdapter:
@@ -177,6 +178,7 @@ class FamilyAdapter:
         stages: Sequence[Stage] = STAGES,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        loaders: dict[str, ComponentLoader] | None = None,
     ) -> FamilyAdapter:
         """Load the components ``stages`` need from a diffusers-format folder.
 
@@ -185,6 +187,8 @@ class FamilyAdapter:
             stages: which of "encode", "denoise", "decode" this process serves.
             device: where the modules run.
             dtype: dtype of the modules' floating point weights.
+            loaders: component name -> a loader used instead of the class's ``from_pretrained``
+                (e.g. a tensor-parallel loader that reads only this rank's shards).
         """
         unknown = set(stages) - set(STAGES)
         if unknown:
@@ -194,7 +198,7 @@ class FamilyAdapter:
         for stage in stages:
             for name in cls.stage_components[stage]:
                 if name not in components:
-                    module = load_component(info, name, cls.component_types[name], dtype=dtype)
+                    module = load_component(info, name, cls.component_types[name], dtype=dtype, loader=(loaders or {}).get(name))
                     components[name] = module.to(device) if isinstance(module, torch.nn.Module) else module
         return cls(components, info, device=device, dtype=dtype)
 

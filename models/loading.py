@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,7 +92,9 @@ def _resolve_class(ref: ComponentRef, expected: type) -> type:
     return cls
 
 
-def load_component(info: CheckpointInfo, name: str, expected: type, *, dtype: torch.dtype) -> Any:
+def load_component(
+    info: CheckpointInfo, name: str, expected: type, *, dtype: torch.dtype, loader: Callable | None = None
+) -> Any:
     """Load one component of the checkpoint on CPU with the class named in model_index.json.
 
     Args:
@@ -99,6 +102,7 @@ def load_component(info: CheckpointInfo, name: str, expected: type, *, dtype: to
         name: component name, e.g. ``"transformer"``.
         expected: the class the family adapter works with; the declared class must subclass it.
         dtype: dtype of floating point weights (ignored for schedulers and tokenizers).
+        loader: ``loader(cls, folder, dtype)`` instead of ``cls.from_pretrained`` (torch modules).
     """
     if name not in info.components:
         raise CheckpointError(f"{info.path}: model_index.json declares no component {name!r}")
@@ -109,7 +113,9 @@ def load_component(info: CheckpointInfo, name: str, expected: type, *, dtype: to
         raise CheckpointError(f"{info.path}: component folder {name}/ is missing")
     _check_safetensors_only(folder)
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-        if ref.library == "diffusers":
+        if loader is not None:
+            module = loader(cls, folder, dtype)
+        elif ref.library == "diffusers":
             module = cls.from_pretrained(
                 info.path, subfolder=name, dtype=dtype, use_safetensors=True, local_files_only=True
             )

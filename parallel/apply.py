@@ -60,7 +60,13 @@ def apply_parallel(adapter: Any, groups: ParallelGroups) -> None:
         adapter.cfg_strategy = CFGParallel(groups.cfg)
     if config.sp_degree > 1:
         apply_sequence_parallel(adapter.transformer, groups)
-    if config.tensor_parallel_size > 1:
-        from .tensor import apply_tensor_parallel
+    # tensor parallelism is applied while loading (``transformer_loader``): shards are cut at load
 
-        apply_tensor_parallel(adapter.transformer, groups.tp)
+
+def transformer_loader(groups: ParallelGroups):
+    """The component loader that builds the transformer tensor-parallel (``None`` at tp size 1)."""
+    if groups.config.tensor_parallel_size == 1:
+        return None
+    from .tensor import load_tensor_parallel_transformer
+
+    return lambda cls, folder, dtype: load_tensor_parallel_transformer(cls, folder, dtype, groups.tp)

@@ -31,6 +31,9 @@ LAYOUTS = [
     {"ulysses_degree": 2, "ring_degree": 2},
     {"ulysses_degree": 2, "cfg_parallel_size": 2},
     {"ring_degree": 4},
+    {"tensor_parallel_size": 2},
+    {"tensor_parallel_size": 2, "cfg_parallel_size": 2},
+    {"ring_degree": 2, "tensor_parallel_size": 2},
 ]
 
 
@@ -141,3 +144,27 @@ def test_world_larger_than_any_node_is_refused_before_deploying(ray_cluster, tin
     })
     with pytest.raises(ValueError, match=r"DiT world of 8 ranks \(ulysses 4 × cfg 2\) needs 8 GPUs .* largest node has 4 GPUs"):
         build_app(cfg)
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "flux"])
+def test_tensor_parallel_shards_are_cut_at_load(tiny_checkpoints, family):
+    from ditserve.models import adapter_class, resolve_model
+    from ditserve.parallel import Group
+    from ditserve.parallel.tensor import ColumnParallelLinear, RowParallelLinear, load_tensor_parallel_transformer
+
+    path = tiny_checkpoints[family]
+    cls = adapter_class(resolve_model(str(path)).spec.family).component_types["transformer"]
+    full = cls.from_pretrained(path, subfolder="transformer")
+    plan_names = {n for n, m in full.named_modules() if any(
+        __import__("fnmatch").fnmatchcase(n, p) for p in cls._tp_plan)}
+    sharded_full = sum(p.numel() for n, p in full.named_parameters() if n.rsplit(".", 1)[0] in plan_names)
+    for rank in range(2):
+        shard = load_tensor_parallel_transformer(cls, path / "transformer", torch.float32, Group((0, 1), rank, None))
+        mods = dict(shard.named_modules())
+        assert all(isinstance(mods[n], (ColumnParallelLinear, RowParallelLinear)) for n in plan_names)
+        assert not any(p.is_meta for p in shard.parameters())
+        sharded_local = sum(p.numel() for n, p in shard.named_parameters() if n.rsplit(".", 1)[0] in plan_names)
+        biases = sum(mods[n].bias.numel() for n in plan_names if isinstance(mods[n], RowParallelLinear)
+                     and mods[n].bias is not None)
+        # half of every sharded weight (row-parallel biases stay whole, added once after the all-reduce)
+        assert sharded_local - biases == (sharded_full - biases) // 2

@@ -1,0 +1,128 @@
+"""Tensor parallelism: attention QKV/out and MLP linears sharded column-/row-wise across the tp group.
+
+Why ours: diffusers' TP goes through DTensor device meshes that need an accelerator per rank; this
+runs on gloo and NCCL alike. What to shard comes from the class's diffusers ``_tp_plan``
+("colwise", "rowwise", or packed row-wise for FLUX's single-stream ``proj_out``, whose input is two
+column-sharded streams side by side). Column-sharded Q/K/V keep whole heads per rank (the
+processors reshape by head_dim, so they see H/T heads); each block half ends in one row-sharded
+linear and one all-reduce.
+
+Shards are cut at load: the model is built with empty (meta) parameters, the sharded linears
+replaced by their shards, and every tensor read from safetensors as a slice, so no rank ever holds
+the full weights of a sharded layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .groups import Group
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Output features sharded: this rank computes its slice of the outputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device="meta"))
+        self.bias = torch.nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Input features sharded: partial products are summed over the tp group, then the bias added."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: Group) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group = group
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device="meta"))
+        self.bias = torch.nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.group.all_reduce(F.linear(x, self.weight))
+        return out + self.bias if self.bias is not None else out
+
+
+def _style(entry: object) -> str:
+    return entry if isinstance(entry, str) else "packed_rowwise"
+
+
+def _column_ranges(style: str, linear: torch.nn.Linear, rank: int, size: int) -> list[tuple[int, int]]:
+    """The input-column ranges a row-sharded linear keeps on ``rank`` (one per packed block)."""
+    blocks = getattr(linear, "_tp_packed_row_blocks", None) if style == "packed_rowwise" else None
+    ranges, offset = [], 0
+    for block in blocks or [linear.in_features]:
+        if block % size:
+            raise ValueError(f"tensor_parallel_size={size} must divide the {block} input features of a sharded linear")
+        shard = block // size
+        ranges.append((offset + rank * shard, offset + (rank + 1) * shard))
+        offset += block
+    return ranges
+
+
+def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch.dtype, group: Group) -> torch.nn.Module:
+    """Build ``cls`` from ``folder`` (config + safetensors) with its ``_tp_plan`` linears sharded
+    over ``group``, reading only this rank's slices of their weights."""
+    from accelerate import init_empty_weights
+
+    plan = getattr(cls, "_tp_plan", None)
+    if not plan:
+        raise ValueError(f"{cls.__name__} has no _tp_plan: tensor parallel is not available for it")
+    folder = Path(folder)
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(cls.load_config(folder))
+
+    rank, size = group.rank, group.size
+    slices: dict[str, tuple[int, list[tuple[int, int]]]] = {}  # parameter -> (dim, kept index ranges)
+    for name, module in list(model.named_modules()):
+        entry = next((e for pattern, e in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
+        if entry is None:
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"_tp_plan entry for {name} is not a Linear")
+        style = _style(entry)
+        has_bias = module.bias is not None
+        if style == "colwise":
+            if module.out_features % size:
+                raise ValueError(
+                    f"tensor_parallel_size={size} must divide the {module.out_features} outputs of {name}"
+                )
+            part = module.out_features // size
+            keep = [(rank * part, (rank + 1) * part)]
+            shard = ColumnParallelLinear(module.in_features, part, has_bias)
+            slices[f"{name}.weight"] = (0, keep)
+            if has_bias:
+                slices[f"{name}.bias"] = (0, keep)
+        else:
+            keep = _column_ranges(style, module, rank, size)
+            shard = RowParallelLinear(sum(b - a for a, b in keep), module.out_features, has_bias, group)
+            slices[f"{name}.weight"] = (1, keep)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, shard)
+
+    state: dict[str, torch.Tensor] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no safetensors weights")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in slices:
+                    dim, ranges = slices[key]
+                    view = f.get_slice(key)
+                    parts = [view[a:b] if dim == 0 else view[:, a:b] for a, b in ranges]
+                    tensor = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+                else:
+                    tensor = f.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
