@@ -36,11 +36,16 @@ def _rank_main(rank: int, world: int, port: int, config: dict, requests: list[di
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch.set_num_threads(1)
+        cfg = EngineConfig.model_validate(config)
+        backend = "gloo"
+        if cfg.device.startswith("cuda"):  # one GPU per rank, NCCL
+            backend = "nccl"
+            cfg = cfg.model_copy(update={"device": f"cuda:{rank}"})
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=int(os.environ.get("DITSERVE_LOCAL_TIMEOUT_S", "120"))),
         )
-        cfg = EngineConfig.model_validate(config)
         groups = build_groups(cfg.parallel)
         engine = Engine(cfg, STAGES, groups)
         results = []
@@ -64,7 +69,8 @@ def _rank_main(rank: int, world: int, port: int, config: dict, requests: list[di
 
 
 def run_local(config: EngineConfig, requests: Sequence[GenerationRequest], *, timeout_s: float = 600) -> list[list[dict]]:
-    """Generate ``requests`` on ``config.parallel.world_size`` local processes.
+    """Generate ``requests`` on ``config.parallel.world_size`` local processes (gloo on CPU;
+    with ``device="cuda"``, rank i on ``cuda:i`` with NCCL).
 
     Returns:
         Per rank, per request: ``latents``, ``images`` (float arrays), ``timings``, ``bytes_sent``

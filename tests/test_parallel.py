@@ -168,3 +168,16 @@ def test_tensor_parallel_shards_are_cut_at_load(tiny_checkpoints, family):
                      and mods[n].bias is not None)
         # half of every sharded weight (row-parallel biases stay whole, added once after the all-reduce)
         assert sharded_local - biases == (sharded_full - biases) // 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ring_degree": 2}, {"tensor_parallel_size": 2},
+                                     {"cfg_parallel_size": 2}])
+def test_nccl_layout_matches_single_gpu(tiny_qwen, degrees):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    request = REQUESTS["qwen-image"][0]
+    ref = Engine(EngineConfig(model=str(tiny_qwen), device="cuda:0", dtype="float32")).generate(request, output_type="np")
+    ranks = run_local(EngineConfig(model=str(tiny_qwen), device="cuda", dtype="float32",
+                                   parallel=ParallelConfig(**degrees)), [request])
+    for results in ranks:
+        assert float((results[0]["latents"] - ref.latents.cpu()).abs().max()) <= 1e-4
