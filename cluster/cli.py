@@ -78,7 +78,8 @@ def _generate_local_parallel(args: argparse.Namespace, config) -> int:
     """``generate`` with parallel degrees: the ranks run as local processes joined by gloo."""
     from PIL import Image
 
-    from ditserve.deployments import GenerationRequest, RequestError, resolve_request
+    from ditserve.deployments import GenerationRequest, RequestError
+    from ditserve.deployments.schema import validate_request
     from ditserve.deployments.engine import check_model_parallel, to_uint8
     from ditserve.deployments.local import run_local
     from ditserve.models import resolve_spec
@@ -86,7 +87,8 @@ def _generate_local_parallel(args: argparse.Namespace, config) -> int:
     try:
         request = GenerationRequest.parse(_request_fields(args))
         check_model_parallel(config)
-        resolved = resolve_request(request, resolve_spec(config.model))
+        spec = resolve_spec(config.model)
+        resolved = validate_request(request, {spec.id: spec}, spec.id)
     except RequestError as exc:
         print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel, transformer_loader
 
-from .schema import GenerationRequest, RequestError, ResolvedRequest, resolve_request, select_model
+from .schema import GenerationRequest, ResolvedRequest, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +195,7 @@ class Engine:
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
-        spec = select_model(req, {self.spec.id: self.spec}, self.spec.id)
-        resolved = resolve_request(req, spec)
-        if resolved.lora is not None:
-            raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
-        return resolved
+        return validate_request(req, {self.spec.id: self.spec}, self.spec.id)
 
     # ---- the stages ---------------------------------------------------------------------------
 

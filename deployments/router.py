@@ -30,7 +30,7 @@ from ditserve.models import resolve_spec
 
 from .config import AppConfig
 from .engine import GenerationResult
-from .schema import GenerationRequest, RequestError, resolve_request, select_model
+from .schema import GenerationRequest, RequestError, validate_request
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,16 +125,13 @@ class Router:
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
-        spec = select_model(req, self.served, self.model_id)
-        resolved = resolve_request(req, spec)
-        if resolved.lora is not None:
-            raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
+        resolved = validate_request(req, self.served, self.model_id)
         encoded = self.encoder.encode.remote(resolved)
         denoised = self.dit.denoise.remote(resolved, encoded)
         decoded = await self.vae.decode.remote(resolved, denoised, return_latents)
         timings = dict(decoded.timings)
         timings["wall"] = time.perf_counter() - start
-        return decoded.images, GenerationResult(None, request_id, spec.id, resolved.seed, timings, decoded.latents)
+        return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings, decoded.latents)
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         timings = result.timings

@@ -169,3 +169,11 @@ def select_model(req: GenerationRequest, served: Mapping[str, ModelSpec], defaul
     if spec is None:
         raise RequestError("model", f"unknown model {name!r}; served: {', '.join(sorted(served))}", status=404)
     return spec
+
+
+def validate_request(req: GenerationRequest, served: Mapping[str, ModelSpec], default: str) -> ResolvedRequest:
+    """Everything the edge checks: the model is served, the fields fit it, options are available."""
+    resolved = resolve_request(req, select_model(req, served, default))
+    if resolved.lora is not None:
+        raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
+    return resolved
