@@ -27,9 +27,26 @@ def _tiny(flagship: str, model_id: str, name: str, family_flag: str) -> ModelSpe
     )
 
 
+# Checkpoints shipped inside the package (folder relative to ``models/``).
+SHIPPED = {"ditserve/demo": "demo/checkpoint"}
+
 BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("Qwen/Qwen-Image", "ditserve/tiny-qwen-image", "Tiny Qwen-Image (random weights)", "qwen-image"),
     _tiny("black-forest-labs/FLUX.1-dev", "ditserve/tiny-flux", "Tiny FLUX.1 (random weights)", "flux"),
+    next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
+        update={
+            "id": "ditserve/demo",
+            "name": "Demo: shapes and colors (trained; Qwen-Image architecture)",
+            "num_inference_steps": 20,
+            "default_width": 128,
+            "default_height": 128,
+            "min_size": 64,
+            "max_size": 256,
+            "builtin": True,
+            "notes": "shipped in the package (models/demo/checkpoint); trained by `python -m "
+            "ditserve.models.demo.train` on simple shapes in named colors on plain backgrounds",
+        }
+    ),
 ]
 
-DEFAULT_MODEL = "ditserve/tiny-qwen-image"
+DEFAULT_MODEL = "ditserve/demo"

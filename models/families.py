@@ -85,6 +85,10 @@ def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
 
 
 def _builtin_path(spec: ModelSpec) -> Path:
+    from .builtin import SHIPPED
+
+    if spec.id in SHIPPED:
+        return Path(__file__).resolve().parent / SHIPPED[spec.id]
     from .tiny import ensure_builtin
 
     return ensure_builtin(spec.id, home_dir() / "models" / spec.id)

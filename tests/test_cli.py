@@ -17,15 +17,15 @@ def test_generate_default_model_writes_png_of_requested_size(tmp_path, _ditserve
     out = tmp_path / "img.png"
     exe = shutil.which("ditserve") or f"{sys.executable} -m ditserve"
     proc = subprocess.run(
-        [*exe.split(), "generate", "--prompt", "a red circle", "--size", "80x48",
+        [*exe.split(), "generate", "--prompt", "a red circle on a blue background", "--size", "80x64",
          "--num-inference-steps", "3", "--seed", "5", "--output", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "DITSERVE_HOME": str(_ditserve_home)},
     )
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (80, 48) and image.mode == "RGB"
+        assert image.format == "PNG" and image.size == (80, 64) and image.mode == "RGB"
     assert f"wrote {out}" in proc.stdout
-    assert "model=ditserve/tiny-qwen-image seed=5" in proc.stdout
+    assert "model=ditserve/demo seed=5" in proc.stdout
     for stage in ("encode", "prepare", "denoise", "decode", "postprocess"):
         assert f"{stage}=" in proc.stdout
     assert "denoising" in proc.stderr  # the progress bar

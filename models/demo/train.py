@@ -3,8 +3,8 @@
     python -m ditserve.models.demo.train --work /tmp/demo-train --out models/demo/checkpoint
 
 Stages, each resumable from ``--work`` (checkpoints every ``--save-every`` steps):
-1. VAE (``AutoencoderKLQwenImage``): L1 reconstruction of the images on 32x32 crops (convolutions do
-   not care, and it is 16x cheaper), as a deterministic autoencoder; then per-channel latent mean/std.
+1. VAE (``AutoencoderKLQwenImage``): L1 reconstruction as a deterministic autoencoder, on 32x32 crops
+   (16x cheaper than full images; colors) then 64x64 crops (shapes); then per-channel latent mean/std.
 2. DiT (``QwenImageTransformer2DModel``): the family's flow-matching objective on VAE latents
    (x_t = (1-s) x0 + s e, target e - x0), conditioned on a frozen text encoder (a small random
    ``Qwen2_5_VLForConditionalGeneration``: its hidden states identify the caption's tokens; the
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, help="folder for resumable training state")
     parser.add_argument("--out", required=True, help="where the diffusers checkpoint is written")
     parser.add_argument("--images", type=int, default=12000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=2700)
     parser.add_argument("--dit-steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     captions = [s.caption for s in samples]
     logger.info("dataset: %d images, %d distinct captions", len(images), len(set(captions)))
 
-    train_vae(components["vae"], images, args.vae_steps, work)
+    # 32x32 crops first (cheap, gets colors right), then 64x64 crops (shapes need context)
+    train_vae(components["vae"], images, min(args.vae_steps, 1500), work, batch=32, crop=32)
+    train_vae(components["vae"], images, args.vae_steps, work, batch=16, crop=64)
     latents = encode_latents(components["vae"], images)
     mean = latents.mean(dim=(0, 2, 3))
     std = latents.std(dim=(0, 2, 3))
