@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded, in tests least of all
+# Serve handles keep background threads; after ray.shutdown() one of them must not silently
+# reconnect the driver (Ray's auto-connect), or tearing the test cluster down fails.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 import pytest  # noqa: E402
 
