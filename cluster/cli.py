@@ -49,7 +49,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
 
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, parallel=_parallel(args))
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, parallel=_parallel(args),
+                          **_cache(args))
     if config.parallel.world_size > 1:
         return _generate_local_parallel(args, config)
     try:
@@ -71,7 +72,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"model={result.model} seed={result.seed} request_id={result.request_id}")
     print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
+    _print_cache(result.cache)
     return 0
+
+
+def _print_cache(stats: dict | None) -> None:
+    if stats:
+        print(f"cache: {stats['backend']} blocks {stats['blocks_evaluated']}/{stats['blocks_total']} "
+              f"(x{stats['block_ratio']} fewer) steps {stats['decisions']} (C computed, S skipped)")
 
 
 def _generate_local_parallel(args: argparse.Namespace, config) -> int:
@@ -80,15 +88,16 @@ def _generate_local_parallel(args: argparse.Namespace, config) -> int:
 
     from ditserve.deployments import GenerationRequest, RequestError
     from ditserve.deployments.schema import validate_request
-    from ditserve.deployments.engine import check_model_parallel, to_uint8
+    from ditserve.deployments.engine import check_model_parallel, num_transformer_blocks, to_uint8
     from ditserve.deployments.local import run_local
-    from ditserve.models import resolve_spec
+    from ditserve.models import resolve_model, resolve_spec
 
     try:
         request = GenerationRequest.parse(_request_fields(args))
         check_model_parallel(config)
         spec = resolve_spec(config.model)
-        resolved = validate_request(request, {spec.id: spec}, spec.id)
+        resolved = validate_request(request, {spec.id: spec}, spec.id, cache_default=config.cache(),
+                                    num_blocks=num_transformer_blocks(resolve_model(config.model)))
     except RequestError as exc:
         print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2
@@ -101,6 +110,7 @@ def _generate_local_parallel(args: argparse.Namespace, config) -> int:
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in result["timings"].items())
     print(f"model={args.model} seed={resolved.seed} layout={config.parallel.describe()}")
     print(f"timings (rank 0): {timings}")
+    _print_cache(result.get("cache"))
     return 0
 
 
@@ -125,6 +135,10 @@ def _generate_remote(args: argparse.Namespace) -> int:
     body = _request_fields(args)
     if args.model_given:
         body["model"] = args.model
+    cache = _cache(args)
+    if cache or args.cache_backend == "none":  # a client cannot change the server's default: the flags
+        # become this request's `cache` field
+        body["cache"] = {"backend": args.cache_backend, "config": cache.get("cache_config", {})}
     try:
         images, reply = generate_images(args.server, body, output_format=_format_of(args.output))
     except ServerError as exc:
@@ -137,6 +151,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in reply["timings"].items())
     print(f"model={reply['model']} seed={reply['seed']} request_id={reply['request_id']}")
     print(f"timings: {timings}")
+    _print_cache(reply.get("cache"))
     return 0
 
 
@@ -158,7 +173,8 @@ def _app_config(args: argparse.Namespace):
         return {"autoscaling": AutoscalingOptions(min_replicas=lo, max_replicas=max(lo, hi))}
 
     return AppConfig(
-        engine={"model": args.model, "device": args.device, "dtype": args.dtype, "parallel": _parallel(args)},
+        engine={"model": args.model, "device": args.device, "dtype": args.dtype, "parallel": _parallel(args),
+                **_cache(args)},
         accelerator=args.accelerator,
         placement_strategy=args.placement_strategy,
         text_encoder={"num_cpus": 0.2, "max_ongoing_requests": 16, **scaling("encoder")},
@@ -196,8 +212,35 @@ def _parallel(args: argparse.Namespace) -> dict:
     }
 
 
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-backend", choices=["tea_cache", "cache_dit", "none"],
+                   help="cache acceleration of the DiT (requests may override it with their `cache` field)")
+    p.add_argument("--cache-config", help='knobs of the cache backend as JSON, e.g. \'{"rel_l1_thresh": 0.2}\'')
+
+
+def _cache(args: argparse.Namespace) -> dict:
+    """``cache_backend``/``cache_config`` from the flags (empty when none given)."""
+    import json
+
+    out: dict = {}
+    if args.cache_backend and args.cache_backend != "none":
+        out["cache_backend"] = args.cache_backend
+    if args.cache_config:
+        try:
+            config = json.loads(args.cache_config)
+        except ValueError as exc:
+            raise ValueError(f"--cache-config is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ValueError("--cache-config must be a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'")
+        out["cache_config"] = config
+    if args.cache_backend == "none" and "cache_config" in out:
+        raise ValueError("--cache-config given with --cache-backend none")
+    return out
+
+
 def _add_app_options(p: argparse.ArgumentParser) -> None:
     _add_parallel_options(p)
+    _add_cache_options(p)
     from ditserve.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
@@ -250,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-cfg-scale", type=float)
     p.add_argument("--seed", type=int, help="seed, as torch.Generator('cpu').manual_seed in diffusers")
     _add_parallel_options(p)
+    _add_cache_options(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")
@@ -272,5 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ModelNotFoundError, FamilyNotImplementedError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: Exception) -> str:
+    """A config error in one line (pydantic's own text names the model, not the option)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            loc = ".".join(str(p) for p in err["loc"])
+            parts.append(msg if not loc or msg.startswith(loc) else f"{loc}: {msg}")
+        return "; ".join(parts)
+    return str(exc)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ditserve.models import (
     STAGES,
@@ -30,6 +30,17 @@ from ditserve.models import (
     adapter_class,
     request_context,
     resolve_model,
+)
+from ditserve.features.cache import (
+    CACHE_MODELS,
+    CacheDiTConfig,
+    CacheSettings,
+    TeaCacheConfig,
+    apply_cache,
+    cache_run,
+    check_blocks,
+    num_blocks,
+    parse_cache_settings,
 )
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.models.loading import read_checkpoint
@@ -58,6 +69,30 @@ class EngineConfig(BaseModel):
         "auto", description="Weights dtype; 'auto' is bfloat16 on GPU, float32 on CPU."
     )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="DiT parallel degrees.")
+    cache_backend: Literal["tea_cache", "cache_dit"] | None = Field(
+        None, description="Default cache of the DiT (requests may override it with their `cache` field)."
+    )
+    cache_config: TeaCacheConfig | CacheDiTConfig | None = Field(
+        None, description="Knobs of cache_backend (a JSON object; see features/cache/config.py)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_cache_config(cls, data: Any) -> Any:
+        """Validate ``cache_config`` against the chosen backend's model (errors name the knob)."""
+        if isinstance(data, dict):
+            config = data.get("cache_config")
+            if isinstance(config, BaseModel):
+                config = config.model_dump(exclude_defaults=True)
+            settings = parse_cache_settings(data.get("cache_backend"), config)
+            data = {**data, "cache_config": None if settings is None else settings.config}
+        return data
+
+    def cache(self) -> CacheSettings | None:
+        """The deployment's default cache settings (``None``: no cache)."""
+        if self.cache_backend is None:
+            return None
+        return CacheSettings(backend=self.cache_backend, config=self.cache_config)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -84,6 +119,7 @@ class GenerationResult:
         seed: the seed used (drawn when the request gave none), to reproduce the result.
         timings: seconds per stage: encode, prepare, denoise, decode, postprocess.
         latents: final packed latents (for equivalence checks and the served path's hand-off).
+        cache: cache statistics (``CacheStats.as_dict``) when the request ran with a cache.
     """
 
     images: Any
@@ -92,6 +128,7 @@ class GenerationResult:
     seed: int
     timings: dict[str, float]
     latents: torch.Tensor | None = None
+    cache: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -108,6 +145,7 @@ class Denoised:
 
     latents: torch.Tensor
     timings: dict[str, float]
+    cache: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -117,6 +155,7 @@ class Decoded:
     images: np.ndarray
     timings: dict[str, float]
     latents: torch.Tensor | None = None
+    cache: dict[str, Any] | None = None
 
 
 class _Timer:
@@ -153,6 +192,21 @@ def check_model_parallel(config: EngineConfig, resolved: ResolvedModel | None = 
     )
 
 
+def check_cache_feature(spec: ModelSpec, backend: str, field: str) -> None:
+    """Refuse a cache backend the model's registry entry does not list (naming ``field``)."""
+    feature = Feature(backend)
+    if feature not in spec.features:
+        works = [f.value for f in (Feature.TEA_CACHE, Feature.CACHE_DIT) if f in spec.features] or "none"
+        raise ValueError(f"{field}={backend}: model {spec.id} does not support it (supported caches: {works})")
+
+
+def num_transformer_blocks(resolved: ResolvedModel) -> int | None:
+    """Transformer blocks of a model, from its config (``None``: a class the caches do not know)."""
+    info = read_checkpoint(resolved.path)
+    ref = info.components.get("transformer")
+    return num_blocks(ref.class_name, info.config("transformer")) if ref else None
+
+
 class Engine:
     """A loaded model for some of the stages ("encode", "denoise", "decode").
 
@@ -184,6 +238,11 @@ class Engine:
                 f"model {self.spec.id}: registry says sizes are multiples of {self.spec.size_multiple}, "
                 f"the checkpoint's VAE and packing give {self.adapter.size_multiple}"
             )
+        self.groups = groups or ParallelGroups.single()
+        if "denoise" in stages:
+            # before parallel: hooks registered later wrap the earlier ones, so sequence parallel's
+            # split of block 0's inputs runs first and the cache sees this rank's shard
+            self._attach_cache()
         if "denoise" in stages and config.parallel.world_size > 1:
             apply_parallel(self.adapter, groups)
         logger.info(
@@ -191,11 +250,31 @@ class Engine:
             self.spec.id, self.spec.family, self.resolved.path, list(stages), self.device, self.dtype,
         )
 
+    def _attach_cache(self) -> None:
+        """Cache hooks go on every supported transformer (idle unless a request or the deployment
+        asks for a cache); the deployment's default is checked against the model here, at start."""
+        transformer = self.adapter.transformer
+        self.cache_supported = type(transformer).__name__ in CACHE_MODELS
+        default = self.config.cache()
+        if default is not None:
+            check_cache_feature(self.spec, default.backend, "cache_backend")
+            if not self.cache_supported:
+                raise ValueError(f"cache_backend={default.backend}: transformer {type(transformer).__name__} of model "
+                                 f"{self.spec.id} has no cache support")
+            check_blocks(default, self.num_blocks)
+        if self.cache_supported:
+            apply_cache(transformer)
+
+    @property
+    def num_blocks(self) -> int:
+        return num_transformer_blocks(self.resolved)
+
     # ---- request handling ---------------------------------------------------------------------
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
-        return validate_request(req, {self.spec.id: self.spec}, self.spec.id)
+        return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
+                                num_blocks=num_transformer_blocks(self.resolved))
 
     # ---- the stages ---------------------------------------------------------------------------
 
@@ -228,7 +307,13 @@ class Engine:
         request_id: str,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         timer: _Timer | None = None,
+        stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        """The DiT stage: prepare + the denoising loop, with the request's cache (``req.cache``).
+
+        Args:
+            stats: filled with the cache statistics of the request when it ran with a cache.
+        """
         timer = timer or _Timer()
         cond = cond.to(self.device, self.dtype)
         # Same as diffusers: the initial noise is drawn on the CPU from a seeded generator.
@@ -237,8 +322,14 @@ class Engine:
         with request_context(ctx):
             with timer.stage("prepare"):
                 state = self.adapter.prepare(req.params, cond, generator)
-            with timer.stage("denoise"):
-                return self.adapter.denoise(state, cond, callback=callback)
+            steps = req.params.num_inference_steps
+            # the ranks computing one CFG branch together reduce the skip metrics (same decisions)
+            with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, steps, self.groups.branch,
+                                                   self.spec.tea_cache_coefficients) as run:
+                latents = self.adapter.denoise(state, cond, callback=callback)
+        if run is not None and stats is not None:
+            stats.update(run.stats.as_dict())
+        return latents
 
     def decode(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -257,15 +348,16 @@ class Engine:
 
     def run_denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str) -> Denoised:
         timer = _Timer()
-        latents = self.denoise(req, encoded.cond, request_id=request_id, timer=timer)
-        return Denoised(latents.cpu(), {**encoded.timings, **timer.timings})
+        stats: dict[str, Any] = {}
+        latents = self.denoise(req, encoded.cond, request_id=request_id, timer=timer, stats=stats)
+        return Denoised(latents.cpu(), {**encoded.timings, **timer.timings}, stats or None)
 
     def run_decode(self, req: ResolvedRequest, denoised: Denoised, *, return_latents: bool = False) -> Decoded:
         start = time.perf_counter()
         images = self.postprocess(self.decode(req, denoised.latents), output_type="np")
         images = to_uint8(images)
         timings = {**denoised.timings, "decode": time.perf_counter() - start}
-        return Decoded(images, timings, denoised.latents if return_latents else None)
+        return Decoded(images, timings, denoised.latents if return_latents else None, denoised.cache)
 
     # ---- in-process reference runner ----------------------------------------------------------
 
@@ -283,9 +375,10 @@ class Engine:
         resolved = self.resolve(req)
         with timer.stage("encode"):
             cond = self.encode(resolved)
-        latents = self.denoise(resolved, cond, request_id=request_id, callback=callback, timer=timer)
+        stats: dict[str, Any] = {}
+        latents = self.denoise(resolved, cond, request_id=request_id, callback=callback, timer=timer, stats=stats)
         with timer.stage("decode"):
             images = self.decode(resolved, latents)
         with timer.stage("postprocess"):
             out = self.postprocess(images, output_type)
-        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timer.timings, latents)
+        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timer.timings, latents, stats or None)

@@ -59,6 +59,7 @@ def _rank_main(rank: int, world: int, port: int, config: dict, requests: list[di
                 "images": result.images,
                 "timings": result.timings,
                 "bytes_sent": groups.bytes_sent() - sent_before,
+                "cache": result.cache,
             })
         queue.put((rank, "ok", results))
     except BaseException:
@@ -74,7 +75,7 @@ def run_local(config: EngineConfig, requests: Sequence[GenerationRequest], *, ti
 
     Returns:
         Per rank, per request: ``latents``, ``images`` (float arrays), ``timings``, ``bytes_sent``
-        (by this rank's collectives, per request).
+        (by this rank's collectives, per request), ``cache`` (this rank's cache statistics or None).
     """
     world = config.parallel.world_size
     ctx = mp.get_context("spawn")

@@ -26,10 +26,10 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ditserve.models import resolve_spec
+from ditserve.models import resolve_model
 
 from .config import AppConfig
-from .engine import GenerationResult
+from .engine import GenerationResult, num_transformer_blocks
 from .schema import GenerationRequest, RequestError, validate_request
 
 logger = logging.getLogger("ray.serve")
@@ -87,9 +87,12 @@ class Router:
     ) -> None:
         self.cfg = cfg
         self.encoder, self.dit, self.vae = encoder, dit, vae
-        spec = resolve_spec(cfg.engine.model)
+        resolved = resolve_model(cfg.engine.model)
+        spec = resolved.spec
         self.model_id = spec.id
         self.served = {spec.id: spec}
+        self.cache_default = cfg.engine.cache()
+        self.num_blocks = num_transformer_blocks(resolved)
         self.created = int(time.time())
         self.stage_seconds = Histogram(
             "ditserve_stage_seconds", description="Seconds per request stage.", boundaries=_LATENCY_BOUNDARIES,
@@ -100,6 +103,14 @@ class Router:
             boundaries=_LATENCY_BOUNDARIES, tag_keys=("model",),
         )
         self.requests = Counter("ditserve_requests_total", description="Requests by outcome.", tag_keys=("model", "status"))
+        self.cache_calls = Counter(
+            "ditserve_cache_calls_total", description="Transformer calls of cached requests, computed or skipped.",
+            tag_keys=("model", "backend", "outcome"),
+        )
+        self.cache_blocks = Counter(
+            "ditserve_cache_blocks_total", description="Transformer blocks of cached requests, evaluated or skipped.",
+            tag_keys=("model", "backend", "outcome"),
+        )
 
     # ---- Python API ---------------------------------------------------------------------------
 
@@ -125,13 +136,15 @@ class Router:
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
-        resolved = validate_request(req, self.served, self.model_id)
+        resolved = validate_request(req, self.served, self.model_id, cache_default=self.cache_default,
+                                    num_blocks=self.num_blocks)
         encoded = self.encoder.encode.remote(resolved)
         denoised = self.dit.denoise.remote(resolved, encoded)
         decoded = await self.vae.decode.remote(resolved, denoised, return_latents)
         timings = dict(decoded.timings)
         timings["wall"] = time.perf_counter() - start
-        return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings, decoded.latents)
+        return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings,
+                                                decoded.latents, decoded.cache)
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         timings = result.timings
@@ -144,9 +157,22 @@ class Router:
                 self.stage_seconds.observe(seconds, tags={"model": result.model, "stage": stage})
         self.request_seconds.observe(wall, tags={"model": result.model})
         self.requests.inc(tags={"model": result.model, "status": "ok"})
+        if result.cache:
+            self._count_cache(result.model, result.cache)
         logger.info("request %s done: model=%s seed=%s timings=%s", result.request_id, result.model, result.seed,
                     {k: round(v, 4) for k, v in timings.items()})
         return result
+
+    def _count_cache(self, model: str, stats: dict) -> None:
+        tags = {"model": model, "backend": stats["backend"]}
+        for outcome, calls, blocks in (
+            ("computed", stats["calls_computed"], stats["blocks_evaluated"]),
+            ("skipped", stats["calls_cached"], stats["blocks_total"] - stats["blocks_evaluated"]),
+        ):
+            if calls:
+                self.cache_calls.inc(calls, tags={**tags, "outcome": outcome})
+            if blocks:
+                self.cache_blocks.inc(blocks, tags={**tags, "outcome": outcome})
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -192,6 +218,7 @@ class Router:
                     "seed": result.seed,
                     "request_id": result.request_id,
                     "timings": {k: round(v, 6) for k, v in result.timings.items()},
+                    "cache": result.cache,
                     "usage": {"images": len(data), "num_inference_steps": http_req.num_inference_steps
                               or self.served[result.model].num_inference_steps},
                 },

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ditserve.models import Guidance, ModelSpec, SamplingParams
+from ditserve.features.cache import CacheConfigError, CacheRequest, CacheSettings, check_blocks, merge_cache
+from ditserve.models import Feature, Guidance, ModelSpec, SamplingParams
 
 MAX_PROMPT_CHARS = 20_000
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
@@ -61,6 +62,10 @@ class GenerationRequest(BaseModel):
     true_cfg_scale: float | None = Field(None, ge=0, le=100, description="True CFG scale (with negative_prompt).")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the initial noise, as in diffusers.")
     lora: LoraRequest | None = Field(None, description="LoRA adapter to apply.")
+    cache: CacheRequest | None = Field(
+        None, description="Cache for this request: {'backend': 'tea_cache'|'cache_dit'|'none', 'config': {...}}; "
+        "default: the deployment's cache_backend/cache_config.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -103,6 +108,7 @@ class ResolvedRequest:
     params: SamplingParams
     seed: int
     lora: LoraRequest | None
+    cache: CacheSettings | None = None  # the deployment's cache merged with the request's
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -171,9 +177,45 @@ def select_model(req: GenerationRequest, served: Mapping[str, ModelSpec], defaul
     return spec
 
 
-def validate_request(req: GenerationRequest, served: Mapping[str, ModelSpec], default: str) -> ResolvedRequest:
-    """Everything the edge checks: the model is served, the fields fit it, options are available."""
-    resolved = resolve_request(req, select_model(req, served, default))
+def resolve_cache(
+    req: GenerationRequest, spec: ModelSpec, default: CacheSettings | None, num_blocks: int | None
+) -> CacheSettings | None:
+    """The cache the request runs with: the deployment's ``default`` overridden by ``req.cache``,
+    checked against the model (its registry features and block count)."""
+    if req.cache is None:
+        return default
+    try:
+        settings = merge_cache(default, req.cache)
+    except CacheConfigError as exc:
+        raise RequestError(exc.field, exc.message) from None
+    if settings is None:
+        return None
+    if Feature(settings.backend) not in spec.features or num_blocks is None:
+        raise RequestError("cache.backend", f"model {spec.id} does not support {settings.backend}")
+    try:
+        check_blocks(settings, num_blocks, field="cache.config")
+    except CacheConfigError as exc:
+        raise RequestError(exc.field, exc.message) from None
+    return settings
+
+
+def validate_request(
+    req: GenerationRequest,
+    served: Mapping[str, ModelSpec],
+    default: str,
+    *,
+    cache_default: CacheSettings | None = None,
+    num_blocks: int | None = None,
+) -> ResolvedRequest:
+    """Everything the edge checks: the model is served, the fields fit it, options are available.
+
+    Args:
+        cache_default: the deployment's cache (``cache_backend``/``cache_config``).
+        num_blocks: the model's transformer block count (``None``: the caches do not know the class).
+    """
+    spec = select_model(req, served, default)
+    resolved = resolve_request(req, spec)
     if resolved.lora is not None:
         raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
-    return resolved
+    cache = resolve_cache(req, spec, cache_default, num_blocks)
+    return dataclasses.replace(resolved, cache=cache)

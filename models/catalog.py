@@ -129,8 +129,9 @@ MODELS: list[ModelSpec] = [
         guidance_scale=3.5,
         **_image_sizes(16),
         # Seed row: "❌ ✅ ❌ ❌ ✅ ❌ ✅ ❌ ❌". Added, verified by our equivalence tests (Ulysses, Ring,
-        # USP and CFG-parallel equal the single-rank reference): sequence and CFG parallelism.
-        features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
+        # USP and CFG-parallel equal the single-rank reference): sequence and CFG parallelism; and
+        # TeaCache (tests/test_cache.py: exact at threshold 0, skips as configured, SP-consistent).
+        features=_row("✅ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
         notes="Guidance-distilled: guidance_scale enters the transformer as an embedding (one call per step).",
     ),
     ModelSpec(

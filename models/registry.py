@@ -84,6 +84,10 @@ class ModelSpec(BaseModel):
     features: frozenset[Feature] = Field(frozenset(), description="Features the model supports.")
     builtin: bool = Field(False, description="Built by the project itself (no download needed).")
     notes: str = Field("", description="Anything a user should know (e.g. not in diffusers 0.42).")
+    tea_cache_coefficients: tuple[float, float, float, float, float] | None = Field(
+        None, description="TeaCache polynomial fitted for this checkpoint (features/cache/fit_tea_cache.py); "
+        "default: the family's.",
+    )
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> ModelSpec:

@@ -149,6 +149,7 @@ class ParallelGroups:
     ring: Group
     sp: Group
     cfg: Group
+    branch: Group  # the ranks computing one CFG branch together (sp × tp): cache decisions reduce here
 
     @property
     def sp_rank(self) -> int:
@@ -157,12 +158,12 @@ class ParallelGroups:
     def bytes_sent(self) -> int:
         """Bytes this rank has handed to collectives so far (the sp group is the ulysses and ring
         groups' union, so it is not counted twice)."""
-        return sum(g.sent for g in (self.tp, self.ulysses, self.ring, self.sp, self.cfg) if g.size > 1)
+        return sum(g.sent for g in (self.tp, self.ulysses, self.ring, self.sp, self.cfg, self.branch) if g.size > 1)
 
     @classmethod
     def single(cls) -> ParallelGroups:
         one = Group((0,), 0, None)
-        return cls(ParallelConfig(), 0, one, one, one, one, one)
+        return cls(ParallelConfig(), 0, one, one, one, one, one, one)
 
 
 def layout(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
@@ -186,7 +187,8 @@ def layout(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
         return out
 
     # "ru": ring-major, ulysses-minor: the sp index is ring_rank * ulysses + ulysses_rank.
-    return {"tp": groups("t"), "ulysses": groups("u"), "ring": groups("r"), "sp": groups("ru"), "cfg": groups("c")}
+    return {"tp": groups("t"), "ulysses": groups("u"), "ring": groups("r"), "sp": groups("ru"), "cfg": groups("c"),
+            "branch": groups("rut")}
 
 
 def build_groups(config: ParallelConfig) -> ParallelGroups:

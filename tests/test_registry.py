@@ -31,9 +31,10 @@ SEED_IDS = [
     "stabilityai/stable-audio-open-1.0",
 ]
 SEED_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusion-features.md"
-# Features we support beyond the seed table, each verified by a test of ours (tests/test_parallel.py).
+# Features we support beyond the seed table, each verified by a test of ours (tests/test_parallel.py,
+# tests/test_cache.py).
 VERIFIED_ADDITIONS = {
-    "black-forest-labs/FLUX.1-dev": {Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL},
+    "black-forest-labs/FLUX.1-dev": {Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TEA_CACHE},
 }
 COLUMNS = {
     "TeaCache": Feature.TEA_CACHE,

@@ -1,0 +1,44 @@
+"""Cache acceleration: TeaCache and Cache-DiT (DBCache, TaylorSeer, SCM) as block hooks on a DiT.
+
+``apply_cache(transformer)`` at load; ``cache_run(settings, ...)`` around each request's
+denoising loop. Settings come from the deployment (``cache_backend``/``cache_config``) merged with
+the request's ``cache`` field (``merge_cache``). See ``hooks.py`` for the mechanics and
+``policies.py`` for the decisions.
+"""
+
+from .config import (
+    BACKENDS,
+    CacheConfigError,
+    CacheDiTConfig,
+    CacheRequest,
+    CacheSettings,
+    TeaCacheConfig,
+    merge_cache,
+    parse_cache_settings,
+)
+from .hooks import CacheRun, CacheStats, apply_cache, cache_run, check_blocks, has_cache, remove_cache
+from .models import MODELS as CACHE_MODELS
+from .models import num_blocks
+from .policies import TaylorSeer, steps_mask
+
+__all__ = [
+    "BACKENDS",
+    "CACHE_MODELS",
+    "CacheConfigError",
+    "CacheDiTConfig",
+    "CacheRequest",
+    "CacheRun",
+    "CacheSettings",
+    "CacheStats",
+    "TaylorSeer",
+    "TeaCacheConfig",
+    "apply_cache",
+    "cache_run",
+    "check_blocks",
+    "has_cache",
+    "merge_cache",
+    "num_blocks",
+    "parse_cache_settings",
+    "remove_cache",
+    "steps_mask",
+]

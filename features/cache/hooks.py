@@ -1,0 +1,188 @@
+"""Block caches on a DiT: one hook per transformer block, state per request and CFG branch.
+
+Why ours: diffusers 0.42 has FirstBlockCache/TaylorSeer hooks but no TeaCache, no DBCache with
+Fn/Bn, warm-up limits and SCM masks; its state lives in the hook (per process, not per request)
+and its skip decision is rank-local, which lets sequence-parallel ranks diverge and deadlock.
+
+How it works: ``apply_cache(transformer)`` registers a ``ModelHook`` named ``ditserve_cache`` on
+every block (diffusers ``HookRegistry``; the model's code is untouched). With no active
+``CacheRun`` the hook calls the block. ``cache_run(...)`` (a context manager around one request's
+denoising loop) activates a run through a ``contextvar``, so concurrent requests each see their
+own settings and state, and nothing outlives the request. Within a run, for each call of the
+transformer (one step, one CFG branch, known from ``step_context``), the policy decides whether
+to skip its range of blocks; skipped blocks pass their inputs through and the last one adds the
+cached residual of the range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ditserve.models.context import current_step
+from ditserve.parallel.groups import Group
+
+from .config import CacheConfigError, CacheSettings
+from .models import cache_info, transformer_blocks
+from .policies import BranchState, DBCachePolicy, TeaCachePolicy
+
+HOOK_NAME = "ditserve_cache"
+
+_RUN: contextvars.ContextVar[CacheRun | None] = contextvars.ContextVar("ditserve_cache_run", default=None)
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """What caching did in one request (this rank's view; identical on every rank of a branch).
+
+    Attributes:
+        backend: tea_cache or cache_dit.
+        calls_computed: transformer calls (steps × CFG branches run here) that ran all blocks.
+        calls_cached: calls that skipped their cacheable range.
+        blocks_evaluated: transformer blocks actually run.
+        blocks_total: blocks an uncached run would have run.
+        decisions: per CFG branch, one letter per step: C computed, S skipped.
+    """
+
+    backend: str
+    calls_computed: int = 0
+    calls_cached: int = 0
+    blocks_evaluated: int = 0
+    blocks_total: int = 0
+    decisions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["block_ratio"] = round(self.blocks_total / self.blocks_evaluated, 4) if self.blocks_evaluated else None
+        return out
+
+
+class CacheRun:
+    """One request's cache: settings, per-branch state and stats."""
+
+    def __init__(self, settings: CacheSettings, transformer: torch.nn.Module, num_steps: int, group: Group,
+                 coefficients: tuple[float, ...] | None = None) -> None:
+        info = cache_info(transformer)
+        self.num_blocks = len(transformer_blocks(transformer))
+        self.modulated_input = info.modulated_input
+        check_blocks(settings, self.num_blocks)
+        if settings.backend == "tea_cache":
+            coeffs = settings.config.coefficients or coefficients or info.tea_cache_coefficients
+            self.policy = TeaCachePolicy(settings.config, coeffs, self.num_blocks, num_steps, group)
+        else:
+            self.policy = DBCachePolicy(settings.config, self.num_blocks, num_steps, group)
+        self.states: dict[str, BranchState] = {}
+        self.stats = CacheStats(settings.backend)
+
+    def block(self, index: int, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        step = current_step()
+        state = self.states.setdefault(step.branch, BranchState())
+        hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        first, last = self.policy.skip_range
+        if index == 0:
+            state.skipping = False
+            state.call_input = (hidden, encoder)
+            if self.policy.decide_after is None:  # TeaCache: decide on the modulated input
+                state.skipping = self.policy.decide(state, step.index, self.modulated_input(module, kwargs))
+        if state.skipping and first <= index <= last:
+            out: tuple[torch.Tensor, torch.Tensor] = (encoder, hidden)
+            if index == last:
+                res_hidden, res_encoder = self.policy.residual(state, step.index)
+                out = (encoder + res_encoder, hidden + res_hidden)
+        else:
+            if index == first:
+                state.range_input = (hidden, encoder)
+            out = forward(*args, **kwargs)
+            self.stats.blocks_evaluated += 1
+            if index == last:
+                self.policy.stored(state, step.index, (out[1] - state.range_input[0], out[0] - state.range_input[1]))
+            if index == self.policy.decide_after:  # DBCache: decide on the Fn blocks' residual
+                state.skipping = self.policy.decide(state, step.index, out[1] - state.call_input[0])
+        if index == self.num_blocks - 1:
+            self._end_call(state, step.branch)
+        return out
+
+    def _end_call(self, state: BranchState, branch: str) -> None:
+        self.stats.blocks_total += self.num_blocks
+        if state.skipping:
+            self.stats.calls_cached += 1
+            state.cached_steps += 1
+            state.continuous_cached += 1
+        else:
+            self.stats.calls_computed += 1
+            state.continuous_cached = 0
+        state.decisions.append("S" if state.skipping else "C")
+        self.stats.decisions[branch] = "".join(state.decisions)
+        state.call_input = state.range_input = None
+
+
+def check_blocks(settings: CacheSettings, num_blocks: int, field: str = "cache_config") -> None:
+    """Refuse a Cache-DiT config that leaves no block to skip (naming the option)."""
+    if settings.backend != "cache_dit":
+        return
+    fn, bn = settings.config.Fn_compute_blocks, settings.config.Bn_compute_blocks
+    if fn + bn >= num_blocks:
+        raise CacheConfigError(
+            f"{field}.Fn_compute_blocks",
+            f"Fn_compute_blocks={fn} + Bn_compute_blocks={bn} must be less than the model's {num_blocks} "
+            "transformer blocks (leave at least one block to cache)",
+        )
+
+
+class _BlockHook(ModelHook):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run = _RUN.get()
+        if run is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if args:  # the families here pass everything by keyword; refuse silently wrong caching
+            raise TypeError(f"{type(module).__name__} called with positional arguments; the cache needs keywords")
+        return run.block(self.index, module, self.fn_ref.original_forward, args, kwargs)
+
+
+def apply_cache(transformer: torch.nn.Module) -> None:
+    """Register the cache hook on every block of ``transformer`` (idle until a ``cache_run``)."""
+    for index, block in enumerate(transformer_blocks(transformer)):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(index), HOOK_NAME)
+
+
+def remove_cache(transformer: torch.nn.Module) -> None:
+    for block in transformer_blocks(transformer):
+        HookRegistry.check_if_exists_or_initialize(block).remove_hook(HOOK_NAME, recurse=False)
+
+
+def has_cache(transformer: torch.nn.Module) -> bool:
+    blocks = transformer_blocks(transformer)
+    return bool(blocks) and HookRegistry.check_if_exists_or_initialize(blocks[0]).get_hook(HOOK_NAME) is not None
+
+
+@contextlib.contextmanager
+def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, num_steps: int, group: Group,
+              coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
+    """Activate ``settings`` for the denoising loop inside (``None``: no cache, yields ``None``).
+
+    Args:
+        group: the ranks that compute this rank's CFG branch together (sequence × tensor
+            parallel); skip metrics are reduced over it.
+        coefficients: the checkpoint's fitted TeaCache polynomial, if any.
+    """
+    if settings is None:
+        yield None
+        return
+    if not has_cache(transformer):
+        raise RuntimeError("cache hooks are not attached: call apply_cache(transformer) at load")
+    run = CacheRun(settings, transformer, num_steps, group, coefficients)
+    token = _RUN.set(run)
+    try:
+        yield run
+    finally:
+        _RUN.reset(token)
