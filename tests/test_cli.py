@@ -65,6 +65,37 @@ def test_generate_bad_option_exits_2_naming_it(tmp_path, tiny_qwen, capsys, args
     assert not (tmp_path / "x.png").exists()
 
 
+def test_generate_with_cache_prints_its_statistics(tmp_path, tiny_qwen, capsys):
+    args = ["generate", "--model", str(tiny_qwen), "--prompt", "a cat", "--size", "64x64", "--num-inference-steps", "4",
+            "--cache-backend", "cache_dit", "--cache-config", '{"residual_diff_threshold": 9, "max_warmup_steps": 1}',
+            "--output", str(tmp_path / "c.png")]
+    assert main(args) == 0
+    assert "cache: cache_dit blocks 5/8 (x1.6 fewer) steps {'cond': 'CSSS'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cache-backend", "tea_cache", "--cache-config", '{"rel_l1_thresh": -1}'], "cache_config.rel_l1_thresh"),
+        (["--cache-backend", "tea_cache", "--cache-config", '{"Fn_compute_blocks": 1}'], "cannot be combined"),
+        (["--cache-backend", "cache_dit", "--cache-config", "{nope"], "--cache-config is not valid JSON"),
+        (["--cache-config", '{"rel_l1_thresh": 0.1}'], "cache_config: given without cache_backend"),
+    ],
+)
+def test_generate_bad_cache_option_exits_2(tmp_path, tiny_qwen, capsys, args, message):
+    code = main(["generate", "--model", str(tiny_qwen), "--prompt", "x", *args, "--output", str(tmp_path / "x.png")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_carries_the_cache_default(capsys):
+    import yaml
+
+    assert main(["config", "--cache-backend", "tea_cache", "--cache-config", '{"rel_l1_thresh": 0.3}']) == 0
+    engine = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["engine"]
+    assert engine["cache_backend"] == "tea_cache" and engine["cache_config"]["rel_l1_thresh"] == 0.3
+
+
 def test_generate_unimplemented_family_exits_2(capsys):
     assert main(["generate", "--model", "Tongyi-MAI/Z-Image-Turbo", "--prompt", "x"]) == 2
     assert "family 'z-image' is registered but not implemented yet" in capsys.readouterr().err

@@ -118,6 +118,18 @@ def test_eight_concurrent_http_requests_each_match_their_reference(served, refer
     assert len({r[1]["request_id"] for r in replies}) == 8
 
 
+def test_http_cache_request_matches_reference_and_reports_stats(served, reference):
+    cache = {"backend": "cache_dit", "config": {"residual_diff_threshold": 9.0, "max_warmup_steps": 1}}
+    fields = dict(REQ, num_inference_steps=6, cache=cache)
+    expected, ref = _reference_pixels(reference, **fields)
+    status, body, _ = _post(served["url"], fields)
+    assert status == 200, body
+    assert np.array_equal(_pixels(body["data"][0]["b64_json"]), expected[0])
+    assert body["cache"] == ref.cache and body["cache"]["decisions"] == {"cond": "CSSSCS"}
+    status, plain, _ = _post(served["url"], dict(REQ, num_inference_steps=6))  # the next request: no cache
+    assert status == 200 and plain["cache"] is None
+
+
 def test_placement_dit_group_on_one_node_encoder_on_its_own(served, ray_cluster):
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     encoder = serve.get_deployment_handle("TextEncoder", APP).info.remote().result()
@@ -148,6 +160,10 @@ def test_placement_dit_group_on_one_node_encoder_on_its_own(served, ray_cluster)
         (dict(REQ, response_format="url"), 422, "response_format", "b64_json"),
         (dict(REQ, output_compression=50), 422, "output_compression", "jpeg and webp only"),
         (dict(REQ, lora={"name": "x"}), 422, "lora", "no LoRA adapters are served"),
+        (dict(REQ, cache={"backend": "tea_cache", "config": {"rel_l1_thresh": -1}}), 422, "cache.config.rel_l1_thresh",
+         "greater than or equal to 0"),
+        (dict(REQ, cache={"backend": "cache_dit", "config": {"Fn_compute_blocks": 2}}), 422,
+         "cache.config.Fn_compute_blocks", "must be less than the model's 2 transformer blocks"),
         (b"{not json", 400, "body", "invalid JSON"),
         (b"[1, 2]", 400, "body", "must be a JSON object"),
         (b'{"prompt": "' + b"x" * 1_100_000 + b'"}', 413, "body", "exceeds"),
