@@ -109,6 +109,79 @@ def test_steps_masks():
     assert steps_mask("ultra", 3) == [True, False, True] and all(steps_mask("slow", 2))
 
 
+# ---- the arithmetic, on toy blocks whose outputs can be worked out by hand -------------------------
+
+class ToyBlock(torch.nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        return encoder_hidden_states + 10 * self.k, hidden_states + self.k * temb
+
+
+class ToyTransformer(torch.nn.Module):
+    """Four blocks: uncached, hidden -> hidden + 10·temb and text -> text + 100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList(ToyBlock(k) for k in (1, 2, 3, 4))
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        for block in self.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
+        return hidden_states, encoder_hidden_states
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    from ditserve.features.cache import apply_cache, models
+
+    monkeypatch.setitem(models.MODELS, "ToyTransformer", models.CacheModelInfo(
+        ("transformer_blocks",), lambda block, kw: kw["temb"] * torch.ones(2), (0.0, 0.0, 0.0, 1.0, 0.0)))
+    model = ToyTransformer()
+    apply_cache(model)
+    return model
+
+
+def _toy_steps(model, settings, tembs):
+    from ditserve.features.cache import cache_run
+    from ditserve.models.context import step_context
+    from ditserve.parallel import ParallelGroups
+
+    hidden, text = torch.zeros(1, 2), torch.zeros(1, 2)
+    outs = []
+    with cache_run(settings, model, len(tembs), ParallelGroups.single().branch) as run:
+        for i, t in enumerate(tembs):
+            with step_context(i, t, "cond"):
+                h, e = model(hidden_states=hidden, encoder_hidden_states=text, temb=torch.tensor(t))
+            outs.append((h[0, 0].item(), e[0, 0].item()))
+    return outs, run.stats
+
+
+def test_toy_dbcache_reuses_and_taylorseer_extrapolates_the_middle_residual(toy):
+    config = {"residual_diff_threshold": 9.0, "max_warmup_steps": 1, "max_continuous_cached_steps": 1}
+    tembs = [1.0, 2.0, 3.0, 4.0]
+    # uncached: hidden + 10·t; F1B0 skips blocks 2-4 (9·t) when cached
+    plain, stats = _toy_steps(toy, parse_cache_settings("cache_dit", {**config, "enable_taylorseer": False}), tembs)
+    assert stats.decisions == {"cond": "CSCS"}
+    # cached step 1: block 1 gives 2, plus the middle residual of step 0 (9·1): 11; text 10 + 90
+    assert plain == [(10.0, 100.0), (11.0, 100.0), (30.0, 100.0), (4.0 + 27.0, 100.0)]
+    seer, _ = _toy_steps(toy, parse_cache_settings("cache_dit", {**config, "enable_taylorseer": True}), tembs)
+    # step 3: residuals 9 (step 0) and 27 (step 2) -> 9 per step -> 36: exactly the uncached 40
+    assert seer == [(10.0, 100.0), (11.0, 100.0), (30.0, 100.0), (40.0, 100.0)]
+    assert stats.blocks_evaluated == 2 * 4 + 2 * 1
+
+
+def test_toy_tea_cache_accumulates_and_skips_every_block(toy):
+    tembs = [1.0, 1.1, 1.2, 1.3, 1.4]  # relative changes 0.1, 0.091, 0.083, 0.077 (identity polynomial)
+    outs, stats = _toy_steps(toy, parse_cache_settings("tea_cache", {"rel_l1_thresh": 0.25}), tembs)
+    assert stats.decisions == {"cond": "CSSCC"}  # 0.1, 0.191 < 0.25; 0.274 computes; the last always does
+    assert [round(h, 4) for h, _ in outs] == [10.0, 10.0, 10.0, 13.0, 14.0]  # skipped: input + step 0's residual
+    assert stats.blocks_evaluated == 3 * 4
+
+
 # ---- behaviour on the real tiny models ------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen-image", "flux"])
