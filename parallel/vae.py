@@ -244,6 +244,7 @@ class _PatchState:
 
     def __init__(self) -> None:
         self.dim: int | None = None
+        self.sizes: list[int] = []  # every worker's band, in latent rows along ``dim``
 
 
 def exchange_halo(x: torch.Tensor, dim: int, halo: int, group: Group) -> tuple[torch.Tensor, int, int]:
@@ -348,9 +349,9 @@ class _GroupNormHook(ModelHook):
 class _GatheredKVAttention(TorchFunctionMode):
     """``scaled_dot_product_attention`` of the local queries over every band's keys and values."""
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, state: _PatchState) -> None:
         super().__init__()
-        self.group = group
+        self.group, self.state = group, state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -361,8 +362,10 @@ class _GatheredKVAttention(TorchFunctionMode):
         if bound.get("attn_mask") is not None or bound.get("is_causal"):
             raise NotImplementedError("VAE patch parallel attention supports no attention mask or causal attention")
         q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-        local = torch.tensor([k.shape[-2]], dtype=torch.int64, device=k.device)
-        sizes = [int(t.item()) for t in self.group.all_gather(local)]
+        # every band's tokens: its latent rows x the tokens per latent row (the same on all bands)
+        per_row, rest = divmod(k.shape[-2], self.state.sizes[self.group.rank])
+        assert rest == 0, (k.shape, self.state.sizes)
+        sizes = [n * per_row for n in self.state.sizes]
         kv = self.group.all_gather_uneven(torch.stack([k, v]), -2, sizes)
         return func(q, kv[0], kv[1], **bound)
 
@@ -371,7 +374,7 @@ class _AttentionHook(ModelHook):
     def __init__(self, group: Group, state: _PatchState) -> None:
         super().__init__()
         self.state = state
-        self.mode = _GatheredKVAttention(group)
+        self.mode = _GatheredKVAttention(group, state)
 
     def new_forward(self, module, *args, **kwargs):
         if self.state.dim is None:
@@ -397,7 +400,7 @@ class _DecoderBandHook(ModelHook):
             )
         start = sum(sizes[: self.group.rank])
         band = x.narrow(dim, start, sizes[self.group.rank])
-        self.state.dim = dim
+        self.state.dim, self.state.sizes = dim, sizes
         try:
             out = self.fn_ref.original_forward(band, *args, **kwargs)
         finally:
