@@ -50,8 +50,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, parallel=_parallel(args),
-                          **_cache(args))
-    if config.parallel.world_size > 1:
+                          vae=_vae(args), **_cache(args))
+    if config.parallel.world_size > 1 or config.vae.parallel:
         return _generate_local_parallel(args, config)
     try:
         request = GenerationRequest.parse(_request_fields(args))
@@ -83,32 +83,49 @@ def _print_cache(stats: dict | None) -> None:
 
 
 def _generate_local_parallel(args: argparse.Namespace, config) -> int:
-    """``generate`` with parallel degrees: the ranks run as local processes joined by gloo."""
+    """``generate`` with parallel degrees: the ranks run as local processes joined by gloo (DiT
+    ranks, then, with ``--vae-patch-parallel-size``, the VAE workers on the final latents)."""
     from PIL import Image
 
-    from ditserve.deployments import GenerationRequest, RequestError
+    from ditserve.deployments import Engine, GenerationRequest, RequestError
     from ditserve.deployments.schema import validate_request
-    from ditserve.deployments.engine import check_model_parallel, num_transformer_blocks, to_uint8
-    from ditserve.deployments.local import run_local
+    from ditserve.deployments.engine import check_model_parallel, check_model_vae, num_transformer_blocks, to_uint8
+    from ditserve.deployments.local import run_local, run_local_decode
     from ditserve.models import resolve_model, resolve_spec
+    from ditserve.parallel.vae import VaeConfig, size_error
 
     try:
         request = GenerationRequest.parse(_request_fields(args))
         check_model_parallel(config)
+        check_model_vae(config)
         spec = resolve_spec(config.model)
         resolved = validate_request(request, {spec.id: spec}, spec.id, cache_default=config.cache(),
                                     num_blocks=num_transformer_blocks(resolve_model(config.model)))
+        why = size_error(config.vae, resolved.params.width, resolved.params.height, spec.size_multiple // 2)
+        if why is not None:
+            raise RequestError("size", why)
     except RequestError as exc:
         print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2
     # the seed is fixed here so every rank draws the same noise
-    result = run_local(config, [request.model_copy(update={"seed": resolved.seed})])[0][0]
+    request = request.model_copy(update={"seed": resolved.seed})
+    denoise_config = config.model_copy(update={"vae": VaeConfig()})  # the DiT ranks decode alone
+    if config.parallel.world_size > 1:
+        result = run_local(denoise_config, [request])[0][0]
+    else:
+        engine = Engine(denoise_config, ["encode", "denoise"])
+        ready = engine.resolve(request)
+        denoised = engine.run_denoise(ready, engine.run_encode([ready])[0], "generate")
+        result = {"latents": denoised.latents, "timings": denoised.timings}
+    if config.vae.parallel:
+        decoded = run_local_decode(config, [(request, result["latents"])])[0][0]
+        result = {**decoded, "timings": {**result["timings"], **decoded["timings"]}}
     paths = _output_paths(Path(args.output), len(result["images"]))
     for array, path in zip(to_uint8(result["images"]), paths):
         Image.fromarray(array).save(path)
         print(f"wrote {path}")
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in result["timings"].items())
-    print(f"model={args.model} seed={resolved.seed} layout={config.parallel.describe()}")
+    print(f"model={args.model} seed={resolved.seed} layout={config.parallel.describe()}; {config.vae.describe()}")
     print(f"timings (rank 0): {timings}")
     _print_cache(result.get("cache"))
     return 0
@@ -174,7 +191,7 @@ def _app_config(args: argparse.Namespace):
 
     return AppConfig(
         engine={"model": args.model, "device": args.device, "dtype": args.dtype, "parallel": _parallel(args),
-                **_cache(args)},
+                "vae": _vae(args), **_cache(args)},
         accelerator=args.accelerator,
         placement_strategy=args.placement_strategy,
         text_encoder={"num_cpus": 0.2, "max_ongoing_requests": 16, **scaling("encoder")},
@@ -201,6 +218,23 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring-degree", type=int, default=1, help="Ring attention degree")
     p.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2], help="CFG branches on 2 rank sets")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor parallel degree")
+
+
+def _add_vae_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae-patch-parallel-size", type=int, default=1,
+                   help="VAE workers decoding one image together (exact patches; tiles with --vae-use-tiling)")
+    p.add_argument("--vae-use-tiling", action="store_true", help="decode in overlapping blended tiles (approximate)")
+    p.add_argument("--vae-use-slicing", action="store_true", help="decode the images of a batch one at a time")
+    p.add_argument("--vae-tile-size", type=int, help="tile side in pixels with --vae-use-tiling (default: the VAE's)")
+
+
+def _vae(args: argparse.Namespace) -> dict:
+    vae = {
+        "vae_patch_parallel_size": args.vae_patch_parallel_size,
+        "vae_use_tiling": args.vae_use_tiling,
+        "vae_use_slicing": args.vae_use_slicing,
+    }
+    return vae if args.vae_tile_size is None else {**vae, "vae_tile_size": args.vae_tile_size}
 
 
 def _parallel(args: argparse.Namespace) -> dict:
@@ -241,6 +275,7 @@ def _cache(args: argparse.Namespace) -> dict:
 def _add_app_options(p: argparse.ArgumentParser) -> None:
     _add_parallel_options(p)
     _add_cache_options(p)
+    _add_vae_options(p)
     from ditserve.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
@@ -294,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed, as torch.Generator('cpu').manual_seed in diffusers")
     _add_parallel_options(p)
     _add_cache_options(p)
+    _add_vae_options(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")

@@ -12,7 +12,7 @@ from typing import Any
 from ray.serve import Application
 
 from .config import AppConfig
-from .engine import check_model_parallel
+from .engine import check_model_parallel, check_model_vae
 from .router import Router
 from .stages import VAE, DiT, TextEncoder
 
@@ -25,6 +25,7 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
     gpu = cfg.uses_gpu()
     cfg.check_placement(gpu)
     check_model_parallel(cfg.engine)
+    check_model_vae(cfg.engine)
     encoder = TextEncoder.options(**TextEncoder.func_or_class.deployment_options(cfg, gpu)).bind(cfg)
     dit = DiT.options(**DiT.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
     vae = VAE.options(**VAE.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)

@@ -82,7 +82,6 @@ class AppConfig(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="Placement strategy of each DiT/VAE replica's bundles."
     )
-    vae_workers: int = Field(1, ge=1, description="VAE workers per replica.")
     distributed_timeout_s: float = Field(
         120.0, gt=0, description="Timeout of rendezvous and collectives (a dead rank fails requests after this)."
     )
@@ -122,6 +121,11 @@ class AppConfig(BaseModel):
     def dit_world_size(self) -> int:
         """DiT ranks per replica: the product of the parallel degrees (``engine.parallel``)."""
         return self.engine.parallel.world_size
+
+    @property
+    def vae_world_size(self) -> int:
+        """VAE workers per replica: ``engine.vae.vae_patch_parallel_size``."""
+        return self.engine.vae.vae_patch_parallel_size
 
     def check_placement(self, gpu: bool) -> None:
         """Refuse, before deploying, a DiT replica that no node of the running cluster can hold

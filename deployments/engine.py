@@ -45,8 +45,10 @@ from ditserve.features.cache import (
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel, transformer_loader
+from ditserve.parallel.groups import Group
+from ditserve.parallel.vae import VaeConfig, VaeParallel, check_vae_config, size_error
 
-from .schema import GenerationRequest, ResolvedRequest, validate_request
+from .schema import GenerationRequest, RequestError, ResolvedRequest, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class EngineConfig(BaseModel):
         if self.cache_backend is None:
             return None
         return CacheSettings(backend=self.cache_backend, config=self.cache_config)
+    vae: VaeConfig = Field(default_factory=VaeConfig, description="VAE patch parallelism, tiling and slicing.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -205,6 +208,15 @@ def num_transformer_blocks(resolved: ResolvedModel) -> int | None:
     info = read_checkpoint(resolved.path)
     ref = info.components.get("transformer")
     return num_blocks(ref.class_name, info.config("transformer")) if ref else None
+def check_model_vae(config: EngineConfig) -> None:
+    """Refuse VAE options the model's VAE cannot run (start-up error naming the option)."""
+    if config.vae == VaeConfig():
+        return
+    resolved = resolve_model(config.model)
+    spec = resolved.spec
+    scale = adapter_class(spec.family).vae_scale_from_config(read_checkpoint(resolved.path))
+    check_vae_config(config.vae, spec.components.vae or "?", model=spec.id,
+                     default_size=(spec.default_width, spec.default_height), vae_scale=scale)
 
 
 class Engine:
@@ -216,7 +228,8 @@ class Engine:
     """
 
     def __init__(
-        self, config: EngineConfig, stages: Sequence[str] = STAGES, groups: ParallelGroups | None = None
+        self, config: EngineConfig, stages: Sequence[str] = STAGES, groups: ParallelGroups | None = None,
+        vae_group: Group | None = None,
     ) -> None:
         self.config = config
         self.resolved = resolve_model(config.model)
@@ -245,6 +258,12 @@ class Engine:
             self._attach_cache()
         if "denoise" in stages and config.parallel.world_size > 1:
             apply_parallel(self.adapter, groups)
+        self.vae_parallel: VaeParallel | None = None
+        if "decode" in stages:
+            vae = self.adapter.components["vae"]
+            check_vae_config(config.vae, type(vae), model=self.spec.id, vae_scale=self.adapter.vae_scale_factor,
+                             default_size=(self.spec.default_width, self.spec.default_height))
+            self.vae_parallel = VaeParallel(vae, config.vae, vae_group, self.adapter.vae_scale_factor)
         logger.info(
             "engine ready: model=%s family=%s path=%s stages=%s device=%s dtype=%s",
             self.spec.id, self.spec.family, self.resolved.path, list(stages), self.device, self.dtype,
@@ -273,8 +292,12 @@ class Engine:
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
-        return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                num_blocks=num_transformer_blocks(self.resolved))
+        resolved = validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
+                                    num_blocks=num_transformer_blocks(self.resolved))
+        why = size_error(self.config.vae, resolved.params.width, resolved.params.height, self.adapter.vae_scale_factor)
+        if why is not None:
+            raise RequestError("size", why)
+        return resolved
 
     # ---- the stages ---------------------------------------------------------------------------
 
@@ -332,8 +355,10 @@ class Engine:
         return latents
 
     def decode(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.device)
         with torch.inference_mode():
-            return self.adapter.decode(latents.to(self.device), req.params.height, req.params.width)
+            # patch parallel / tiled over the VAE workers when configured (parallel/vae.py)
+            return self.vae_parallel.decode(lambda: self.adapter.decode(latents, req.params.height, req.params.width))
 
     def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
         return self.adapter.postprocess(images, output_type=output_type)

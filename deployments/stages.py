@@ -137,16 +137,18 @@ class DiT(_GroupCoordinator):
 
 @serve.deployment(name="VAE")
 class VAE(_GroupCoordinator):
-    """Coordinator of the VAE worker(s): latents -> uint8 images (patch-parallel later)."""
+    """Coordinator of the VAE workers (``vae_patch_parallel_size``, one torch.distributed group):
+    latents -> uint8 images; every worker gets the full latents, decodes its patch (or tiles) and
+    ends with the merged image; rank 0's is returned."""
 
     stage, method = "decode", "run_decode"
 
     @staticmethod
     def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
-        return _worker_group_options(cfg.vae, cfg.vae_workers, gpu, cfg.placement_strategy)
+        return _worker_group_options(cfg.vae, cfg.vae_world_size, gpu, cfg.placement_strategy)
 
     def __init__(self, cfg: AppConfig, gpu: bool) -> None:
-        super().__init__(cfg, gpu, cfg.vae_workers, cfg.vae)
+        super().__init__(cfg, gpu, cfg.vae_world_size, cfg.vae)
 
     async def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         return await self._call(req, denoised, return_latents=return_latents)

@@ -22,6 +22,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ditserve.parallel import build_groups
+from ditserve.parallel.vae import build_vae_group
 
 from .engine import Engine, EngineConfig
 
@@ -69,9 +70,10 @@ class StageWorker:
         return backend
 
     def load(self, config: EngineConfig, stages: Sequence[str]) -> dict[str, Any]:
-        # The DiT ranks form the parallel layout's world; other stages' workers stand alone.
+        # The DiT ranks form the parallel layout's world; the VAE workers form the VAE group.
         groups = build_groups(config.parallel) if "denoise" in stages else None
-        self.engine = Engine(config, stages, groups)
+        vae_group = build_vae_group(config.vae) if "decode" in stages and "denoise" not in stages else None
+        self.engine = Engine(config, stages, groups, vae_group=vae_group)
         return {"model": self.engine.spec.id, "device": str(self.engine.device), "dtype": str(self.engine.dtype)}
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

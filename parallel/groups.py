@@ -137,6 +137,18 @@ class Group:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
 
+    def exchange(self, send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor]) -> None:
+        """Point-to-point with chosen members (by index in the group), no wrap-around: send
+        ``send[j]`` to member j and fill ``recv[j]`` from member j, all in one batch (a halo
+        exchange between neighbours)."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.ranks[j], self.pg) for j, t in send.items()]
+        ops += [dist.P2POp(dist.irecv, t, self.ranks[j], self.pg) for j, t in recv.items()]
+        if not ops:
+            return
+        self.sent += sum(t.numel() * t.element_size() for t in send.values())
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
 
 @dataclasses.dataclass
 class ParallelGroups:

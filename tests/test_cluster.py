@@ -110,7 +110,8 @@ def test_worker_group_errors_name_the_rank(ray_cluster, tiny_qwen):
     from ditserve.deployments import EngineConfig
     from ditserve.deployments.worker_group import WorkerError, WorkerGroup
 
-    group = WorkerGroup(2, EngineConfig(model=str(tiny_qwen), device="cpu"), ["decode"], num_cpus=0.1, num_gpus=0,
+    config = EngineConfig(model=str(tiny_qwen), device="cpu", vae={"vae_patch_parallel_size": 2})
+    group = WorkerGroup(2, config, ["decode"], num_cpus=0.1, num_gpus=0,
                         resources={}, placement_group=None, timeout_s=60)
     try:
         assert group.info["backend"] == "gloo"

@@ -1,0 +1,210 @@
+"""VAE patch parallelism: M VAE workers (gloo, local processes) decode what one worker decodes
+(exact mode, both families, M = 2 and 4, rows and columns, uneven bands, batches, video frames);
+tiling spread over M workers equals one worker's tiling; bad options fail at start-up naming the
+option, too-small sizes fail per request naming ``size``; the served graph with 2 VAE workers
+gives the reference runner's image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
+from ditserve.deployments.local import run_processes
+from ditserve.parallel.groups import Group
+from ditserve.parallel.vae import VaeConfig, VaeParallel, band_sizes, check_vae_config
+
+pytestmark = pytest.mark.timeout(300)
+
+FAMILIES = ("qwen-image", "flux")
+# 80x48: a wide image, split by columns (10 latent columns: bands 3,3,2,2 for 4 workers);
+# 48x96: a tall one, split by rows; n=2: a batch (sliced for M=4).
+ITEMS = [dict(size="80x48", n=1, seed=1), dict(size="48x96", n=2, seed=2)]
+TILED = dict(vae_use_tiling=True, vae_tile_size=32)
+VIDEO_FRAMES = 3
+
+
+def _packed_latents(engine: Engine, size: str, n: int, seed: int) -> torch.Tensor:
+    """Random final latents in the family's packed layout (what the DiT hands the VAE)."""
+    width, height = (int(v) for v in size.split("x"))
+    vae = engine.adapter.components["vae"]
+    channels = getattr(vae.config, "latent_channels", None) or vae.config.z_dim
+    scale = engine.adapter.vae_scale_factor
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, channels, height // scale, width // scale, generator=g)
+    return engine.adapter.pipe._pack_latents(latents, n, channels, height // scale, width // scale)
+
+
+def _request(item: dict) -> GenerationRequest:
+    return GenerationRequest(prompt="x", size=item["size"], n=item["n"], seed=item["seed"])
+
+
+def _video_latent(z_dim: int) -> torch.Tensor:
+    return torch.randn(1, z_dim, VIDEO_FRAMES, 6, 5, generator=torch.Generator().manual_seed(9))
+
+
+def _decode_all(engine: Engine) -> list[np.ndarray]:
+    out = []
+    for item in ITEMS:
+        req = engine.resolve(_request(item))
+        out.append(engine.postprocess(engine.decode(req, _packed_latents(engine, **item)), output_type="np"))
+    return out
+
+
+def _worker(paths: dict[str, str]) -> dict:
+    """One of 4 local workers: for M = 2 (groups {0,1} and {2,3}) and M = 4, decode every item in
+    exact mode (sliced at M = 4) and tiled, and a 3-frame latent with the Qwen VAE."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # collective: every rank makes both
+    groups = {2: Group((0, 1) if rank < 2 else (2, 3), rank % 2, pairs[rank // 2]),
+              4: Group((0, 1, 2, 3), rank, dist.group.WORLD)}
+    out: dict = {}
+    for family, path in paths.items():
+        for m, group in groups.items():
+            exact = EngineConfig(model=path, device="cpu", vae={"vae_patch_parallel_size": m,
+                                                                "vae_use_slicing": m == 4})
+            engine = Engine(exact, ["decode"], vae_group=group)
+            sent = group.sent
+            out[(family, m, "exact")] = _decode_all(engine)
+            out[(family, m, "bytes")] = group.sent - sent
+            tiled = EngineConfig(model=path, device="cpu", vae={"vae_patch_parallel_size": m, **TILED})
+            out[(family, m, "tiled")] = _decode_all(Engine(tiled, ["decode"], vae_group=group))
+            if family == "qwen-image":
+                vae = engine.adapter.components["vae"]
+                with torch.inference_mode():
+                    out[(family, m, "video")] = vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoints):
+    """One worker's decodes: exact, tiled, and the video latent."""
+    out = {}
+    for family in FAMILIES:
+        path = str(tiny_checkpoints[family])
+        engine = Engine(EngineConfig(model=path, device="cpu"), ["decode"])
+        out[(family, "exact")] = _decode_all(engine)
+        out[(family, "tiled")] = _decode_all(Engine(EngineConfig(model=path, device="cpu", vae=TILED), ["decode"]))
+        if family == "qwen-image":
+            vae = engine.adapter.components["vae"]
+            with torch.inference_mode():
+                out[(family, "video")] = vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_checkpoints):
+    return run_processes(4, _worker, {f: str(tiny_checkpoints[f]) for f in FAMILIES}, timeout_s=280)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_parallel_decode_matches_single_worker(workers, single, family, m):
+    ranks = range(m) if m == 4 else (0, 1, 2, 3)  # two groups of 2 for M = 2
+    for rank in ranks:
+        for ref, got in zip(single[(family, "exact")], workers[rank][(family, m, "exact")]):
+            assert got.shape == ref.shape
+            assert float(np.abs(got - ref).max()) <= 1e-4, (family, m, rank)
+        assert workers[rank][(family, m, "bytes")] > 0  # the workers did talk (halos, norms, K/V, bands)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_every_video_frame_decodes_with_the_same_split(workers, single, m):
+    ref = single[("qwen-image", "video")]
+    assert ref.shape[2] == 1 + 4 * (VIDEO_FRAMES - 1)  # the causal VAE upsamples time too
+    for rank in range(4):
+        assert float(np.abs(workers[rank][("qwen-image", m, "video")] - ref).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiles_over_workers_equal_one_worker_tiling_within_stated_psnr(workers, single, family, m):
+    for i, (ref_tiled, ref_exact) in enumerate(zip(single[(family, "tiled")], single[(family, "exact")])):
+        for rank in range(4):
+            assert float(np.abs(workers[rank][(family, m, "tiled")][i] - ref_tiled).max()) <= 1e-5
+        # Tiling is approximate: 32-pixel tiles on a random-weight VAE are its worst case (no
+        # smoothness for the blend to hide); README reports the PSNR. It must still be an image
+        # of the full decode, far from noise (~8 dB).
+        assert _psnr(ref_tiled, ref_exact) >= 14.0, (family, i, _psnr(ref_tiled, ref_exact))
+        assert not np.array_equal(ref_tiled, ref_exact)  # tiling was really on
+
+
+def test_band_sizes_are_balanced_and_contiguous():
+    assert band_sizes(10, 4) == [3, 3, 2, 2]
+    assert band_sizes(8, 4) == [2, 2, 2, 2]
+    assert sum(band_sizes(127, 4)) == 127 and max(band_sizes(127, 4)) - min(band_sizes(127, 4)) <= 1
+
+
+@pytest.mark.parametrize(
+    ("vae", "message"),
+    [
+        ({"vae_patch_parallel_size": 32}, r"vae_patch_parallel_size=32: the default size of model .* cannot be split: "
+                                          r"128x128 has 16 latent rows .* \(at most 16 workers"),
+        ({"vae_use_tiling": True, "vae_tile_size": 40}, r"vae_tile_size=40 must be a multiple of 32"),
+        ({"vae_tile_size": 64}, r"vae_tile_size=64 is set but vae_use_tiling is off"),
+    ],
+)
+def test_bad_vae_options_fail_at_start_up_naming_them(tiny_qwen, vae, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(EngineConfig(model=str(tiny_qwen), device="cpu", vae=vae), ["decode"])
+
+
+def test_vae_without_a_plan_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"vae_patch_parallel_size=2: model m's VAE class AutoencoderOobleck has no "
+                                         r"patch-parallel/tiling plan \(classes with one: AutoencoderKL, "
+                                         r"AutoencoderKLQwenImage\)"):
+        check_vae_config(VaeConfig(vae_patch_parallel_size=2), "AutoencoderOobleck", model="m",
+                         default_size=(1024, 1024), vae_scale=8)
+
+
+def test_patch_parallel_engine_needs_a_vae_group(tiny_flux):
+    with pytest.raises(ValueError, match="vae_patch_parallel_size=2 needs a group of that many VAE workers"):
+        Engine(EngineConfig(model=str(tiny_flux), device="cpu", vae={"vae_patch_parallel_size": 2}), ["decode"])
+
+
+def test_too_small_size_is_refused_per_request_naming_size(tiny_flux):
+    config = EngineConfig(model=str(tiny_flux), device="cpu", vae={"vae_patch_parallel_size": 4})
+    engine = Engine(config, ["encode"])  # no VAE loaded: the check is the request's
+    with pytest.raises(RequestError, match=r"size: 16x16 has 2 latent rows .* fewer than the vae_patch_parallel_size=4"):
+        engine.resolve(GenerationRequest(prompt="x", size="16x16"))
+    assert engine.resolve(GenerationRequest(prompt="x", size="32x16")).params.width == 32  # one row per worker
+
+
+def test_tiling_alone_is_diffusers_tiled_decode(tiny_flux):
+    engine = Engine(EngineConfig(model=str(tiny_flux), device="cpu", vae=TILED), ["decode"])
+    vae = engine.adapter.components["vae"]
+    assert vae.use_tiling and vae.tile_sample_min_size == 32 and vae.tile_latent_min_size == 4
+    assert isinstance(engine.vae_parallel, VaeParallel) and engine.vae_parallel.tiles is None
+
+
+def test_served_graph_with_two_vae_workers_matches_reference(ray_cluster, tiny_qwen):
+    from ray import serve
+
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "device": "cpu", "vae": {"vae_patch_parallel_size": 2}},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 60,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+    })
+    request = GenerationRequest(prompt="a red circle", size="64x48", num_inference_steps=2, seed=4)
+    ref = Engine(EngineConfig(model=str(tiny_qwen), device="cpu")).generate(request, output_type="np")
+    handle = serve.run(build_app(cfg), name="vae-parallel-test", route_prefix=None)
+    try:
+        info = serve.get_deployment_handle("VAE", "vae-parallel-test").info.remote().result()
+        assert len(info["worker_pids"]) == 2 and len(set(info["worker_node_ids"])) == 1
+        got = handle.generate.remote(request, "np", True).result()
+        assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+        # same decode up to float rounding: at most one uint8 level on a few pixels
+        diff = np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    finally:
+        serve.delete("vae-parallel-test")
