@@ -128,24 +128,29 @@ class AppConfig(BaseModel):
         return self.engine.vae.vae_patch_parallel_size
 
     def check_placement(self, gpu: bool) -> None:
-        """Refuse, before deploying, a DiT replica that no node of the running cluster can hold
-        (its bundles are STRICT_PACKed onto one node)."""
+        """Refuse, before deploying, a DiT or VAE replica that no node of the running cluster can
+        hold (its bundles are STRICT_PACKed onto one node)."""
         import ray
 
         if not ray.is_initialized() or self.placement_strategy != "STRICT_PACK":
             return
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        world = self.dit_world_size
-        need_gpu = world * self.dit.num_gpus if gpu else 0.0
-        need_cpu = self.dit.num_cpus + world * self.dit.worker_cpus
-        if not any(r.get("GPU", 0) >= need_gpu and r.get("CPU", 0) >= need_cpu for r in nodes):
-            most_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
-            most_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
-            raise ValueError(
-                f"the DiT world of {world} ranks ({self.engine.parallel.describe()}) needs {need_gpu:g} GPUs and "
-                f"{need_cpu:g} CPUs on one node (placement_strategy=STRICT_PACK); the largest node has "
-                f"{most_gpu:g} GPUs and {most_cpu:g} CPUs: lower the degrees or use placement_strategy=PACK"
-            )
+        groups = (
+            ("DiT world", self.dit_world_size, self.dit, self.engine.parallel.describe(), "lower the degrees"),
+            ("VAE group", self.vae_world_size, self.vae, f"vae_patch_parallel_size {self.vae_world_size}",
+             "lower vae_patch_parallel_size"),
+        )
+        for name, world, opts, layout, fix in groups:
+            need_gpu = world * opts.num_gpus if gpu else 0.0
+            need_cpu = opts.num_cpus + world * opts.worker_cpus
+            if not any(r.get("GPU", 0) >= need_gpu and r.get("CPU", 0) >= need_cpu for r in nodes):
+                most_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+                most_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+                raise ValueError(
+                    f"the {name} of {world} ranks ({layout}) needs {need_gpu:g} GPUs and {need_cpu:g} CPUs on one "
+                    f"node (placement_strategy=STRICT_PACK); the largest node has {most_gpu:g} GPUs and "
+                    f"{most_cpu:g} CPUs: {fix} or use placement_strategy=PACK"
+                )
 
     def uses_gpu(self) -> bool:
         if self.accelerator != "auto":

@@ -129,9 +129,10 @@ MODELS: list[ModelSpec] = [
         guidance_scale=3.5,
         **_image_sizes(16),
         # Seed row: "❌ ✅ ❌ ❌ ✅ ❌ ✅ ❌ ❌". Added, verified by our equivalence tests (Ulysses, Ring,
-        # USP and CFG-parallel equal the single-rank reference): sequence and CFG parallelism; and
-        # TeaCache (tests/test_cache.py: exact at threshold 0, skips as configured, SP-consistent).
-        features=_row("✅ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
+        # USP and CFG-parallel equal the single-rank reference): sequence and CFG parallelism;
+        # TeaCache (tests/test_cache.py: exact at threshold 0, skips as configured, SP-consistent);
+        # VAE patch parallelism (tests/test_vae_parallel.py: exact for AutoencoderKL).
+        features=_row("✅ ✅ ✅ ✅ ✅ ❌ ✅ ✅ ❌"),
         notes="Guidance-distilled: guidance_scale enters the transformer as an embedding (one call per step).",
     ),
     ModelSpec(
@@ -238,7 +239,9 @@ MODELS: list[ModelSpec] = [
         components=_QWEN_IMAGE,
         **_QWEN_DEFAULTS,
         **_image_sizes(16),
-        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅"),
+        # Seed row: "✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅". Added, verified by tests/test_vae_parallel.py (exact patch
+        # parallel decode equals one worker for AutoencoderKLQwenImage): VAE patch parallelism.
+        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅"),
     ),
     ModelSpec(
         id="Qwen/Qwen-Image-2512",
@@ -248,7 +251,9 @@ MODELS: list[ModelSpec] = [
         components=_QWEN_IMAGE,
         **_QWEN_DEFAULTS,
         **_image_sizes(16),
-        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅"),
+        # Seed row: "✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅". Added, verified by tests/test_vae_parallel.py (exact patch
+        # parallel decode equals one worker for AutoencoderKLQwenImage): VAE patch parallelism.
+        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅"),
     ),
     ModelSpec(
         id="Qwen/Qwen-Image-Edit",

@@ -144,6 +144,11 @@ def test_world_larger_than_any_node_is_refused_before_deploying(ray_cluster, tin
     })
     with pytest.raises(ValueError, match=r"DiT world of 8 ranks \(ulysses 4 × cfg 2\) needs 8 GPUs .* largest node has 4 GPUs"):
         build_app(cfg)
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "vae": {"vae_patch_parallel_size": 8}}, "accelerator": "gpu",
+    })
+    with pytest.raises(ValueError, match=r"VAE group of 8 ranks .* needs 8 GPUs .* lower vae_patch_parallel_size"):
+        build_app(cfg)
 
 
 @pytest.mark.parametrize("family", ["qwen-image", "flux"])

@@ -32,9 +32,12 @@ SEED_IDS = [
 ]
 SEED_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusion-features.md"
 # Features we support beyond the seed table, each verified by a test of ours (tests/test_parallel.py,
-# tests/test_cache.py).
+# tests/test_cache.py, tests/test_vae_parallel.py).
 VERIFIED_ADDITIONS = {
-    "black-forest-labs/FLUX.1-dev": {Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TEA_CACHE},
+    "black-forest-labs/FLUX.1-dev": {Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TEA_CACHE,
+                                     Feature.VAE_PATCH_PARALLEL},
+    "Qwen/Qwen-Image": {Feature.VAE_PATCH_PARALLEL},
+    "Qwen/Qwen-Image-2512": {Feature.VAE_PATCH_PARALLEL},
 }
 COLUMNS = {
     "TeaCache": Feature.TEA_CACHE,
