@@ -274,8 +274,8 @@ def test_concurrent_requests_get_their_own_cache(engines):
 
 # ---- parallel: every rank decides alike ------------------------------------------------------------
 
-@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ulysses_degree": 2, "cfg_parallel_size": 2}],
-                         ids=["ulysses2", "ulysses2_cfg2"])
+@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ulysses_degree": 2, "cfg_parallel_size": 2},
+                                     {"tensor_parallel_size": 2}], ids=["ulysses2", "ulysses2_cfg2", "tp2"])
 def test_parallel_ranks_take_the_single_rank_decisions(tiny_qwen, engines, degrees):
     requests = [GenerationRequest(**BASE, **CFG, cache=DB_MIXED), GenerationRequest(**BASE, cache=TEA_MIXED)]
     references = [engines["qwen-image"].generate(r, output_type="np") for r in requests]
