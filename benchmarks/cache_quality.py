@@ -167,10 +167,16 @@ def _pipeline(model: str):
     return pipe
 
 
-def _pipe_generate(pipe, steps: int):
+def _pipe_generate(pipe, steps: int, spec):
+    # the request our engine resolves by default: the model's size, its default negative prompt and
+    # true_cfg_scale (the demo model runs true CFG by default), so all three systems do the same work
+    cfg = {}
+    if spec.default_negative_prompt is not None:
+        cfg = {"negative_prompt": spec.default_negative_prompt, "true_cfg_scale": spec.true_cfg_scale}
+
     def generate(prompt: str, i: int) -> np.ndarray:
         out = pipe(prompt=prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(1000 + i),
-                   output_type="np", height=128, width=128)
+                   output_type="np", height=spec.default_height, width=spec.default_width, **cfg)
         return (out.images[0] * 255).round().astype(np.uint8)
     return generate
 
@@ -180,7 +186,7 @@ def diffusers_hooks(model: str, prompts: list[str], steps: int) -> list[dict]:
 
     pipe = _pipeline(model)
     probe = Probe(pipe.transformer)
-    generate = _pipe_generate(pipe, steps)
+    generate = _pipe_generate(pipe, steps, resolve_model(model).spec)
     base = baseline(generate, prompts, probe)
     rows = []
     configs = [
@@ -211,7 +217,7 @@ def cache_dit_lib(model: str, prompts: list[str], steps: int) -> list[dict]:
         return [{"system": "cache-dit", "skipped": "not installed (pip install -e .[bench])"}]
     pipe = _pipeline(model)
     probe = Probe(pipe.transformer)
-    generate = _pipe_generate(pipe, steps)
+    generate = _pipe_generate(pipe, steps, resolve_model(model).spec)
     base = baseline(generate, prompts, probe)
     rows = []
     for setting in CACHE_DIT:
@@ -221,10 +227,10 @@ def cache_dit_lib(model: str, prompts: list[str], steps: int) -> list[dict]:
             kwargs = {"steps_computation_mask": cache_dit.steps_mask(mask_policy=ours_cfg.scm_steps_mask_policy,
                                                                      total_steps=steps),
                       "steps_computation_policy": ours_cfg.scm_steps_policy}
-        # one transformer call per step here (no negative prompt): tell cache-dit, or it counts the
-        # calls as alternating CFG branches and its step counters run at half speed
+        # tell cache-dit whether the pipeline calls the transformer once per branch (true CFG), or its
+        # step counters run at the wrong speed
         config = cache_dit.DBCacheConfig(
-            num_inference_steps=steps, enable_separate_cfg=False, Fn_compute_blocks=ours_cfg.Fn_compute_blocks,
+            num_inference_steps=steps, enable_separate_cfg=resolve_model(model).spec.default_negative_prompt is not None, Fn_compute_blocks=ours_cfg.Fn_compute_blocks,
             Bn_compute_blocks=ours_cfg.Bn_compute_blocks, residual_diff_threshold=ours_cfg.residual_diff_threshold,
             max_warmup_steps=ours_cfg.max_warmup_steps, max_cached_steps=ours_cfg.max_cached_steps,
             max_continuous_cached_steps=ours_cfg.max_continuous_cached_steps, **kwargs,

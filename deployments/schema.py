@@ -149,6 +149,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
         true_cfg_scale = 1.0 if true_cfg_scale is None else true_cfg_scale
 
     negative = req.negative_prompt
+    if negative is None and spec.default_negative_prompt is not None and (true_cfg_scale or 0.0) > 1.0:
+        negative = spec.default_negative_prompt  # the model's default: true CFG unless asked otherwise
     if negative is not None and (true_cfg_scale or 0.0) <= 1.0:
         raise RequestError(
             "negative_prompt", f"has no effect unless true_cfg_scale > 1 (it is {true_cfg_scale}) for model {spec.id}"

@@ -114,8 +114,11 @@ def resolve_spec(model: str | os.PathLike) -> ModelSpec:
         return resolve_model(path).spec
     spec = get_spec(str(model))
     if spec.builtin:
+        from .builtin import SHIPPED
+
         adapter_class(spec.family)
-        return spec
+        # a shipped checkpoint's folder is at hand (its ditserve.json counts); tiny ones are built on use
+        return resolve_model(spec.id).spec if spec.id in SHIPPED else spec
     return resolve_model(spec.id).spec
 
 
@@ -135,7 +138,8 @@ def resolve_model(model: str | os.PathLike) -> ResolvedModel:
     spec = get_spec(str(model))
     adapter_class(spec.family)  # fail early and clearly for unimplemented families
     if spec.builtin:
-        return ResolvedModel(spec, _builtin_path(spec))
+        path = _builtin_path(spec)
+        return ResolvedModel(_apply_overrides(spec, path, spec.id), path)
     local = _local_copy(spec.id)
     if local is None:
         raise ModelNotFoundError(

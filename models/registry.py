@@ -84,6 +84,10 @@ class ModelSpec(BaseModel):
     features: frozenset[Feature] = Field(frozenset(), description="Features the model supports.")
     builtin: bool = Field(False, description="Built by the project itself (no download needed).")
     notes: str = Field("", description="Anything a user should know (e.g. not in diffusers 0.42).")
+    default_negative_prompt: str | None = Field(
+        None, description="Negative prompt of requests that give none, so true CFG runs at the default "
+        "true_cfg_scale (Qwen-Image's own examples use ' '); a request with true_cfg_scale <= 1 runs without it.",
+    )
     tea_cache_coefficients: tuple[float, float, float, float, float] | None = Field(
         None, description="TeaCache polynomial fitted for this checkpoint (features/cache/fit_tea_cache.py); "
         "default: the family's.",

@@ -3,7 +3,8 @@
 TeaCache skips a step when the *output* of the transformer would barely change; it cannot see the
 output before computing it, so it estimates the output's relative L1 change from the input's (the
 first block's timestep-modulated input) with a degree-4 polynomial fitted per model. This script
-runs uncached generations over a prompt set, records both changes at every step, fits the
+runs uncached generations over a prompt set (with the model's default CFG), records both changes at
+every step of every CFG branch, fits the
 polynomial with least squares, and prints it as JSON; ``--write`` stores it in the checkpoint's
 ``ditserve.json`` (``tea_cache_coefficients``), where ``Engine`` picks it up.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditserve.models.context import current_step
 from ditserve.models.families import SPEC_OVERRIDES_FILE
 
 from .models import cache_info, transformer_blocks
@@ -45,14 +47,15 @@ def collect(model: str, prompts: list[str], steps: int | None = None, seed: int 
     transformer = engine.adapter.transformer
     info = cache_info(transformer)
     first = transformer_blocks(transformer)[0]
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
+    # per CFG branch: consecutive calls of one branch are consecutive steps
+    inputs: dict[str, list[torch.Tensor]] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
 
     def on_first(module, args, kwargs):
-        inputs.append(info.modulated_input(module, kwargs).detach())
+        inputs.setdefault(current_step().branch, []).append(info.modulated_input(module, kwargs).detach())
 
     def on_output(module, args, kwargs, output):
-        outputs.append(output[0].detach())
+        outputs.setdefault(current_step().branch, []).append(output[0].detach())
 
     xs, ys = [], []
     handles = [first.register_forward_pre_hook(on_first, with_kwargs=True),
@@ -62,9 +65,10 @@ def collect(model: str, prompts: list[str], steps: int | None = None, seed: int 
             inputs.clear()
             outputs.clear()
             engine.generate(GenerationRequest(prompt=prompt, seed=seed + i, num_inference_steps=steps), output_type="pt")
-            for t in range(1, len(inputs)):
-                xs.append(_rel_l1(inputs[t], inputs[t - 1]))
-                ys.append(_rel_l1(outputs[t], outputs[t - 1]))
+            for branch, branch_inputs in inputs.items():
+                for t in range(1, len(branch_inputs)):
+                    xs.append(_rel_l1(branch_inputs[t], branch_inputs[t - 1]))
+                    ys.append(_rel_l1(outputs[branch][t], outputs[branch][t - 1]))
     finally:
         for h in handles:
             h.remove()

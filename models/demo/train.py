@@ -32,7 +32,10 @@ from .data import dataset
 logger = logging.getLogger("ditserve.demo.train")
 
 Z_DIM = 4
-SPEC = {"num_inference_steps": 20, "default_width": 128, "default_height": 128, "min_size": 64, "max_size": 256}
+# the registry defaults the checkpoint ships (ditserve.json); the default negative prompt turns true CFG
+# on by default (the DiT was trained with 10% empty captions for it): shape accuracy 55% -> 77.5%
+SPEC = {"num_inference_steps": 20, "default_width": 128, "default_height": 128, "min_size": 64, "max_size": 256,
+        "default_negative_prompt": " "}
 
 
 def build_components(seed: int = 0) -> dict:
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where the diffusers checkpoint is written")
     parser.add_argument("--images", type=int, default=12000)
     parser.add_argument("--vae-steps", type=int, default=2700)
-    parser.add_argument("--dit-steps", type=int, default=5000)
+    parser.add_argument("--dit-steps", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
