@@ -110,3 +110,14 @@ def test_defaults_come_from_the_model():
     flux = resolve_request(GenerationRequest(prompt="a cat", size="512x768"), FLUX)
     assert (flux.params.width, flux.params.height) == (512, 768) and flux.params.guidance_scale == 3.5
     assert 0 <= flux.seed < 2**31  # drawn when absent, and reported back
+
+
+def test_default_negative_prompt_turns_true_cfg_on_unless_asked_off():
+    spec = QWEN.model_copy(update={"default_negative_prompt": " "})
+    plain = resolve_request(GenerationRequest(prompt="a cat"), spec)
+    assert plain.negative_prompt == " " and plain.params.true_cfg_scale == QWEN.true_cfg_scale
+    off = resolve_request(GenerationRequest(prompt="a cat", true_cfg_scale=1.0), spec)
+    assert off.negative_prompt is None
+    own = resolve_request(GenerationRequest(prompt="a cat", negative_prompt="blurry"), spec)
+    assert own.negative_prompt == "blurry"
+    assert resolve_request(GenerationRequest(prompt="a cat"), QWEN).negative_prompt is None
