@@ -15,9 +15,11 @@ dilute the ratio). Prints one JSON object. cache-dit is a benchmark-only extra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -209,8 +211,26 @@ def diffusers_hooks(model: str, prompts: list[str], steps: int) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """cache-dit logs to stdout, where our JSON goes: point file descriptor 1 at stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cache_dit_lib(model: str, prompts: list[str], steps: int) -> list[dict]:
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # it logs to stdout, where our JSON goes
+    with _stdout_to_stderr():
+        return _cache_dit_rows(model, prompts, steps)
+
+
+def _cache_dit_rows(model: str, prompts: list[str], steps: int) -> list[dict]:
     try:
         import cache_dit
     except ImportError:

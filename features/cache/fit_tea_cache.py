@@ -1,8 +1,9 @@
 """Fit TeaCache's rescaling polynomial for a checkpoint.
 
-TeaCache skips a step when the *output* of the transformer would barely change; it cannot see the
-output before computing it, so it estimates the output's relative L1 change from the input's (the
-first block's timestep-modulated input) with a degree-4 polynomial fitted per model. This script
+TeaCache skips a step when the *output* would barely change; it cannot see the output before
+computing it, so it estimates the output's relative L1 change from the input's (the first block's
+timestep-modulated input) with a degree-4 polynomial fitted per model. The output here is the
+prediction the sampler consumes: with true CFG, the guided combination of the branches. This script
 runs uncached generations over a prompt set (with the model's default CFG), records both changes at
 every step of every CFG branch, fits the
 polynomial with least squares, and prints it as JSON; ``--write`` stores it in the checkpoint's
@@ -47,31 +48,37 @@ def collect(model: str, prompts: list[str], steps: int | None = None, seed: int 
     transformer = engine.adapter.transformer
     info = cache_info(transformer)
     first = transformer_blocks(transformer)[0]
-    # per CFG branch: consecutive calls of one branch are consecutive steps
+    # x: the change of each CFG branch's modulated input; y: the change of the prediction the sampler
+    # consumes (with true CFG, the guided combination of both branches: an error in one branch reaches
+    # the sample amplified by the guidance scale, so that is the output change the threshold bounds)
     inputs: dict[str, list[torch.Tensor]] = {}
-    outputs: dict[str, list[torch.Tensor]] = {}
+    predictions: list[torch.Tensor] = []
 
     def on_first(module, args, kwargs):
         inputs.setdefault(current_step().branch, []).append(info.modulated_input(module, kwargs).detach())
 
-    def on_output(module, args, kwargs, output):
-        outputs.setdefault(current_step().branch, []).append(output[0].detach())
+    adapter = engine.adapter
+    scheduler_step = adapter.scheduler_step
+
+    def recording_step(state, noise_pred, t):
+        predictions.append(noise_pred.detach().clone())
+        return scheduler_step(state, noise_pred, t)
 
     xs, ys = [], []
-    handles = [first.register_forward_pre_hook(on_first, with_kwargs=True),
-               transformer.register_forward_hook(on_output, with_kwargs=True)]
+    handle = first.register_forward_pre_hook(on_first, with_kwargs=True)
+    adapter.scheduler_step = recording_step
     try:
         for i, prompt in enumerate(prompts):
             inputs.clear()
-            outputs.clear()
+            predictions.clear()
             engine.generate(GenerationRequest(prompt=prompt, seed=seed + i, num_inference_steps=steps), output_type="pt")
-            for branch, branch_inputs in inputs.items():
+            for branch_inputs in inputs.values():
                 for t in range(1, len(branch_inputs)):
                     xs.append(_rel_l1(branch_inputs[t], branch_inputs[t - 1]))
-                    ys.append(_rel_l1(outputs[branch][t], outputs[branch][t - 1]))
+                    ys.append(_rel_l1(predictions[t], predictions[t - 1]))
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
+        del adapter.scheduler_step
     return np.array(xs), np.array(ys)
 
 
