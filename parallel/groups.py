@@ -203,13 +203,17 @@ def layout(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
             "branch": groups("rut")}
 
 
+def checked_world_size(expected: int, name: str, layout: str) -> int:
+    """The torch.distributed world size (1 without one), refused unless it is ``expected``."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != expected:
+        raise ValueError(f"the {name} world has {world} ranks but {layout} needs {expected}")
+    return world
+
+
 def build_groups(config: ParallelConfig) -> ParallelGroups:
     """Create this rank's groups; every rank must call it (``new_group`` is collective)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world != config.world_size:
-        raise ValueError(
-            f"the DiT world has {world} ranks but {config.describe()} needs {config.world_size}"
-        )
+    world = checked_world_size(config.world_size, "DiT", config.describe())
     if world == 1:
         return ParallelGroups.single()
     me = dist.get_rank()

@@ -52,7 +52,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from pydantic import BaseModel, ConfigDict, Field
 from torch.overrides import TorchFunctionMode
 
-from .groups import Group
+from .groups import Group, checked_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +226,8 @@ def check_vae_config(config: VaeConfig, vae_class: type | str, *, model: str, de
 
 def build_vae_group(config: VaeConfig) -> Group:
     """The VAE workers' group: the whole torch.distributed world (every worker must call it)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world != config.vae_patch_parallel_size:
-        raise ValueError(
-            f"the VAE world has {world} workers but vae_patch_parallel_size={config.vae_patch_parallel_size}"
-        )
+    size = config.vae_patch_parallel_size
+    world = checked_world_size(size, "VAE", f"vae_patch_parallel_size={size}")
     if world == 1:
         return Group((0,), 0, None)
     return Group(tuple(range(world)), dist.get_rank(), dist.group.WORLD)
