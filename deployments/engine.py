@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -284,8 +285,9 @@ class Engine:
         if self.cache_supported:
             apply_cache(transformer)
 
-    @property
-    def num_blocks(self) -> int:
+    @functools.cached_property
+    def num_blocks(self) -> int | None:
+        """Transformer blocks (read once from the config; every request's cache check uses it)."""
         return num_transformer_blocks(self.resolved)
 
     # ---- request handling ---------------------------------------------------------------------
@@ -293,7 +295,7 @@ class Engine:
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
         resolved = validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                    num_blocks=num_transformer_blocks(self.resolved))
+                                    num_blocks=self.num_blocks)
         why = size_error(self.config.vae, resolved.params.width, resolved.params.height, self.adapter.vae_scale_factor)
         if why is not None:
             raise RequestError("size", why)
