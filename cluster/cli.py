@@ -92,7 +92,7 @@ def _generate_local_parallel(args: argparse.Namespace, config) -> int:
     from ditserve.deployments.engine import check_model_parallel, check_model_vae, num_transformer_blocks, to_uint8
     from ditserve.deployments.local import run_local, run_local_decode
     from ditserve.models import resolve_model, resolve_spec
-    from ditserve.parallel.vae import VaeConfig, size_error
+    from ditserve.parallel.vae import VaeConfig
 
     try:
         request = GenerationRequest.parse(_request_fields(args))
@@ -100,10 +100,7 @@ def _generate_local_parallel(args: argparse.Namespace, config) -> int:
         check_model_vae(config)
         spec = resolve_spec(config.model)
         resolved = validate_request(request, {spec.id: spec}, spec.id, cache_default=config.cache(),
-                                    num_blocks=num_transformer_blocks(resolve_model(config.model)))
-        why = size_error(config.vae, resolved.params.width, resolved.params.height, spec.size_multiple // 2)
-        if why is not None:
-            raise RequestError("size", why)
+                                    num_blocks=num_transformer_blocks(resolve_model(config.model)), vae=config.vae)
     except RequestError as exc:
         print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2

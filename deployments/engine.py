@@ -47,9 +47,9 @@ from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelConfig, ParallelGroups, apply_parallel, check_parallel, transformer_loader
 from ditserve.parallel.groups import Group
-from ditserve.parallel.vae import VaeConfig, VaeParallel, check_vae_config, size_error
+from ditserve.parallel.vae import VaeConfig, VaeParallel, check_vae_config
 
-from .schema import GenerationRequest, RequestError, ResolvedRequest, validate_request
+from .schema import GenerationRequest, ResolvedRequest, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class EngineConfig(BaseModel):
         "auto", description="Weights dtype; 'auto' is bfloat16 on GPU, float32 on CPU."
     )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="DiT parallel degrees.")
+    vae: VaeConfig = Field(default_factory=VaeConfig, description="VAE patch parallelism, tiling and slicing.")
     cache_backend: Literal["tea_cache", "cache_dit"] | None = Field(
         None, description="Default cache of the DiT (requests may override it with their `cache` field)."
     )
@@ -96,7 +97,6 @@ class EngineConfig(BaseModel):
         if self.cache_backend is None:
             return None
         return CacheSettings(backend=self.cache_backend, config=self.cache_config)
-    vae: VaeConfig = Field(default_factory=VaeConfig, description="VAE patch parallelism, tiling and slicing.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -209,6 +209,8 @@ def num_transformer_blocks(resolved: ResolvedModel) -> int | None:
     info = read_checkpoint(resolved.path)
     ref = info.components.get("transformer")
     return num_blocks(ref.class_name, info.config("transformer")) if ref else None
+
+
 def check_model_vae(config: EngineConfig) -> None:
     """Refuse VAE options the model's VAE cannot run (start-up error naming the option)."""
     if config.vae == VaeConfig():
@@ -274,15 +276,15 @@ class Engine:
         """Cache hooks go on every supported transformer (idle unless a request or the deployment
         asks for a cache); the deployment's default is checked against the model here, at start."""
         transformer = self.adapter.transformer
-        self.cache_supported = type(transformer).__name__ in CACHE_MODELS
+        supported = type(transformer).__name__ in CACHE_MODELS
         default = self.config.cache()
         if default is not None:
             check_cache_feature(self.spec, default.backend, "cache_backend")
-            if not self.cache_supported:
+            if not supported:
                 raise ValueError(f"cache_backend={default.backend}: transformer {type(transformer).__name__} of model "
                                  f"{self.spec.id} has no cache support")
             check_blocks(default, self.num_blocks)
-        if self.cache_supported:
+        if supported:
             apply_cache(transformer)
 
     @functools.cached_property
@@ -294,12 +296,8 @@ class Engine:
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
-        resolved = validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                    num_blocks=self.num_blocks)
-        why = size_error(self.config.vae, resolved.params.width, resolved.params.height, self.adapter.vae_scale_factor)
-        if why is not None:
-            raise RequestError("size", why)
-        return resolved
+        return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
+                                num_blocks=self.num_blocks, vae=self.config.vae)
 
     # ---- the stages ---------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ditserve.models import resolve_model
-from ditserve.parallel.vae import size_error
 
 from .config import AppConfig
 from .engine import GenerationResult, num_transformer_blocks
@@ -138,13 +137,7 @@ class Router:
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
         resolved = validate_request(req, self.served, self.model_id, cache_default=self.cache_default,
-                                    num_blocks=self.num_blocks)
-        # the registry's size multiple is the VAE scale x the 2x2 latent packing (Engine checks it
-        # against the checkpoint at start-up), so the router needs no model files for this check
-        why = size_error(self.cfg.engine.vae, resolved.params.width, resolved.params.height,
-                         self.served[resolved.model].size_multiple // 2)
-        if why is not None:
-            raise RequestError("size", why)
+                                    num_blocks=self.num_blocks, vae=self.cfg.engine.vae)
         encoded = self.encoder.encode.remote(resolved)
         denoised = self.dit.denoise.remote(resolved, encoded)
         decoded = await self.vae.decode.remote(resolved, denoised, return_latents)

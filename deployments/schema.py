@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ditserve.features.cache import CacheConfigError, CacheRequest, CacheSettings, check_blocks, merge_cache
 from ditserve.models import Feature, Guidance, ModelSpec, SamplingParams
+from ditserve.parallel.vae import VaeConfig, size_error
 
 MAX_PROMPT_CHARS = 20_000
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
@@ -208,16 +209,24 @@ def validate_request(
     *,
     cache_default: CacheSettings | None = None,
     num_blocks: int | None = None,
+    vae: VaeConfig | None = None,
 ) -> ResolvedRequest:
     """Everything the edge checks: the model is served, the fields fit it, options are available.
 
     Args:
         cache_default: the deployment's cache (``cache_backend``/``cache_config``).
         num_blocks: the model's transformer block count (``None``: the caches do not know the class).
+        vae: the deployment's VAE options (the size must split over its patch-parallel workers).
     """
     spec = select_model(req, served, default)
     resolved = resolve_request(req, spec)
     if resolved.lora is not None:
         raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
+    if vae is not None:
+        # the registry's size multiple is the VAE scale x the 2x2 latent packing (Engine checks it
+        # against the checkpoint at start-up), so no model files are needed here
+        why = size_error(vae, resolved.params.width, resolved.params.height, spec.size_multiple // 2)
+        if why is not None:
+            raise RequestError("size", why)
     cache = resolve_cache(req, spec, cache_default, num_blocks)
     return dataclasses.replace(resolved, cache=cache)
