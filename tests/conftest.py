@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded, in tests least of all
@@ -74,5 +75,11 @@ def ray_cluster():
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     yield {"cluster": cluster, "url": f"http://127.0.0.1:{port}"}
     serve.shutdown()
+    # The driver's Serve handles keep a metrics-push thread that outlives ray.shutdown and logs a
+    # traceback every interval. On Python 3.11, formatting a traceback parses source with `ast`,
+    # which is not thread-safe against the main thread's own compiles (pytest's late imports):
+    # a run once ended in "SystemError: AST constructor recursion depth mismatch" after all tests
+    # passed. Silence Serve's logger before the cluster goes, so that thread formats nothing.
+    logging.getLogger("ray.serve").disabled = True
     ray.shutdown()
     cluster.shutdown()
