@@ -5,6 +5,9 @@ Public surface: the registry (``ModelSpec``, ``registry``, ``get_spec``), model 
 ``SamplingParams``, ``TextConditioning``, ``DenoiseState``) and the request context.
 """
 
+if __name__ != "ditserve.models":  # one copy of every module: see the README, "Packaging"
+    raise ImportError(f"import ditserve.models, not {__name__}: the layers are subpackages of ditserve only")
+
 from .adapter import STAGES, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
 from .builtin import DEFAULT_MODEL
 from .context import RequestContext, current_request, current_step, request_context, step_context
