@@ -43,25 +43,28 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    """In process: the reference runner, or, with parallel degrees, the same composition with the
+    DiT ranks and VAE workers as local processes (``ParallelEngine``)."""
     if args.server:
         return _generate_remote(args)
     from tqdm import tqdm
 
-    from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
+    from ditserve.deployments import Engine, EngineConfig, GenerationRequest, ParallelEngine, RequestError
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, parallel=_parallel(args),
                           vae=_vae(args), **_cache(args))
-    if config.parallel.world_size > 1 or config.vae.parallel:
-        return _generate_local_parallel(args, config)
+    parallel = config.parallel.world_size > 1 or config.vae.parallel
     try:
         request = GenerationRequest.parse(_request_fields(args))
-        engine = Engine(config)
+        engine = ParallelEngine(config) if parallel else Engine(config)
         resolved = engine.resolve(request)
     except RequestError as exc:
         print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2
-    bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
-    result = engine.generate(request, callback=lambda i, n, latents: bar.update(1))
+    request = request.model_copy(update={"seed": resolved.seed})  # every rank draws the same noise
+    bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr,
+               disable=config.parallel.world_size > 1)  # the ranks' steps are not reported across processes
+    result = engine.generate(request, callback=lambda *step: bar.update(1))
     bar.close()
 
     paths = _output_paths(Path(args.output), len(result.images))
@@ -71,6 +74,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
     print(f"model={result.model} seed={result.seed} request_id={result.request_id}")
+    if parallel:
+        print(f"layout={config.parallel.describe()}; {config.vae.describe()}")
     print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
     _print_cache(result.cache)
     return 0
@@ -80,52 +85,6 @@ def _print_cache(stats: dict | None) -> None:
     if stats:
         print(f"cache: {stats['backend']} blocks {stats['blocks_evaluated']}/{stats['blocks_total']} "
               f"(x{stats['block_ratio']} fewer) steps {stats['decisions']} (C computed, S skipped)")
-
-
-def _generate_local_parallel(args: argparse.Namespace, config) -> int:
-    """``generate`` with parallel degrees: the ranks run as local processes joined by gloo (DiT
-    ranks, then, with ``--vae-patch-parallel-size``, the VAE workers on the final latents)."""
-    from PIL import Image
-
-    from ditserve.deployments import Engine, GenerationRequest, RequestError
-    from ditserve.deployments.schema import validate_request
-    from ditserve.deployments.engine import check_model_parallel, check_model_vae, num_transformer_blocks, to_uint8
-    from ditserve.deployments.local import run_local, run_local_decode
-    from ditserve.models import resolve_model, resolve_spec
-    from ditserve.parallel.vae import VaeConfig
-
-    try:
-        request = GenerationRequest.parse(_request_fields(args))
-        check_model_parallel(config)
-        check_model_vae(config)
-        spec = resolve_spec(config.model)
-        resolved = validate_request(request, {spec.id: spec}, spec.id, cache_default=config.cache(),
-                                    num_blocks=num_transformer_blocks(resolve_model(config.model)), vae=config.vae)
-    except RequestError as exc:
-        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
-        return 2
-    # the seed is fixed here so every rank draws the same noise
-    request = request.model_copy(update={"seed": resolved.seed})
-    denoise_config = config.model_copy(update={"vae": VaeConfig()})  # the DiT ranks decode alone
-    if config.parallel.world_size > 1:
-        result = run_local(denoise_config, [request])[0][0]
-    else:
-        engine = Engine(denoise_config, ["encode", "denoise"])
-        ready = engine.resolve(request)
-        denoised = engine.run_denoise(ready, engine.run_encode([ready])[0], "generate")
-        result = {"latents": denoised.latents, "timings": denoised.timings}
-    if config.vae.parallel:
-        decoded = run_local_decode(config, [(request, result["latents"])])[0][0]
-        result = {**decoded, "timings": {**result["timings"], **decoded["timings"]}}
-    paths = _output_paths(Path(args.output), len(result["images"]))
-    for array, path in zip(to_uint8(result["images"]), paths):
-        Image.fromarray(array).save(path)
-        print(f"wrote {path}")
-    timings = "  ".join(f"{k}={v:.3f}s" for k, v in result["timings"].items())
-    print(f"model={args.model} seed={resolved.seed} layout={config.parallel.describe()}; {config.vae.describe()}")
-    print(f"timings (rank 0): {timings}")
-    _print_cache(result.get("cache"))
-    return 0
 
 
 def _request_fields(args: argparse.Namespace) -> dict:

@@ -5,6 +5,7 @@ if __name__ != "ditserve.deployments":  # one copy of every module: see the READ
     raise ImportError(f"import ditserve.deployments, not {__name__}: the layers are subpackages of ditserve only")
 
 from .engine import Engine, EngineConfig, GenerationResult
+from .local import ParallelEngine
 from .schema import GenerationRequest, LoraRequest, RequestError, ResolvedRequest, resolve_request, select_model
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "LoraRequest",
+    "ParallelEngine",
     "RequestError",
     "ResolvedRequest",
     "resolve_request",

@@ -12,9 +12,9 @@ from typing import Any
 from ray.serve import Application
 
 from .config import AppConfig
-from .engine import check_model_parallel, check_model_vae
+from .attach import check_support
 from .router import Router
-from .stages import VAE, DiT, TextEncoder
+from .serving import VAE, DiT, TextEncoder
 
 IMPORT_PATH = "ditserve.deployments.app:build_app"
 
@@ -24,8 +24,7 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(dict(args or {}))
     gpu = cfg.uses_gpu()
     cfg.check_placement(gpu)
-    check_model_parallel(cfg.engine)
-    check_model_vae(cfg.engine)
+    check_support(cfg.engine)
     encoder = TextEncoder.options(**TextEncoder.func_or_class.deployment_options(cfg, gpu)).bind(cfg)
     dit = DiT.options(**DiT.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
     vae = VAE.options(**VAE.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)

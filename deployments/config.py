@@ -83,7 +83,13 @@ class AppConfig(BaseModel):
         "STRICT_PACK", description="Placement strategy of each DiT/VAE replica's bundles."
     )
     distributed_timeout_s: float = Field(
-        120.0, gt=0, description="Timeout of rendezvous and collectives (a dead rank fails requests after this)."
+        120.0, gt=0, description="Timeout of rendezvous and of one collective (a dead rank fails the request "
+        "after this); not a request's deadline (request_timeout_s)."
+    )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="A request's own deadline in the DiT and VAE replicas (None: none; video runs for "
+        "minutes). Past it every rank is aborted at its next step and the request fails with 504. Separate from "
+        "distributed_timeout_s, which bounds one collective.",
     )
     text_encoder: StageOptions = Field(
         default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=16),

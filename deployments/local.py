@@ -1,174 +1,156 @@
-"""Run the engine on N local processes joined by gloo, without Ray.
+"""Multi-rank runs on this machine, through the persistent ``LocalExecutor``.
 
-The same ``Engine`` and parallel layout a DiT (or VAE) worker group runs, on one machine: used by
-the equivalence tests and the benchmarks, by ``ditserve generate`` with parallel degrees, and
-usable for quick multi-rank experiments.
+- ``ParallelEngine``: the reference runner's composition with the DiT world and the VAE workers
+  on local executors (``ditserve generate`` with degrees); the prompt is encoded in this process.
+- ``run_local`` / ``run_local_decode``: every rank's result, for tests and benchmarks that compare
+  ranks (``reply_rank=None``).
+- ``run_processes``: a function on every rank of a local group (tests of ``parallel/`` pieces).
+
+Executors are shared per (role, world size, device) for the whole process (``local_executor``):
+processes are spawned once and each run ``load``s its own configuration.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import queue as queue_module
-import socket
-import time
-import traceback
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from ditserve.models import STAGES
-from ditserve.parallel import build_groups
-from ditserve.parallel.vae import build_vae_group
+from ditserve.models import STAGES, RequestContext
+from ditserve.parallel.vae import VaeConfig
 
-from .engine import Engine, EngineConfig
-from .schema import GenerationRequest
+from .attach import check_support
+from .engine import EngineConfig, GenerationResult
+from .executor import LocalExecutor, local_executor
+from .schema import GenerationRequest, ResolvedRequest, validate_request
+from .stages import Decoder, Denoiser, Encoder, Timer, merge_reports
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+logger = logging.getLogger(__name__)
 
 
-def _process_main(rank: int, world: int, port: int, backend: str, fn: Callable[[Any], Any], payload: Any,
-                  queue: Any) -> None:
-    try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        torch.set_num_threads(int(os.environ.get("DITSERVE_LOCAL_THREADS", "1")))
-        if backend == "nccl":  # one GPU per rank
-            torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=int(os.environ.get("DITSERVE_LOCAL_TIMEOUT_S", "120"))),
-        )
-        queue.put((rank, "ok", fn(payload)))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _executor(role: str, world: int, config: EngineConfig, stages: Sequence[str]) -> LocalExecutor:
+    executor = local_executor(world, config.device, role=role)
+    executor.load(config, stages)
+    return executor
 
 
-def run_processes(world: int, fn: Callable[[Any], Any], payload: Any, *, backend: str = "gloo",
-                  timeout_s: float = 600) -> list[Any]:
-    """Run ``fn(payload)`` on ``world`` spawned local processes joined in one torch.distributed
-    group (``fn`` must be importable by name; results cross a queue, so return numpy, not torch).
+class ParallelEngine:
+    """``Engine.generate`` with ``config.parallel.world_size`` DiT ranks and
+    ``vae_patch_parallel_size`` VAE workers as local processes (gloo on CPU; NCCL, one GPU per
+    rank, on CUDA). The DiT ranks run the served ``Denoiser``, the VAE workers the ``Decoder``.
 
-    Returns:
-        ``fn``'s result per rank.
+    Args:
+        request_timeout_s: a request's deadline in the executors (``None``: none).
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_process_main, args=(rank, world, port, backend, fn, payload, queue), daemon=True)
-        for rank in range(world)
-    ]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    errors = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < world and not errors:
-            try:
-                rank, status, value = queue.get(timeout=1.0)
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
-                if dead:
-                    errors.append(f"rank(s) {dead} exited with code {[procs[r].exitcode for r in dead]}")
-                elif time.monotonic() > deadline:
-                    errors.append(f"no result from ranks {sorted(set(range(world)) - set(out))} in {timeout_s:.0f}s")
-                continue
-            if status == "ok":
-                out[rank] = value
-            else:
-                errors.append(f"rank {rank}:\n{value}")
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 30)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("a rank failed: " + "\n".join(errors))
-    return [out[r] for r in range(world)]
+
+    def __init__(self, config: EngineConfig, *, request_timeout_s: float | None = None) -> None:
+        self.config = config
+        self.caps = check_support(config)
+        self.encoder = Encoder(config)
+        self.spec = self.encoder.spec
+        self.request_timeout_s = request_timeout_s
+        dit_config = config.model_copy(update={"vae": VaeConfig()})
+        self.dit = _executor("dit", config.parallel.world_size, dit_config, ["denoise"]) \
+            if config.parallel.world_size > 1 else Denoiser(dit_config)
+        self.vae = _executor("vae", config.vae.vae_patch_parallel_size, config, ["decode"]) \
+            if config.vae.parallel else Decoder(config)
+
+    def resolve(self, req: GenerationRequest) -> ResolvedRequest:
+        return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
+                                num_blocks=self.caps.num_blocks, vae=self.config.vae)
+
+    def generate(self, req: GenerationRequest, *, output_type: str = "pil", request_id: str | None = None,
+                 callback: Callable[..., None] | None = None) -> GenerationResult:
+        """Encode here, denoise on the DiT ranks (rank 0 replies), decode on the VAE workers."""
+        request_id = request_id or RequestContext().id
+        resolved = self.resolve(req)
+        encoded = self.encoder.encode([resolved])[0]
+        if isinstance(self.dit, Denoiser):
+            denoised = self.dit.denoise(resolved, encoded, request_id, callback)
+        else:  # the ranks' progress is not reported across processes
+            denoised = self.dit.call_all("denoise", resolved, encoded, request_id, timeout_s=self.request_timeout_s)
+        if isinstance(self.vae, Decoder):
+            decoded = self.vae.decode(resolved, denoised, return_latents=True)
+        else:
+            decoded = self.vae.call_all("decode", resolved, denoised, True, timeout_s=self.request_timeout_s)
+        timings, cache = merge_reports(decoded.reports)
+        timer = Timer()
+        with timer.stage("postprocess"):
+            images = decoded.images
+            if output_type == "pil":
+                from PIL import Image
+
+                images = [Image.fromarray(a) for a in images]
+            elif output_type == "np":
+                images = images.astype("float32") / 255.0
+        timings.update(timer.timings)
+        return GenerationResult(images, request_id, self.spec.id, resolved.seed, timings, decoded.latents, cache)
 
 
-def _generate_rank(payload: tuple[dict, list[dict]]) -> list[dict]:
-    """One DiT rank of ``run_local``: the whole engine, every request."""
-    config, requests = payload
-    cfg = EngineConfig.model_validate(config)
-    if cfg.device.startswith("cuda"):
-        cfg = cfg.model_copy(update={"device": f"cuda:{dist.get_rank()}"})
-    groups = build_groups(cfg.parallel)
-    engine = Engine(cfg, STAGES, groups)
+# ---- every rank's result (tests, benchmarks) ---------------------------------------------------------
+
+
+def _generate_on_rank(worker: Any, requests: list[dict]) -> list[dict]:
+    """On one rank of ``run_local``: the reference runner over this rank's groups, every request."""
+    engine, groups = worker.stage, worker.groups
     results = []
     for fields in requests:
         sent_before = groups.bytes_sent()
         result = engine.generate(GenerationRequest.model_validate(fields), output_type="np")
-        results.append({
-            # numpy, not torch: torch tensors cross a queue as shared memory that vanishes with
-            # the process that made it
-            "latents": result.latents.cpu().numpy(),
-            "images": result.images,
-            "timings": result.timings,
-            "bytes_sent": groups.bytes_sent() - sent_before,
-            "cache": result.cache,
-        })
+        results.append({"latents": result.latents.cpu(), "images": result.images, "timings": result.timings,
+                        "bytes_sent": groups.bytes_sent() - sent_before, "cache": result.cache})
     return results
 
 
-def _decode_rank(payload: tuple[dict, list[tuple[dict, Any]]]) -> list[dict]:
-    """One VAE worker of ``run_local_decode``: a decode-only engine in the VAE group."""
-    config, items = payload
-    cfg = EngineConfig.model_validate(config)
-    if cfg.device.startswith("cuda"):
-        cfg = cfg.model_copy(update={"device": f"cuda:{dist.get_rank()}"})
-    group = build_vae_group(cfg.vae)
-    engine = Engine(cfg, ["decode"], vae_group=group)
-    results = []
-    for fields, latents in items:
-        req = engine.resolve(GenerationRequest.model_validate(fields))
-        sent_before, start = group.sent, time.perf_counter()
-        images = engine.postprocess(engine.decode(req, torch.from_numpy(latents)), output_type="np")
-        results.append({"images": images, "timings": {"decode": time.perf_counter() - start},
-                        "bytes_sent": group.sent - sent_before})
-    return results
-
-
-def run_local(config: EngineConfig, requests: Sequence[GenerationRequest], *, timeout_s: float = 600) -> list[list[dict]]:
-    """Generate ``requests`` on ``config.parallel.world_size`` local processes (gloo on CPU;
-    with ``device="cuda"``, rank i on ``cuda:i`` with NCCL).
+def run_local(config: EngineConfig, requests: Sequence[GenerationRequest]) -> list[list[dict]]:
+    """Generate ``requests`` on ``config.parallel.world_size`` local ranks, each running the
+    whole reference runner over its groups (the VAE decodes whole on each rank).
 
     Returns:
         Per rank, per request: ``latents``, ``images`` (float arrays), ``timings``, ``bytes_sent``
         (by this rank's collectives, per request), ``cache`` (this rank's cache statistics or None).
     """
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    payload = (config.model_dump(), [r.model_dump() for r in requests])
-    out = run_processes(config.parallel.world_size, _generate_rank, payload, backend=backend, timeout_s=timeout_s)
-    for per_rank in out:
-        for result in per_rank:
-            result["latents"] = torch.from_numpy(result["latents"])
-    return out
+    config = config.model_copy(update={"vae": VaeConfig()})
+    executor = _executor("dit", config.parallel.world_size, config, STAGES)
+    return executor.call_all(_generate_on_rank, [r.model_dump() for r in requests], reply_rank=None)
 
 
-def run_local_decode(config: EngineConfig, items: Sequence[tuple[GenerationRequest, torch.Tensor]], *,
-                     timeout_s: float = 600) -> list[list[dict]]:
-    """Decode packed latents on ``config.vae.vae_patch_parallel_size`` local VAE workers, as a
-    served VAE replica's workers do (each gets the full latents, all end with the full images).
+def _decode_on_rank(worker: Any, items: list[tuple[dict, torch.Tensor]]) -> list[dict]:
+    decoder = worker.stage
+    results = []
+    for fields, latents in items:
+        req = validate_request(GenerationRequest.model_validate(fields), {decoder.spec.id: decoder.spec},
+                               decoder.spec.id)
+        sent_before, timer = worker.vae_group.sent, Timer()
+        with timer.stage("decode"):
+            images = decoder.adapter.postprocess(decoder.images(req, latents), output_type="np")
+        results.append({"images": images, "timings": timer.timings, "bytes_sent": worker.vae_group.sent - sent_before})
+    return results
+
+
+def run_local_decode(config: EngineConfig, items: Sequence[tuple[GenerationRequest, torch.Tensor]]) -> list[list[dict]]:
+    """Decode latents on ``config.vae.vae_patch_parallel_size`` local VAE workers, as a served VAE
+    replica's workers do (each gets the full latents, all end with the full images).
 
     Args:
-        items: (request, its final packed latents) pairs; the request fixes the output size.
+        items: (request, its final latents) pairs; the request fixes the output size.
 
     Returns:
         Per worker, per item: ``images`` (float arrays in [0, 1], n x H x W x 3), ``timings``, ``bytes_sent``.
     """
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    payload = (config.model_dump(), [(r.model_dump(), latents.cpu().numpy()) for r, latents in items])
-    return run_processes(config.vae.vae_patch_parallel_size, _decode_rank, payload, backend=backend,
-                         timeout_s=timeout_s)
+    executor = _executor("vae", config.vae.vae_patch_parallel_size, config, ["decode"])
+    payload = [(r.model_dump(), latents.cpu()) for r, latents in items]
+    return executor.call_all(_decode_on_rank, payload, reply_rank=None)
+
+
+def _call_function(worker: Any, fn: Callable[[Any], Any], payload: Any) -> Any:
+    return fn(payload)
+
+
+def run_processes(world: int, fn: Callable[[Any], Any], payload: Any, *, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(payload)`` on every rank of a local group of ``world`` processes (``fn`` must be
+    importable by name); results by rank."""
+    executor = local_executor(world, "cuda" if backend == "nccl" else "cpu", role="functions")
+    return executor.call_all(_call_function, fn, payload, reply_rank=None)

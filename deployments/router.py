@@ -29,7 +29,9 @@ from starlette.responses import JSONResponse, Response
 from ditserve.models import resolve_model
 
 from .config import AppConfig
-from .engine import GenerationResult, num_transformer_blocks
+from .attach import check_support
+from .engine import GenerationResult
+from .stages import merge_reports
 from .schema import GenerationRequest, RequestError, validate_request
 
 logger = logging.getLogger("ray.serve")
@@ -92,7 +94,7 @@ class Router:
         self.model_id = spec.id
         self.served = {spec.id: spec}
         self.cache_default = cfg.engine.cache()
-        self.num_blocks = num_transformer_blocks(resolved)
+        self.num_blocks = check_support(cfg.engine, ()).num_blocks
         self.created = int(time.time())
         self.stage_seconds = Histogram(
             "ditserve_stage_seconds", description="Seconds per request stage.", boundaries=_LATENCY_BOUNDARIES,
@@ -141,10 +143,10 @@ class Router:
         encoded = self.encoder.encode.remote(resolved)
         denoised = self.dit.denoise.remote(resolved, encoded)
         decoded = await self.vae.decode.remote(resolved, denoised, return_latents)
-        timings = dict(decoded.timings)
+        timings, cache = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
         return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings,
-                                                decoded.latents, decoded.cache)
+                                                decoded.latents, cache)
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         timings = result.timings

@@ -1,154 +1,302 @@
-"""The three model deployments: TextEncoder, DiT, VAE.
+"""Stage objects, Ray-free: ``Encoder``, ``Denoiser``, ``Decoder``, each built from one config as
+"adapter + parallel + features" for its stage, each returning a typed result that carries the
+report (timings, statistics) of the stage that produced it.
 
-Each owns its Ray options (``deployment_options(cfg)``). The TextEncoder runs its engine in the
-replica (one bundle) and batches concurrent requests. The DiT and VAE replicas are coordinators:
-each reserves one placement group (bundle 0 for itself, one bundle per rank) and starts a
-``WorkerGroup`` in it; a request is one ``call_all`` (the whole loop runs in the workers).
+The reference runner (``engine.Engine``) composes them in one process; every served replica and
+rank runs exactly these objects (the TextEncoder replica an ``Encoder``, each DiT rank a
+``Denoiser``, each VAE worker a ``Decoder``). Room is left, in the same shape, for a ``Prior``
+stage (autoregressive prior tokens, e.g. GLM-Image) and a VAE ``encode`` (editing, image to
+video): a stage object per role, a result type per hand-off.
+
+A result keeps the reports of the stages before it, untouched, in ``reports``: the next stage
+appends its own and never merges or rewrites them, and whoever composes (the Router, the
+reference runner) reads them all at the end — so timings and cache statistics come from the stage
+that measured them, while the tensors still travel replica to replica only once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import ray
-from ray import serve
+import numpy as np
+import torch
 
-from .config import AppConfig, StageOptions
-from .engine import Decoded, Denoised, Encoded, Engine
+from ditserve.features.cache import cache_run
+from ditserve.models import (
+    FamilyAdapter,
+    ModelSpec,
+    RequestContext,
+    ResolvedModel,
+    TextConditioning,
+    adapter_class,
+    request_context,
+    resolve_model,
+)
+from ditserve.parallel import ParallelGroups, build_groups, transformer_loader
+from ditserve.parallel.groups import Group
+from ditserve.parallel.vae import build_vae_group
+
+from .attach import Capabilities, attach, check_support
 from .schema import ResolvedRequest
-from .worker_group import WorkerGroup
+from .worker import RequestAborted
 
 logger = logging.getLogger(__name__)
 
 
-def _request_id() -> str:
-    return serve.context._get_serve_request_context().request_id
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8, rounded exactly as diffusers' ``numpy_to_pil``."""
+    return (images * 255).round().astype("uint8")
 
 
-def _resources(opts: StageOptions) -> dict[str, float]:
-    return {k: v for k, v in opts.custom_resources.items() if v > 0}
+# ---- results -----------------------------------------------------------------------------------------
 
 
-def _common_options(opts: StageOptions) -> dict[str, Any]:
-    return {
-        "max_ongoing_requests": opts.max_ongoing_requests,
-        "max_queued_requests": opts.max_queued_requests,
-        "autoscaling_config": opts.autoscaling.to_serve(),
-        "health_check_period_s": opts.health_check_period_s,
-        "health_check_timeout_s": opts.health_check_timeout_s,
-    }
+@dataclasses.dataclass(frozen=True)
+class StageReport:
+    """What one stage measured for one request.
 
-
-def _worker_group_options(opts: StageOptions, workers: int, gpu: bool, strategy: str) -> dict[str, Any]:
-    """Bundle 0 holds the coordinator replica; bundles 1..N one rank each."""
-    res = _resources(opts)
-    coordinator = {"CPU": opts.num_cpus, **res}
-    rank = {"CPU": opts.worker_cpus, **res, **({"GPU": opts.num_gpus} if gpu and opts.num_gpus else {})}
-    return {
-        **_common_options(opts),
-        "ray_actor_options": {"num_cpus": opts.num_cpus, "resources": res},
-        "placement_group_bundles": [coordinator] + [rank] * workers,
-        "placement_group_strategy": strategy,
-    }
-
-
-def _node_id() -> str:
-    return ray.get_runtime_context().get_node_id()
-
-
-@serve.deployment(name="TextEncoder")
-class TextEncoder:
-    """Tokenizer(s) + text encoder(s); batches concurrent requests whose shapes allow it."""
-
-    @staticmethod
-    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
-        opts = cfg.text_encoder
-        return {
-            **_common_options(opts),
-            "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus if gpu else 0.0, "resources": _resources(opts)},
-        }
-
-    def __init__(self, cfg: AppConfig) -> None:
-        self.engine = Engine(cfg.engine, stages=["encode"])
-        self.encode.set_max_batch_size(cfg.encode_batch_size)
-        self.encode.set_batch_wait_timeout_s(cfg.encode_batch_wait_s)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def encode(self, reqs: list[ResolvedRequest]) -> list[Encoded]:
-        return self.engine.run_encode(reqs)
-
-    def info(self) -> dict[str, Any]:
-        return {"node_id": _node_id(), "model": self.engine.spec.id}
-
-
-class _GroupCoordinator:
-    """A replica that coordinates one worker group in its own placement group."""
+    Attributes:
+        stage: ``encode``, ``denoise`` or ``decode``.
+        timings: seconds by name (``encode``; ``prepare`` and ``denoise``; ``decode``).
+        cache: cache statistics of the denoiser (``CacheStats.as_dict``), when the request ran one.
+        bytes_sent: bytes this rank handed to collectives for the request (benchmarks).
+    """
 
     stage: str
-    method: str
+    timings: dict[str, float]
+    cache: dict[str, Any] | None = None
+    bytes_sent: int = 0
 
-    def __init__(self, cfg: AppConfig, gpu: bool, workers: int, opts: StageOptions) -> None:
-        self.group = WorkerGroup(
-            workers,
-            cfg.engine,
-            [self.stage],
-            num_cpus=opts.worker_cpus,
-            num_gpus=opts.num_gpus if gpu else 0.0,
-            resources=_resources(opts),
-            placement_group=ray.util.get_current_placement_group(),
-            timeout_s=cfg.distributed_timeout_s,
+
+@dataclasses.dataclass
+class Encoded:
+    """Encoder -> Denoiser: one request's conditioning."""
+
+    cond: TextConditioning
+    reports: tuple[StageReport, ...]
+
+
+@dataclasses.dataclass
+class Denoised:
+    """Denoiser -> Decoder: the final latents (in the adapter's latent layout)."""
+
+    latents: torch.Tensor
+    reports: tuple[StageReport, ...]
+
+
+@dataclasses.dataclass
+class Decoded:
+    """Decoder -> Router: images as uint8 arrays (n, H, W, 3), rounded as the PIL path rounds."""
+
+    images: np.ndarray
+    reports: tuple[StageReport, ...]
+    latents: torch.Tensor | None = None
+
+
+def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """All stages' timings in one dict, and the denoiser's cache statistics."""
+    timings: dict[str, float] = {}
+    cache = None
+    for report in reports:
+        for name, seconds in report.timings.items():
+            timings[name] = timings.get(name, 0.0) + seconds
+        cache = report.cache or cache
+    return timings, cache
+
+
+class Timer:
+    """Accumulates wall time per name."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+
+def load_adapter(config: Any, stages: Sequence[str], groups: ParallelGroups | None = None,
+                 resolved: ResolvedModel | None = None) -> FamilyAdapter:
+    """The family adapter with the components of ``stages`` (tensor-parallel shards when
+    ``groups`` says so), on the config's device and dtype."""
+    resolved = resolved or resolve_model(config.model)
+    spec = resolved.spec
+    loader = transformer_loader(groups) if groups is not None and "denoise" in stages else None
+    adapter = adapter_class(spec.family).from_pretrained(
+        resolved.path, stages=stages, device=config.torch_device(), dtype=config.torch_dtype(),
+        loaders={"transformer": loader} if loader else None,
+    )
+    if adapter.size_multiple != spec.size_multiple:
+        raise ValueError(
+            f"model {spec.id}: registry says sizes are multiples of {spec.size_multiple}, "
+            f"the checkpoint's VAE and packing give {adapter.size_multiple}"
         )
-        logger.info("%s worker group ready: %s", type(self).__name__, self.group.info)
-
-    async def _call(self, *args: Any, **kwargs: Any) -> Any:
-        # every rank ends with the same result; rank 0's is returned
-        return (await self.group.call_all_async(self.method, *args, **kwargs))[0]
-
-    def check_health(self) -> None:
-        self.group.check_health()
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "node_id": _node_id(),
-            "replica_id": serve.get_replica_context().replica_id.unique_id,
-            "worker_node_ids": self.group.node_ids(),
-            "worker_pids": self.group.pids(),
-            **self.group.info,
-        }
+    return adapter
 
 
-@serve.deployment(name="DiT")
-class DiT(_GroupCoordinator):
-    """Coordinator of one DiT worker group (one torch.distributed world); one request at a time."""
+class _Stage:
+    """What every stage object has: its config, model and adapter."""
 
-    stage, method = "denoise", "run_denoise"
+    stage: str
 
-    @staticmethod
-    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
-        return _worker_group_options(cfg.dit, cfg.dit_world_size, gpu, cfg.placement_strategy)
+    def __init__(self, config: Any, adapter: FamilyAdapter | None, resolved: ResolvedModel | None,
+                 caps: Capabilities | None, groups: Any = None) -> None:
+        self.config = config
+        self.resolved = resolved or resolve_model(config.model)
+        self.spec: ModelSpec = self.resolved.spec
+        self.caps = check_support(config, [self.stage], caps)
+        self.adapter = adapter or load_adapter(config, [self.stage], groups if self.stage == "denoise" else None,
+                                               self.resolved)
+        self.features = attach(self.adapter, config, groups, self.stage, self.caps)
 
-    def __init__(self, cfg: AppConfig, gpu: bool) -> None:
-        super().__init__(cfg, gpu, cfg.dit_world_size, cfg.dit)
 
-    async def denoise(self, req: ResolvedRequest, encoded: Encoded) -> Denoised:
-        return await self._call(req, encoded, _request_id())
+class Encoder(_Stage):
+    """Tokenizer(s) and text encoder(s): prompts -> conditioning. Batches the texts of several
+    requests whose shapes allow it (``adapter.text_shape_key``), so each gets what it gets alone."""
+
+    stage = "encode"
+
+    def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
+                 caps: Capabilities | None = None) -> None:
+        super().__init__(config, adapter, resolved, caps)
+
+    def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
+        texts = sorted({t for r in reqs for t in (r.prompt, r.negative_prompt) if t is not None})
+        by_shape: dict[Any, list[str]] = {}
+        for text in texts:
+            by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
+        encoded: dict[str, dict[str, torch.Tensor | None]] = {}
+        with torch.inference_mode():
+            for group in by_shape.values():
+                encoded.update(zip(group, self.adapter.encode_texts(group)))
+        out = []
+        for r in reqs:
+            n = r.params.num_images_per_prompt
+            negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[r.negative_prompt], n)
+            out.append(TextConditioning(self.adapter.repeat_text(encoded[r.prompt], n), negative, batch_size=1))
+        return out
+
+    def encode(self, reqs: Sequence[ResolvedRequest]) -> list[Encoded]:
+        start = time.perf_counter()
+        conds = self.conditioning(reqs)
+        report = StageReport("encode", {"encode": time.perf_counter() - start})
+        return [Encoded(c, (report,)) for c in conds]
 
 
-@serve.deployment(name="VAE")
-class VAE(_GroupCoordinator):
-    """Coordinator of the VAE workers (``vae_patch_parallel_size``, one torch.distributed group):
-    latents -> uint8 images; every worker gets the full latents, decodes its patch (or tiles) and
-    ends with the merged image; rank 0's is returned."""
+class Denoiser(_Stage):
+    """The DiT: prepare + the whole denoising loop, with the request's cache, on this rank's share
+    of the parallel layout.
 
-    stage, method = "decode", "run_decode"
+    Args:
+        groups: this rank's process groups (``None``: one rank).
+        aborted: asked once per step; ``True`` stops the request (``RequestAborted``). Executors
+            pass the rank worker's collective check, so every rank stops at the same step.
+    """
 
-    @staticmethod
-    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
-        return _worker_group_options(cfg.vae, cfg.vae_world_size, gpu, cfg.placement_strategy)
+    stage = "denoise"
 
-    def __init__(self, cfg: AppConfig, gpu: bool) -> None:
-        super().__init__(cfg, gpu, cfg.vae_world_size, cfg.vae)
+    def __init__(self, config: Any, groups: ParallelGroups | None = None, adapter: FamilyAdapter | None = None, *,
+                 resolved: ResolvedModel | None = None, caps: Capabilities | None = None,
+                 aborted: Callable[[], bool] | None = None) -> None:
+        if config.parallel.world_size > 1 and groups is None:
+            raise ValueError(f"{config.parallel.describe()} needs process groups (run it with an executor: "
+                             "ParallelEngine, ditserve generate, or the served DiT)")
+        self.groups = groups or ParallelGroups.single()
+        self.aborted = aborted
+        super().__init__(config, adapter, resolved, caps, self.groups)
 
-    async def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
-        return await self._call(req, denoised, return_latents=return_latents)
+    def denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str,
+                callback: Callable[..., None] | None = None) -> Denoised:
+        timer = Timer()
+        sent_before = self.groups.bytes_sent()
+        cond = encoded.cond.to(self.adapter.device, self.adapter.dtype)
+        # Same as diffusers: the initial noise is drawn on the CPU from a seeded generator.
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        ctx = RequestContext(id=request_id, seed=req.seed, num_inference_steps=req.params.num_inference_steps)
+        on_step = self._step_callback(callback)
+        with request_context(ctx):
+            with timer.stage("prepare"):
+                state = self.adapter.prepare(req.params, cond, generator)
+            steps = req.params.num_inference_steps
+            # the ranks computing one CFG branch together reduce the skip metrics (same decisions)
+            with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, steps, self.groups.branch,
+                                                   self.spec.tea_cache_coefficients) as run:
+                latents = self.adapter.denoise(state, cond, callback=on_step)
+        report = StageReport("denoise", timer.timings, run.stats.as_dict() if run is not None else None,
+                             self.groups.bytes_sent() - sent_before)
+        return Denoised(latents.cpu(), (*encoded.reports, report))
+
+    def _step_callback(self, callback: Callable[..., None] | None) -> Callable[..., None] | None:
+        if self.aborted is None:
+            return callback
+
+        def on_step(*args: Any) -> None:
+            if callback is not None:
+                callback(*args)
+            if self.aborted():
+                raise RequestAborted("the request was aborted at a step boundary")
+
+        return on_step
+
+
+class Decoder(_Stage):
+    """The VAE: latents -> uint8 images, whole, patch-parallel over the VAE workers' group, tiled
+    or sliced as configured (the VAE entries of the feature table)."""
+
+    stage = "decode"
+
+    def __init__(self, config: Any, group: Group | None = None, adapter: FamilyAdapter | None = None, *,
+                 resolved: ResolvedModel | None = None, caps: Capabilities | None = None) -> None:
+        self.group = group
+        super().__init__(config, adapter, resolved, caps, group)
+
+    def images(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [-1, 1]."""
+        latents = latents.to(self.adapter.device)
+        with torch.inference_mode():
+            run = lambda: self.adapter.decode(latents, req.params.height, req.params.width)  # noqa: E731
+            vae_parallel = getattr(self.adapter, "vae_parallel", None)
+            return vae_parallel.decode(run) if vae_parallel is not None else run()
+
+    def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
+        start = time.perf_counter()
+        sent_before = self.group.sent if self.group is not None else 0
+        images = to_uint8(self.adapter.postprocess(self.images(req, denoised.latents), output_type="np"))
+        report = StageReport("decode", {"decode": time.perf_counter() - start},
+                             bytes_sent=(self.group.sent - sent_before) if self.group is not None else 0)
+        return Decoded(images, (*denoised.reports, report), denoised.latents if return_latents else None)
+
+
+def build_stage(config: Any, stages: Sequence[str], *, aborted: Callable[[], bool] | None = None
+                ) -> tuple[Any, ParallelGroups | None, Group | None]:
+    """The stage object a rank serves (inside an initialized torch.distributed world, if any):
+    ``["denoise"]`` a Denoiser in the DiT layout's groups, ``["decode"]`` a Decoder in the VAE
+    group, ``["encode"]`` an Encoder, several stages the reference runner over them.
+
+    Returns:
+        (stage object, DiT groups or None, VAE group or None).
+    """
+    stages = list(stages)
+    groups = build_groups(config.parallel) if "denoise" in stages else None
+    vae_group = build_vae_group(config.vae) if stages == ["decode"] else None
+    if stages == ["denoise"]:
+        return Denoiser(config, groups, aborted=aborted), groups, None
+    if stages == ["decode"]:
+        return Decoder(config, vae_group), None, vae_group
+    if stages == ["encode"]:
+        return Encoder(config), None, None
+    from .engine import Engine
+
+    return Engine(config, stages, groups, vae_group=vae_group, aborted=aborted), groups, vae_group

@@ -107,15 +107,18 @@ def test_dit_autoscales_up_under_a_burst_and_back_down(ray_cluster, tiny_qwen):
         serve.delete(app)
 
 def test_worker_group_errors_name_the_rank(ray_cluster, tiny_qwen):
+    import asyncio
+
     from ditserve.deployments import EngineConfig
-    from ditserve.deployments.worker_group import WorkerError, WorkerGroup
+    from ditserve.deployments.executor import WorkerError
+    from ditserve.deployments.ray_executor import RayExecutor
 
     config = EngineConfig(model=str(tiny_qwen), device="cpu", vae={"vae_patch_parallel_size": 2})
-    group = WorkerGroup(2, config, ["decode"], num_cpus=0.1, num_gpus=0,
+    group = RayExecutor(2, config, ["decode"], num_cpus=0.1, num_gpus=0,
                         resources={}, placement_group=None, timeout_s=60)
     try:
         assert group.info["backend"] == "gloo"
-        group.check_health()
+        asyncio.run(group.check_health())
         with pytest.raises(WorkerError, match="no_such_method failed on rank 0"):
             group.call_all("no_such_method")
     finally:
@@ -123,10 +126,11 @@ def test_worker_group_errors_name_the_rank(ray_cluster, tiny_qwen):
 
 def test_worker_that_cannot_be_placed_fails_with_a_clear_message(ray_cluster, tiny_qwen):
     from ditserve.deployments import EngineConfig
-    from ditserve.deployments.worker_group import WorkerError, WorkerGroup
+    from ditserve.deployments.executor import WorkerError
+    from ditserve.deployments.ray_executor import RayExecutor
 
     with pytest.raises(WorkerError, match=r"start: rank\(s\) \[0\] did not answer within 3s"):
-        WorkerGroup(1, EngineConfig(model=str(tiny_qwen)), ["decode"], num_cpus=0.1, num_gpus=0,
+        RayExecutor(1, EngineConfig(model=str(tiny_qwen)), ["decode"], num_cpus=0.1, num_gpus=0,
                     resources={"no_such_node": 1}, placement_group=None, timeout_s=3)
 
 def test_dead_dit_worker_fails_health_check_and_the_replica_is_replaced(ray_cluster, tiny_qwen):
@@ -163,5 +167,31 @@ def test_dead_dit_worker_fails_health_check_and_the_replica_is_replaced(ray_clus
         _wait_running(app)
         after = handle.generate.remote(req, "np").result()
         assert (after.images[0] == before.images[0]).all()
+    finally:
+        serve.delete(app)
+
+
+def test_long_request_completes_and_its_replica_is_not_replaced(ray_cluster, tiny_qwen):
+    """A request that runs for longer than twice the health-check timeout and longer than the
+    collective timeout completes, on the same DiT replica and ranks: health pings are answered
+    from the ranks' control threads, and a request's deadline is request_timeout_s (none here),
+    not distributed_timeout_s."""
+    app = "long-request-test"
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_qwen), "device": "cpu"},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 2,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+        "dit": {"health_check_period_s": 1, "health_check_timeout_s": 1},
+    })
+    handle = serve.run(build_app(cfg), name=app, route_prefix=None)
+    try:
+        dit = serve.get_deployment_handle("DiT", app)
+        before = dit.info.remote().result()
+        req = GenerationRequest(prompt="a cat", size="256x256", num_inference_steps=200, seed=0)
+        result = handle.generate.remote(req, "np").result(timeout_s=300)
+        assert result.timings["denoise"] > 2.0, f"precondition: denoising took only {result.timings['denoise']:.2f} s"
+        after = dit.info.remote().result()
+        assert (after["replica_id"], after["worker_pids"]) == (before["replica_id"], before["worker_pids"])
     finally:
         serve.delete(app)

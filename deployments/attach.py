@@ -1,0 +1,209 @@
+"""The feature table: every feature that attaches to a loaded adapter, in one place, in one order,
+with its start-up check, how it is applied and removed, and what it conflicts with.
+
+``check_support(config, stages)`` gives every start-up refusal (an option the model or the
+combination cannot run fails here, naming the option and what would work), from what the
+model declares as data (``models.capabilities``) — nothing is loaded. ``attach(adapter, config,
+groups)`` applies the enabled entries of a stage in table order; ``detach`` removes them in
+reverse. It lives in ``deployments/`` because it joins ``parallel/`` and ``features/``, which do
+not import each other.
+
+Order matters where hooks wrap hooks: a hook registered later wraps the earlier ones, so the
+cache hooks go on before sequence parallelism, whose split of block 0's inputs then runs first
+and the cache sees this rank's shard. Tensor parallelism is cut while loading (each rank reads
+only its shards), so its entry only checks; the adapter is loaded with its loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ditserve.features.cache import apply_cache, check_blocks, remove_cache
+from ditserve.models import Feature, ResolvedModel, adapter_class
+from ditserve.models.loading import read_checkpoint
+from ditserve.parallel import ParallelGroups, check_parallel
+from ditserve.parallel.cfg import CFGParallel
+from ditserve.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
+from ditserve.parallel.vae import VaeParallel, check_vae_config, remove_vae_parallel
+from ditserve.features.cache import num_blocks as cache_num_blocks
+
+if TYPE_CHECKING:
+    from .engine import EngineConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureEntry:
+    """One row of the table.
+
+    Attributes:
+        name: the feature (a ``Feature`` value where the registry has one).
+        stage: the stage whose adapter it attaches to (``denoise`` or ``decode``).
+        order: application order within the stage (lower first).
+        enabled: whether a config turns it on.
+        check: start-up check against the model's capabilities; raises ``ValueError`` naming
+            the option.
+        apply: attaches it to a loaded adapter (``None``: nothing to attach after loading).
+        remove: detaches it.
+        conflicts: features it cannot be combined with (checked at start-up).
+    """
+
+    name: str
+    stage: str
+    order: int
+    enabled: Callable[[EngineConfig], bool]
+    check: Callable[[Capabilities, EngineConfig], None]
+    apply: Callable[[Any, EngineConfig, Any], None] | None = None
+    remove: Callable[[Any], None] | None = None
+    conflicts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a model can run, read from its registry entry, adapter class and config files."""
+
+    model: str
+    features: frozenset
+    transformer_config: dict
+    has_cp_plan: bool
+    has_tp_plan: bool
+    num_blocks: int | None
+    vae_class: str | None
+    vae_scale: int
+    default_size: tuple[int, int]
+
+
+def capabilities(resolved: ResolvedModel) -> Capabilities:
+    spec = resolved.spec
+    cls = adapter_class(spec.family)
+    info = read_checkpoint(resolved.path)
+    transformer = cls.component_types["transformer"]
+    ref = info.components.get("transformer")
+    tconfig = info.config("transformer")
+    return Capabilities(
+        model=spec.id, features=spec.features, transformer_config=tconfig,
+        has_cp_plan=bool(getattr(transformer, "_cp_plan", None)), has_tp_plan=bool(getattr(transformer, "_tp_plan", None)),
+        num_blocks=cache_num_blocks(ref.class_name, tconfig) if ref else None,
+        vae_class=spec.components.vae, vae_scale=cls.vae_scale_from_config(info),
+        default_size=(spec.default_width, spec.default_height),
+    )
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+
+def _check_parallel(caps: Capabilities, config: EngineConfig) -> None:
+    check_parallel(
+        config.parallel, caps.transformer_config, model=caps.model,
+        cfg_ok=Feature.CFG_PARALLEL in caps.features,
+        sp_ok=Feature.SEQUENCE_PARALLEL in caps.features and caps.has_cp_plan,
+        tp_ok=Feature.TENSOR_PARALLEL in caps.features and caps.has_tp_plan,
+    )
+
+
+def _check_cache(caps: Capabilities, config: EngineConfig) -> None:
+    default = config.cache()
+    feature = Feature(default.backend)
+    if feature not in caps.features or caps.num_blocks is None:
+        works = [f.value for f in (Feature.TEA_CACHE, Feature.CACHE_DIT) if f in caps.features] or "none"
+        raise ValueError(f"cache_backend={default.backend}: model {caps.model} does not support it "
+                         f"(supported caches: {works})")
+    check_blocks(default, caps.num_blocks)
+
+
+def _check_vae(caps: Capabilities, config: EngineConfig) -> None:
+    check_vae_config(config.vae, caps.vae_class or "?", model=caps.model, vae_scale=caps.vae_scale,
+                     default_size=caps.default_size)
+
+
+# ---- apply / remove ----------------------------------------------------------------------------------
+
+
+def _apply_cache(adapter: Any, config: EngineConfig, groups: Any) -> None:
+    apply_cache(adapter.transformer)
+
+
+def _apply_sp(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
+    apply_sequence_parallel(adapter.transformer, groups)
+
+
+def _apply_cfg(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
+    adapter.cfg_strategy = CFGParallel(groups.cfg)
+
+
+def _remove_cfg(adapter: Any) -> None:
+    from ditserve.models import serial_cfg
+
+    adapter.cfg_strategy = serial_cfg
+
+
+def _apply_vae(adapter: Any, config: EngineConfig, group: Any) -> None:
+    adapter.vae_parallel = VaeParallel(adapter.components["vae"], config.vae, group, adapter.vae_scale_factor)
+
+
+FEATURES: tuple[FeatureEntry, ...] = (
+    FeatureEntry("tensor_parallel", "denoise", 0, lambda c: c.parallel.tensor_parallel_size > 1, _check_parallel),
+    # the cache hooks are always attached where the model has them (idle until a request asks),
+    # so a request may turn a cache on even when the deployment has no default
+    FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
+                 lambda a: remove_cache(a.transformer)),
+    FeatureEntry("sequence_parallel", "denoise", 20, lambda c: c.parallel.sp_degree > 1, _check_parallel,
+                 _apply_sp, lambda a: remove_sequence_parallel(a.transformer)),
+    FeatureEntry("cfg_parallel", "denoise", 30, lambda c: c.parallel.cfg_parallel_size > 1, _check_parallel,
+                 _apply_cfg, _remove_cfg),
+    FeatureEntry("vae_parallel", "decode", 0, lambda c: True, _check_vae, _apply_vae,
+                 lambda a: remove_vae_parallel(a.components["vae"].decoder)),
+)
+
+
+def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "denoise", "decode"),
+                  caps: Capabilities | None = None) -> Capabilities:
+    """Every start-up refusal for ``config`` on the stages given (nothing is loaded).
+
+    Returns:
+        the model's capabilities (for callers that need more of them).
+
+    Raises:
+        ValueError: the first unsupported option, named, with what works instead.
+    """
+    from ditserve.models import resolve_model
+
+    caps = caps or capabilities(resolve_model(config.model))
+    on = [e for e in FEATURES if e.stage in stages and e.enabled(config)]
+    names = {e.name for e in on}
+    for entry in on:
+        clash = names.intersection(entry.conflicts)
+        if clash:
+            raise ValueError(f"{entry.name} cannot be combined with {', '.join(sorted(clash))}")
+        entry.check(caps, config)
+    return caps
+
+
+def _always_attached(entry: FeatureEntry, config: EngineConfig, caps: Capabilities) -> bool:
+    if entry.name == "cache":  # idle hooks on every model that has cache support
+        return caps.num_blocks is not None and bool({Feature.TEA_CACHE, Feature.CACHE_DIT} & caps.features)
+    return entry.enabled(config)
+
+
+def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Capabilities) -> list[str]:
+    """Apply the table's entries for ``stage`` in order; returns the names applied.
+
+    Args:
+        groups: the DiT rank's ``ParallelGroups`` (``denoise``) or the VAE workers' group (``decode``).
+    """
+    applied = []
+    for entry in sorted((e for e in FEATURES if e.stage == stage), key=lambda e: e.order):
+        if entry.apply is not None and _always_attached(entry, config, caps):
+            entry.apply(adapter, config, groups)
+            applied.append(entry.name)
+    return applied
+
+
+def detach(adapter: Any, names: Sequence[str]) -> None:
+    """Remove what ``attach`` applied, last first."""
+    by_name = {e.name: e for e in FEATURES}
+    for name in reversed(list(names)):
+        remove = by_name[name].remove
+        if remove is not None:
+            remove(adapter)

@@ -1,0 +1,215 @@
+"""The executor over Ray actors: the ranks a DiT or VAE replica starts in its own placement group.
+
+One actor per bundle ``first_bundle + rank`` of the replica's placement group, each holding a
+``worker.RankWorker``; rendezvous on rank 0's node (rank 0 opens a ``TCPStore`` on a free port,
+the others connect), with the collective timeout of the deployment.
+
+Why the actors have two concurrency groups: requests run in the default group, one at a time (the
+collectives of two requests must never interleave), while ``ping`` (the replica's health check)
+and ``abort`` run in a ``control`` group with its own thread. A plain sync actor queued the
+health ping behind a running generation, so Serve took a healthy replica that was busy for longer
+than its health-check timeout for dead and killed it mid-request.
+
+Inputs are put in the object store once (``ray.put``) and every rank gets the reference; only the
+reply rank returns its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .executor import Executor, RequestTimeoutError, WorkerError, _name
+from .worker import RankWorker, RequestAborted, Target
+
+logger = logging.getLogger(__name__)
+
+CONTROL = "control"
+
+
+@ray.remote(concurrency_groups={CONTROL: 2})
+class RankActor:
+    """A ``RankWorker`` in a Ray actor (Ray shows it its own GPU as ``cuda:0``: local rank 0)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.worker = RankWorker(rank, world_size, local_rank=0)
+
+    def run(self, op: str, *args: Any) -> Any:
+        return getattr(self.worker, op)(*args)
+
+    def call(self, request: tuple[Target, tuple, dict], reply: bool) -> Any:
+        target, args, kwargs = request
+        return self.worker.call(target, args, kwargs, reply)
+
+    @ray.method(concurrency_group=CONTROL)
+    def ping(self) -> int:
+        return self.worker.ping()
+
+    @ray.method(concurrency_group=CONTROL)
+    def abort(self) -> None:
+        self.worker.abort()
+
+    @ray.method(concurrency_group=CONTROL)
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    @ray.method(concurrency_group=CONTROL)
+    def where(self) -> tuple[str, int]:
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+class RayExecutor(Executor):
+    """The ranks of one replica.
+
+    Args:
+        world_size: number of ranks.
+        config: what every rank loads (``EngineConfig``).
+        stages: the stages the ranks serve (e.g. ``["denoise"]``).
+        num_cpus, num_gpus, resources: per-rank Ray resources (must fit the rank bundles).
+        placement_group: the replica's placement group (``None``: schedule freely, for tests).
+        first_bundle: index of rank 0's bundle (bundle 0 holds the coordinator).
+        timeout_s: start-up, rendezvous and collective timeout (``distributed_timeout_s``); a
+            request's own deadline is ``call_all``'s ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        config: Any,
+        stages: Sequence[str],
+        *,
+        num_cpus: float,
+        num_gpus: float,
+        resources: dict[str, float],
+        placement_group: PlacementGroup | None,
+        first_bundle: int = 1,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if num_gpus == 0 else {}
+        self.actors = []
+        for rank in range(world_size):
+            options: dict[str, Any] = dict(
+                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, runtime_env={"env_vars": env}
+            )
+            if placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=first_bundle + rank
+                )
+            self.actors.append(RankActor.options(**options).remote(rank, world_size))
+        try:
+            self._wait([a.ping.remote() for a in self.actors], "start")
+            host = self._wait([self.actors[0].node_ip.remote()], "node_ip")[0]
+            port = self._wait([self.actors[0].run.remote("open_store", host, timeout_s)], "open_store")[0] \
+                if world_size > 1 else 0
+            placement = self._wait([a.run.remote("init_distributed", host, port, config.device, timeout_s)
+                                    for a in self.actors], "init_distributed")
+            self.load(config, stages)
+            self.info = {**self.info, "backend": placement[0]["backend"]}
+        except Exception:
+            self.kill()
+            raise
+
+    # ---- the verb ----------------------------------------------------------------------------------
+
+    def _load(self, config: Any, stages: list[str]) -> dict[str, str]:
+        return self._wait([a.run.remote("load", config, stages) for a in self.actors], "load")[0]
+
+    def _refs(self, target: Target, args: tuple, kwargs: dict, reply_rank: int | None) -> list:
+        request = ray.put((target, args, kwargs))  # once, for every rank
+        return [a.call.remote(request, reply_rank is None or rank == reply_rank) for rank, a in enumerate(self.actors)]
+
+    def call_all(self, target: Target, *args: Any, reply_rank: int | None = 0, timeout_s: float | None = None,
+                 **kwargs: Any) -> Any:
+        refs = self._refs(target, args, kwargs, reply_rank)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            self.abort()
+            ray.wait(pending, num_returns=len(pending), timeout=self.timeout_s)
+            raise RequestTimeoutError(f"{_name(target)}: no result within the request deadline of {timeout_s:g} s; "
+                                      "the ranks were aborted")
+        return self._results(refs, _name(target), reply_rank)
+
+    async def call_all_async(self, target: Target, *args: Any, reply_rank: int | None = 0,
+                             timeout_s: float | None = None, **kwargs: Any) -> Any:
+        refs = self._refs(target, args, kwargs, reply_rank)
+        done = asyncio.gather(*refs, return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(asyncio.shield(done), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            self.abort()
+            try:  # every rank stops at its next step; wait for them so the group is free again
+                await asyncio.wait_for(done, timeout=self.timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            raise RequestTimeoutError(f"{_name(target)}: no result within the request deadline of {timeout_s:g} s; "
+                                      "the ranks were aborted") from None
+        return self._pick(results, _name(target), reply_rank)
+
+    def _results(self, refs: list, method: str, reply_rank: int | None) -> Any:
+        results = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except Exception as exc:  # noqa: BLE001 - collected and raised below with the rank
+                results.append(exc)
+        return self._pick(results, method, reply_rank)
+
+    @staticmethod
+    def _pick(results: list, method: str, reply_rank: int | None) -> Any:
+        for rank, result in enumerate(results):
+            if isinstance(result, BaseException):
+                cause = getattr(result, "cause", None) or result
+                if isinstance(cause, RequestAborted):
+                    raise RequestTimeoutError(f"{method}: aborted") from None
+                raise WorkerError(f"{method} failed on rank {rank}: {result}") from result
+        return results if reply_rank is None else results[reply_rank]
+
+    def _wait(self, refs: list, method: str) -> list:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            ranks = [refs.index(r) for r in pending]
+            raise WorkerError(
+                f"{method}: rank(s) {ranks} did not answer within {self.timeout_s:.0f}s "
+                "(not scheduled: do the placement bundles hold the workers' resources?)"
+            )
+        out = []
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except Exception as exc:
+                raise WorkerError(f"{method} failed on rank {rank}: {exc}") from exc
+        return out
+
+    # ---- control -----------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        for actor in self.actors:
+            actor.abort.remote()
+
+    async def check_health(self, timeout_s: float = 10.0) -> None:
+        """Every rank answers a ping (from its control thread: a running request does not delay it)."""
+        refs = [a.ping.remote() for a in self.actors]
+        try:
+            await asyncio.wait_for(asyncio.gather(*refs), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerError(f"a rank of {self.world_size} did not answer a health check in {timeout_s:g}s") from None
+
+    async def where(self) -> list[tuple[str, int]]:
+        """(node id, pid) of every rank."""
+        return list(await asyncio.gather(*[a.where.remote() for a in self.actors]))
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        self.kill()

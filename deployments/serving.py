@@ -1,0 +1,160 @@
+"""The three model deployments: TextEncoder, DiT, VAE.
+
+Each owns its Ray options (``deployment_options(cfg)``). The TextEncoder runs an ``Encoder`` stage
+object in the replica (one bundle) and batches concurrent requests. The DiT and VAE replicas are
+coordinators: each reserves one placement group (bundle 0 for itself, one bundle per rank) and
+starts a ``RayExecutor`` in it whose ranks run a ``Denoiser`` or a ``Decoder``; a request is one
+``call_all`` (the whole loop runs in the ranks), answered by rank 0 alone, with the deployment's
+``request_timeout_s`` as its deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray import serve
+
+from .config import AppConfig, StageOptions
+from .ray_executor import RayExecutor
+from .schema import ResolvedRequest
+from .stages import Decoded, Denoised, Encoded, Encoder
+
+logger = logging.getLogger(__name__)
+
+
+def _request_id() -> str:
+    return serve.context._get_serve_request_context().request_id
+
+
+def _resources(opts: StageOptions) -> dict[str, float]:
+    return {k: v for k, v in opts.custom_resources.items() if v > 0}
+
+
+def _common_options(opts: StageOptions) -> dict[str, Any]:
+    return {
+        "max_ongoing_requests": opts.max_ongoing_requests,
+        "max_queued_requests": opts.max_queued_requests,
+        "autoscaling_config": opts.autoscaling.to_serve(),
+        "health_check_period_s": opts.health_check_period_s,
+        "health_check_timeout_s": opts.health_check_timeout_s,
+    }
+
+
+def _worker_group_options(opts: StageOptions, workers: int, gpu: bool, strategy: str) -> dict[str, Any]:
+    """Bundle 0 holds the coordinator replica; bundles 1..N one rank each."""
+    res = _resources(opts)
+    coordinator = {"CPU": opts.num_cpus, **res}
+    rank = {"CPU": opts.worker_cpus, **res, **({"GPU": opts.num_gpus} if gpu and opts.num_gpus else {})}
+    return {
+        **_common_options(opts),
+        "ray_actor_options": {"num_cpus": opts.num_cpus, "resources": res},
+        "placement_group_bundles": [coordinator] + [rank] * workers,
+        "placement_group_strategy": strategy,
+    }
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder:
+    """Tokenizer(s) + text encoder(s); batches concurrent requests whose shapes allow it."""
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        opts = cfg.text_encoder
+        return {
+            **_common_options(opts),
+            "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus if gpu else 0.0, "resources": _resources(opts)},
+        }
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.encoder = Encoder(cfg.engine)
+        self.encode.set_max_batch_size(cfg.encode_batch_size)
+        self.encode.set_batch_wait_timeout_s(cfg.encode_batch_wait_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def encode(self, reqs: list[ResolvedRequest]) -> list[Encoded]:
+        return self.encoder.encode(reqs)
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "model": self.encoder.spec.id}
+
+
+class _GroupCoordinator:
+    """A replica that coordinates one executor's ranks in its own placement group."""
+
+    stage: str
+    method: str
+
+    def __init__(self, cfg: AppConfig, gpu: bool, workers: int, opts: StageOptions) -> None:
+        self.request_timeout_s = cfg.request_timeout_s
+        self.health_check_timeout_s = opts.health_check_timeout_s
+        self.executor = RayExecutor(
+            workers,
+            cfg.engine,
+            [self.stage],
+            num_cpus=opts.worker_cpus,
+            num_gpus=opts.num_gpus if gpu else 0.0,
+            resources=_resources(opts),
+            placement_group=ray.util.get_current_placement_group(),
+            timeout_s=cfg.distributed_timeout_s,
+        )
+        logger.info("%s ranks ready: %s", type(self).__name__, self.executor.info)
+
+    async def _call(self, *args: Any) -> Any:
+        # every rank computes; rank 0 alone sends its result back
+        return await self.executor.call_all_async(self.method, *args, timeout_s=self.request_timeout_s)
+
+    async def check_health(self) -> None:
+        # answered from the ranks' control threads, so a long request does not fail it
+        await self.executor.check_health(timeout_s=self.health_check_timeout_s)
+
+    async def info(self) -> dict[str, Any]:
+        where = await self.executor.where()
+        return {
+            "node_id": _node_id(),
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "worker_node_ids": [node for node, _ in where],
+            "worker_pids": [pid for _, pid in where],
+            **self.executor.info,
+        }
+
+
+@serve.deployment(name="DiT")
+class DiT(_GroupCoordinator):
+    """Coordinator of one DiT worker group (one torch.distributed world); one request at a time."""
+
+    stage, method = "denoise", "denoise"
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        return _worker_group_options(cfg.dit, cfg.dit_world_size, gpu, cfg.placement_strategy)
+
+    def __init__(self, cfg: AppConfig, gpu: bool) -> None:
+        super().__init__(cfg, gpu, cfg.dit_world_size, cfg.dit)
+
+    async def denoise(self, req: ResolvedRequest, encoded: Encoded) -> Denoised:
+        return await self._call(req, encoded, _request_id())
+
+
+@serve.deployment(name="VAE")
+class VAE(_GroupCoordinator):
+    """Coordinator of the VAE workers (``vae_patch_parallel_size``, one torch.distributed group):
+    latents -> uint8 images; every worker gets the full latents, decodes its patch (or tiles) and
+    ends with the merged image; rank 0's is returned."""
+
+    stage, method = "decode", "decode"
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        return _worker_group_options(cfg.vae, cfg.vae_world_size, gpu, cfg.placement_strategy)
+
+    def __init__(self, cfg: AppConfig, gpu: bool) -> None:
+        super().__init__(cfg, gpu, cfg.vae_world_size, cfg.vae)
+
+    async def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
+        return await self._call(req, denoised, return_latents)
