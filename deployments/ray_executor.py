@@ -75,8 +75,9 @@ class RayExecutor(Executor):
         num_cpus, num_gpus, resources: per-rank Ray resources (must fit the rank bundles).
         placement_group: the replica's placement group (``None``: schedule freely, for tests).
         first_bundle: index of rank 0's bundle (bundle 0 holds the coordinator).
-        timeout_s: start-up, rendezvous and collective timeout (``distributed_timeout_s``); a
-            request's own deadline is ``call_all``'s ``timeout_s``.
+        timeout_s: rendezvous and collective timeout (``distributed_timeout_s``); a request's own
+            deadline is ``call_all``'s ``timeout_s``.
+        startup_timeout_s: how long the actors may take to start and load (default ``timeout_s``).
     """
 
     def __init__(
@@ -91,9 +92,12 @@ class RayExecutor(Executor):
         placement_group: PlacementGroup | None,
         first_bundle: int = 1,
         timeout_s: float = 120.0,
+        startup_timeout_s: float | None = None,
     ) -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
+        # starting actors and loading weights is not a collective: it gets its own, longer, limit
+        self.startup_timeout_s = startup_timeout_s or timeout_s
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if num_gpus == 0 else {}
         self.actors = []
         for rank in range(world_size):
@@ -174,11 +178,11 @@ class RayExecutor(Executor):
         return results if reply_rank is None else results[reply_rank]
 
     def _wait(self, refs: list, method: str) -> list:
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.startup_timeout_s)
         if pending:
             ranks = [refs.index(r) for r in pending]
             raise WorkerError(
-                f"{method}: rank(s) {ranks} did not answer within {self.timeout_s:.0f}s "
+                f"{method}: rank(s) {ranks} did not answer within {self.startup_timeout_s:.0f}s "
                 "(not scheduled: do the placement bundles hold the workers' resources?)"
             )
         out = []

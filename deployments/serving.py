@@ -102,6 +102,7 @@ class _GroupCoordinator:
             resources=_resources(opts),
             placement_group=ray.util.get_current_placement_group(),
             timeout_s=cfg.distributed_timeout_s,
+            startup_timeout_s=max(cfg.distributed_timeout_s, 300.0),
         )
         logger.info("%s ranks ready: %s", type(self).__name__, self.executor.info)
 

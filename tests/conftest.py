@@ -83,3 +83,13 @@ def ray_cluster():
     logging.getLogger("ray.serve").disabled = True
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_executors():
+    """The persistent local executors (one per role and world size) live for the whole session:
+    every multi-rank test loads its configuration into the same processes."""
+    yield
+    from ditserve.deployments.executor import shutdown_local_executors
+
+    shutdown_local_executors()

@@ -182,13 +182,13 @@ def test_long_request_completes_and_its_replica_is_not_replaced(ray_cluster, tin
         "accelerator": "gpu",
         "distributed_timeout_s": 2,
         "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-        "dit": {"health_check_period_s": 1, "health_check_timeout_s": 1},
+        "dit": {"max_ongoing_requests": 1, "health_check_period_s": 1, "health_check_timeout_s": 1},
     })
     handle = serve.run(build_app(cfg), name=app, route_prefix=None)
     try:
         dit = serve.get_deployment_handle("DiT", app)
         before = dit.info.remote().result()
-        req = GenerationRequest(prompt="a cat", size="256x256", num_inference_steps=200, seed=0)
+        req = GenerationRequest(prompt="a cat", size="640x640", num_inference_steps=200, seed=0)
         result = handle.generate.remote(req, "np").result(timeout_s=300)
         assert result.timings["denoise"] > 2.0, f"precondition: denoising took only {result.timings['denoise']:.2f} s"
         after = dit.info.remote().result()
