@@ -26,7 +26,9 @@ class RouterMetrics:
             "ditserve_request_seconds", description="Seconds per request, end to end.",
             boundaries=LATENCY_BOUNDARIES, tag_keys=("model",),
         )
-        self.requests = Counter("ditserve_requests_total", description="Requests by outcome.", tag_keys=("model", "status"))
+        self.requests = Counter(
+            "ditserve_requests_total", description="Requests by outcome.", tag_keys=("model", "status")
+        )
         self.cache_calls = Counter(
             "ditserve_cache_calls_total", description="Transformer calls of cached requests, computed or skipped.",
             tag_keys=("model", "backend", "outcome"),
