@@ -233,3 +233,10 @@ def test_fastapi_validation_error_names_the_field(served):
     assert "less than or equal to 4" in reply["error"]["message"]
     status, reply, _ = _post(served["url"], dict(REQ, colour="red"))
     assert status == 422 and reply["error"]["param"] == "colour" and "unknown field" in reply["error"]["message"]
+
+
+def test_http_request_id_is_honoured_and_echoed(served):
+    status, body, headers = _post(served["url"], REQ, {"x-request-id": "my-req-2"})
+    assert status == 200, body
+    assert body["request_id"] == "my-req-2" and headers.get("x-request-id") == "my-req-2"
+    assert body["usage"] == {"images": 1, "num_inference_steps": 4} and body["cache"] is None
