@@ -2,8 +2,9 @@
 
 ``AppConfig`` is what ``ditserve run`` builds from its flags, what ``ditserve config`` writes into a
 Serve config file (as the app's ``args``), and what ``build_app`` turns into a bound graph. Each
-deployment's Ray options (actor resources, placement bundles, autoscaling) are derived here, in
-one place, so the test, the CLI and a KubeRay RayService all get the same placement.
+deployment's Ray options (actor resources, placement bundles, autoscaling) are derived from it, in
+one place, so the test, the CLI and a KubeRay RayService all get the same placement. It is pure
+data: what a running cluster can hold is checked by the builder (``placement.py``), not here.
 """
 
 from __future__ import annotations
@@ -132,39 +133,3 @@ class AppConfig(BaseModel):
     def vae_world_size(self) -> int:
         """VAE workers per replica: ``engine.vae.vae_patch_parallel_size``."""
         return self.engine.vae.vae_patch_parallel_size
-
-    def check_placement(self, gpu: bool) -> None:
-        """Refuse, before deploying, a DiT or VAE replica that no node of the running cluster can
-        hold (its bundles are STRICT_PACKed onto one node)."""
-        import ray
-
-        if not ray.is_initialized() or self.placement_strategy != "STRICT_PACK":
-            return
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        groups = (
-            ("DiT world", self.dit_world_size, self.dit, self.engine.parallel.describe(), "lower the degrees"),
-            ("VAE group", self.vae_world_size, self.vae, f"vae_patch_parallel_size {self.vae_world_size}",
-             "lower vae_patch_parallel_size"),
-        )
-        for name, world, opts, layout, fix in groups:
-            need_gpu = world * opts.num_gpus if gpu else 0.0
-            need_cpu = opts.num_cpus + world * opts.worker_cpus
-            if not any(r.get("GPU", 0) >= need_gpu and r.get("CPU", 0) >= need_cpu for r in nodes):
-                most_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
-                most_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
-                raise ValueError(
-                    f"the {name} of {world} ranks ({layout}) needs {need_gpu:g} GPUs and {need_cpu:g} CPUs on one "
-                    f"node (placement_strategy=STRICT_PACK); the largest node has {most_gpu:g} GPUs and "
-                    f"{most_cpu:g} CPUs: {fix} or use placement_strategy=PACK"
-                )
-
-    def uses_gpu(self) -> bool:
-        if self.accelerator != "auto":
-            return self.accelerator == "gpu"
-        import ray
-
-        if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
-        import torch
-
-        return torch.cuda.is_available()

@@ -91,12 +91,18 @@ class GenerationRequest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "body"
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown field"
-            raise RequestError(field, message) from None
+            raise field_error(exc.errors()[0]) from None
+
+
+def field_error(err: Mapping[str, Any]) -> RequestError:
+    """One pydantic error (an item of ``ValidationError.errors()``, its ``loc`` relative to the
+    request body) as a ``RequestError`` naming the field, e.g. ``cache.config.rel_l1_thresh``.
+    The Python API and the HTTP layer both name fields through it."""
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    return RequestError(field, message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,3 +200,43 @@ def test_bad_handle_request_raises_naming_the_field(served):
         served["handle"].generate.remote(GenerationRequest(prompt="x", size="64x40")).result()
     # the replica is still serving
     assert served["handle"].generate.remote(GenerationRequest(**REQ)).result().seed == 7
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method)) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_served_openapi_lists_the_routes_with_our_schemas(served):
+    status, spec = _get(served["url"] + "/openapi.json")
+    assert status == 200 and {"/v1/images/generations", "/v1/models", "/health"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    name = body["$ref"].rsplit("/", 1)[-1]
+    assert set(spec["components"]["schemas"][name]["properties"]) >= set(GenerationRequest.model_fields) | {
+        "output_format", "output_compression", "response_format", "user"}
+
+
+def test_wrong_method_and_unknown_route_keep_openai_shape(served):
+    for path, method, code in (("/v1/images/generations", "GET", 405), ("/health", "POST", 405),
+                               ("/v1/nothing", "GET", 404)):
+        status, reply = _get(served["url"] + path, method)
+        assert status == code and set(reply["error"]) == {"message", "type", "param", "code"}, reply
+        assert reply["error"]["type"] == "invalid_request_error"
+
+
+def test_fastapi_validation_error_names_the_field(served):
+    status, reply, _ = _post(served["url"], dict(REQ, lora={"name": "x", "scale": 9}))
+    assert status == 422 and reply["error"]["param"] == "lora.scale"
+    assert "less than or equal to 4" in reply["error"]["message"]
+    status, reply, _ = _post(served["url"], dict(REQ, colour="red"))
+    assert status == 422 and reply["error"]["param"] == "colour" and "unknown field" in reply["error"]["message"]
+
+
+def test_http_request_id_is_honoured_and_echoed(served):
+    status, body, headers = _post(served["url"], REQ, {"x-request-id": "my-req-2"})
+    assert status == 200, body
+    assert body["request_id"] == "my-req-2" and headers.get("x-request-id") == "my-req-2"
+    assert body["usage"] == {"images": 1, "num_inference_steps": 4} and body["cache"] is None

@@ -1,0 +1,345 @@
+"""The HTTP face of the Router: OpenAI-style routes on FastAPI, request and response models,
+OpenAI's error shape, and the image encoding of answers.
+
+``build_http_app(backend, max_request_bytes=...)`` returns the FastAPI app a Router replica serves
+through Serve's ingress (``@serve.ingress``). The routes only translate: HTTP in, a call to the
+``HttpBackend`` (the Router), HTTP out. Every error, FastAPI's own included (validation, unknown
+route, wrong method), is answered in OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}`` with ``param`` naming the field as ``GenerationRequest.parse`` does. The served
+``/openapi.json`` documents the routes with these models.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import io
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .executor import RequestTimeoutError
+from .engine import GenerationResult
+from .schema import GenerationRequest, RequestError, field_error
+
+logger = logging.getLogger("ray.serve")
+
+IMAGES_PATH = "/v1/images/generations"
+MODELS_PATH = "/v1/models"
+HEALTH_PATH = "/health"
+OPENAPI_PATH = "/openapi.json"
+
+
+# ---- request and response models ------------------------------------------------------------
+
+
+class ImagesRequest(GenerationRequest):
+    """Body of ``POST /v1/images/generations``: OpenAI's fields plus the generation fields."""
+
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 JSON is returned.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, 0..100.")
+    user: str | None = Field(None, max_length=256, description="End-user id, logged with the request.")
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(self.model_dump(include=set(GenerationRequest.model_fields)))
+
+    def check(self) -> None:
+        """What the fields' own validators cannot tell (raises ``RequestError``)."""
+        if self.output_compression is not None and self.output_format == "png":
+            raise RequestError("output_compression", "applies to jpeg and webp only")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageData(_Response):
+    """One image."""
+
+    b64_json: str = Field(description="The encoded image (output_format), base64.")
+
+
+class ImagesUsage(_Response):
+    """What the request consumed."""
+
+    images: int = Field(description="Images generated.")
+    num_inference_steps: int = Field(description="Denoising steps per image.")
+
+
+class ImagesResponse(_Response):
+    """Answer of ``POST /v1/images/generations``."""
+
+    created: int = Field(description="Unix time of the answer.")
+    data: list[ImageData] = Field(description="The images, in order.")
+    model: str = Field(description="Model that generated them.")
+    output_format: Literal["png", "jpeg", "webp"] = Field(description="Image encoding.")
+    size: str = Field(description="'WIDTHxHEIGHT' of the images.")
+    seed: int = Field(description="Seed of the initial noise (drawn when the request gave none).")
+    request_id: str = Field(description="Id of the request (logs, metrics, x-request-id).")
+    timings: dict[str, float] = Field(
+        description="Seconds per stage: queue (time not spent computing), encode, prepare, denoise, decode, "
+        "postprocess, total."
+    )
+    cache: dict[str, Any] | None = Field(description="Cache statistics when the request ran with a cache.")
+    usage: ImagesUsage = Field(description="What the request consumed.")
+
+
+class ModelCard(_Response):
+    """One served model, as OpenAI lists them."""
+
+    id: str = Field(description="Model id (the request's model field).")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the deployment started.")
+    owned_by: str = Field("ditserve", description="Owner.")
+
+
+class ModelList(_Response):
+    """Answer of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(description="The served models.")
+
+
+class Health(_Response):
+    """Answer of ``GET /health``."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(_Response):
+    """OpenAI's error object."""
+
+    message: str = Field(description="What went wrong, starting with the field it concerns.")
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
+    param: str | None = Field(description="The offending field (dotted path), 'body', or null.")
+    code: str | None = Field(None, description="Always null.")
+
+
+class ErrorResponse(_Response):
+    """Every error answer."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {
+    400: "Malformed JSON, or not a JSON object.",
+    404: "Unknown model or route.",
+    405: "Wrong method for the route.",
+    413: "Body larger than max_request_bytes.",
+    422: "A field is invalid (param names it).",
+    429: "A stage's queue is full; retry after Retry-After seconds.",
+    500: "Generation failed.",
+    503: "A model stage is unavailable; retry after Retry-After seconds.",
+}
+
+
+def _error_docs(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
+
+
+# ---- response shaping -----------------------------------------------------------------------
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape."""
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    headers = {**(headers or {}), **({"Retry-After": "1"} if status in (429, 503) else {})}
+    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers or None)
+
+
+def encode_image(array: np.ndarray, fmt: str, quality: int | None) -> bytes:
+    """One uint8 (H, W, 3) image as PNG, JPEG or WEBP bytes."""
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=95 if quality is None else quality)
+    return buf.getvalue()
+
+
+def encode_images(images: np.ndarray, req: ImagesRequest) -> list[ImageData]:
+    return [ImageData(b64_json=base64.b64encode(encode_image(a, req.output_format, req.output_compression))
+                      .decode("ascii")) for a in images]
+
+
+def images_response(req: ImagesRequest, result: GenerationResult, data: Sequence[ImageData], size: tuple[int, int],
+                    steps: int) -> ImagesResponse:
+    """The answer to ``req``: ``size`` is (width, height), ``steps`` the denoising steps it ran."""
+    return ImagesResponse(
+        created=int(time.time()), data=list(data), model=result.model, output_format=req.output_format,
+        size=f"{size[0]}x{size[1]}", seed=result.seed, request_id=result.request_id,
+        timings={k: round(v, 6) for k, v in result.timings.items()}, cache=result.cache,
+        usage=ImagesUsage(images=len(data), num_inference_steps=steps),
+    )
+
+
+def validation_error(err: Mapping[str, Any], content_type: str | None) -> RequestError:
+    """FastAPI's first body error as our ``RequestError``: 400 when the body is no JSON object,
+    else 422 naming the field exactly as ``GenerationRequest.parse`` does."""
+    loc = tuple(err.get("loc", ()))
+    if loc[:1] == ("body",):
+        loc = loc[1:]
+    if err.get("type") == "json_invalid":
+        where = f" at character {loc[0]}" if loc else ""
+        return RequestError("body", f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}{where}", status=400)
+    if not loc:
+        if isinstance(err.get("input"), bytes | str) and "json" not in (content_type or ""):
+            return RequestError("body", "must be a JSON object sent with content-type: application/json", status=400)
+        return RequestError("body", "must be a JSON object", status=400)
+    return field_error({**err, "loc": loc})
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over ``limit`` bytes with 413 before anything parses it
+    (the declared content-length first, then the bytes as they arrive)."""
+
+    def __init__(self, app: ASGIApp, limit: int, refused: Callable[[int], None]) -> None:
+        self.app, self.limit, self.refused = app, limit, refused
+
+    async def _refuse(self, size: str, scope: Scope, receive: Receive, send: Send) -> None:
+        self.refused(413)
+        response = error_response(413, f"body: request body of {size} bytes exceeds {self.limit}", "body")
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(declared, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the app sees an empty body and the disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(f"at least {size}", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ditserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class HttpBackend(Protocol):
+    """What the routes call (the Router implements it)."""
+
+    async def images(self, req: ImagesRequest) -> ImagesResponse:
+        """Generate and shape the answer; raises ``RequestError`` and the stages' errors."""
+
+    def models(self) -> ModelList: ...
+
+    def failed(self, status: int) -> None:
+        """Count a refused or failed generation request (metrics)."""
+
+
+def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
+    """The FastAPI app of one Router replica; the routes call ``backend``."""
+    app = FastAPI(
+        title="ditserve", version=_version(), openapi_url=OPENAPI_PATH,
+        description="Diffusion transformers on Ray Serve, OpenAI-style. Errors: {'error': {message, type, param, "
+        "code}}, param naming the field.",
+    )
+    app.add_middleware(BodyLimit, limit=max_request_bytes, refused=backend.failed)
+    routes = (f"POST {IMAGES_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}", f"GET {OPENAPI_PATH}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(exc.errors()[0], request.headers.get("content-type"))
+        backend.failed(err.status)
+        return error_response(err.status, str(err), err.field)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        path = request.url.path
+        if exc.status_code == 404:
+            message = f"no route {path}; routes: {', '.join(routes)}"
+        elif exc.status_code == 405:
+            message = f"{path} takes {(exc.headers or {}).get('Allow', 'another method')}, not {request.method}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=exc.headers)
+
+    @app.post(IMAGES_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503),
+              summary="Generate images from a prompt.")
+    async def images(req: ImagesRequest) -> JSONResponse:
+        return await _answer(backend, req)
+
+    @app.get(MODELS_PATH, response_model=ModelList, summary="List the served models.")
+    async def models() -> ModelList:
+        return backend.models()
+
+    @app.get(HEALTH_PATH, response_model=Health, summary="Liveness of the Router.")
+    async def health() -> Health:
+        return Health()
+
+    return app
+
+
+async def _answer(backend: HttpBackend, req: ImagesRequest) -> JSONResponse:
+    status = 200
+    try:
+        req.check()
+        if req.user:
+            logger.info("request for user %s", req.user)
+        resp = await backend.images(req)
+        return JSONResponse(resp.model_dump(mode="json"), headers={"x-request-id": resp.request_id})
+    except RequestError as exc:
+        status = exc.status
+        return error_response(exc.status, str(exc), exc.field)
+    except BackPressureError as exc:
+        status = 429
+        return error_response(429, f"server busy, retry later ({exc})", kind="rate_limit_error")
+    except (DeploymentUnavailableError, RayActorError) as exc:
+        status = 503
+        return error_response(503, f"model stage unavailable: {exc}")
+    except RequestTimeoutError:
+        status = 504
+        return error_response(504, "the request ran past request_timeout_s and was stopped", kind="timeout_error")
+    except Exception as exc:  # the replica stays up; the client learns what failed
+        status = 500
+        logger.exception("request failed")
+        return error_response(500, f"generation failed: {type(exc).__name__}: {exc}")
+    finally:
+        if status != 200:
+            backend.failed(status)
+

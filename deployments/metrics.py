@@ -1,0 +1,64 @@
+"""The Router's Prometheus metrics (``ray.serve.metrics``; Ray prefixes the names with ``ray_``).
+
+One object per Router replica: seconds per stage and per request, requests by outcome, and the
+cache's computed/skipped transformer calls and blocks. The README's "Observability" lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ray.serve.metrics import Counter, Histogram
+
+LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250]
+
+
+class RouterMetrics:
+    """What the Router records per request."""
+
+    def __init__(self) -> None:
+        self.stage_seconds = Histogram(
+            "ditserve_stage_seconds", description="Seconds per request stage.", boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("model", "stage"),
+        )
+        self.request_seconds = Histogram(
+            "ditserve_request_seconds", description="Seconds per request, end to end.",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model",),
+        )
+        self.requests = Counter(
+            "ditserve_requests_total", description="Requests by outcome.", tag_keys=("model", "status")
+        )
+        self.cache_calls = Counter(
+            "ditserve_cache_calls_total", description="Transformer calls of cached requests, computed or skipped.",
+            tag_keys=("model", "backend", "outcome"),
+        )
+        self.cache_blocks = Counter(
+            "ditserve_cache_blocks_total", description="Transformer blocks of cached requests, evaluated or skipped.",
+            tag_keys=("model", "backend", "outcome"),
+        )
+
+    def succeeded(self, model: str, timings: Mapping[str, float], cache: Mapping[str, Any] | None) -> None:
+        """A request answered: its seconds per stage (``total`` is the end-to-end time), its cache stats."""
+        for stage, seconds in timings.items():
+            if stage != "total":
+                self.stage_seconds.observe(seconds, tags={"model": model, "stage": stage})
+        self.request_seconds.observe(timings["total"], tags={"model": model})
+        self.requests.inc(tags={"model": model, "status": "ok"})
+        if cache:
+            self._count_cache(model, cache)
+
+    def failed(self, model: str, status: int) -> None:
+        """A generation request refused or failed with HTTP ``status``."""
+        self.requests.inc(tags={"model": model, "status": str(status)})
+
+    def _count_cache(self, model: str, stats: Mapping[str, Any]) -> None:
+        tags = {"model": model, "backend": stats["backend"]}
+        for outcome, calls, blocks in (
+            ("computed", stats["calls_computed"], stats["blocks_evaluated"]),
+            ("skipped", stats["calls_cached"], stats["blocks_total"] - stats["blocks_evaluated"]),
+        ):
+            if calls:
+                self.cache_calls.inc(calls, tags={**tags, "outcome": outcome})
+            if blocks:
+                self.cache_blocks.inc(blocks, tags={**tags, "outcome": outcome})

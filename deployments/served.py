@@ -1,0 +1,58 @@
+"""The served-model summary: everything the Router needs to know about its model, read once.
+
+``build_app`` reads the checkpoint once (``describe_served_model``) and binds the resulting
+``ServedModel`` to the Router, so the Router never resolves a model id or opens a model file: it
+validates requests and lists models from this summary alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from ditserve.features.cache import CacheSettings
+from ditserve.models import ModelSpec, resolve_model
+from ditserve.parallel.vae import VaeConfig
+
+from .attach import check_support
+from .engine import EngineConfig
+from .schema import GenerationRequest, ResolvedRequest, validate_request
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """One served model, as requests are checked against it.
+
+    Attributes:
+        spec: the registry entry after the checkpoint's overrides (``ditserve.json``).
+        num_blocks: transformer blocks, for the cache checks (``None``: a class the caches do not know).
+        vae: the deployment's VAE options (a size must split over its patch-parallel workers).
+        cache_default: the deployment's cache (``cache_backend``/``cache_config``), merged with a request's.
+    """
+
+    spec: ModelSpec
+    num_blocks: int | None
+    vae: VaeConfig
+    cache_default: CacheSettings | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def specs(self) -> Mapping[str, ModelSpec]:
+        """The served models by id (one today; ``/v1/models`` lists them)."""
+        return {self.spec.id: self.spec}
+
+    def validate(self, req: GenerationRequest) -> ResolvedRequest:
+        """Check ``req`` against this model and fill its defaults (raises ``RequestError``)."""
+        return validate_request(req, self.specs, self.spec.id, cache_default=self.cache_default,
+                                num_blocks=self.num_blocks, vae=self.vae)
+
+
+def describe_served_model(config: EngineConfig) -> ServedModel:
+    """Resolve ``config.model``, refuse what it cannot run (``check_support``: every start-up
+    refusal) and read what validation needs from its checkpoint (builder side)."""
+    resolved = resolve_model(config.model)
+    caps = check_support(config, caps=None)
+    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache())
