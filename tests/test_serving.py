@@ -13,6 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 import ray
+import torch
 from PIL import Image
 from ray import serve
 
@@ -66,7 +67,14 @@ def _pixels(b64: str) -> np.ndarray:
 
 
 def _reference_pixels(reference: Engine, **fields) -> tuple[np.ndarray, object]:
-    result = reference.generate(GenerationRequest(**fields))
+    # The served ranks compute with one thread (OMP_NUM_THREADS=1); so does the reference here:
+    # a VAE conv summed in another order can move one pixel's rounding by 1 in 9,216.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = reference.generate(GenerationRequest(**fields))
+    finally:
+        torch.set_num_threads(threads)
     return np.stack([np.asarray(im) for im in result.images]), result
 
 
