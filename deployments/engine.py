@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -27,20 +27,20 @@ from ditserve.models import (
     ModelSpec,
     RequestContext,
     ResolvedModel,
+    StepCallback,
     TextConditioning,
     adapter_class,
+    capabilities,
     request_context,
     resolve_model,
 )
 from ditserve.features.cache import (
-    CACHE_MODELS,
     CacheDiTConfig,
     CacheSettings,
     TeaCacheConfig,
     apply_cache,
     cache_run,
     check_blocks,
-    num_blocks,
     parse_cache_settings,
 )
 from ditserve.models.builtin import DEFAULT_MODEL
@@ -205,10 +205,8 @@ def check_cache_feature(spec: ModelSpec, backend: str, field: str) -> None:
 
 
 def num_transformer_blocks(resolved: ResolvedModel) -> int | None:
-    """Transformer blocks of a model, from its config (``None``: a class the caches do not know)."""
-    info = read_checkpoint(resolved.path)
-    ref = info.components.get("transformer")
-    return num_blocks(ref.class_name, info.config("transformer")) if ref else None
+    """Transformer blocks of a model, from its config (``None``: its adapter declares no cache blocks)."""
+    return capabilities(resolved).num_blocks
 
 
 def check_model_vae(config: EngineConfig) -> None:
@@ -276,7 +274,8 @@ class Engine:
         """Cache hooks go on every supported transformer (idle unless a request or the deployment
         asks for a cache); the deployment's default is checked against the model here, at start."""
         transformer = self.adapter.transformer
-        supported = type(transformer).__name__ in CACHE_MODELS
+        blocks = self.adapter.cache_blocks
+        supported = blocks is not None
         default = self.config.cache()
         if default is not None:
             check_cache_feature(self.spec, default.backend, "cache_backend")
@@ -285,7 +284,7 @@ class Engine:
                                  f"{self.spec.id} has no cache support")
             check_blocks(default, self.num_blocks)
         if supported:
-            apply_cache(transformer)
+            apply_cache(transformer, blocks)
 
     @functools.cached_property
     def num_blocks(self) -> int | None:
@@ -328,7 +327,7 @@ class Engine:
         cond: TextConditioning,
         *,
         request_id: str,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback: StepCallback | None = None,
         timer: _Timer | None = None,
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
@@ -347,7 +346,8 @@ class Engine:
                 state = self.adapter.prepare(req.params, cond, generator)
             steps = req.params.num_inference_steps
             # the ranks computing one CFG branch together reduce the skip metrics (same decisions)
-            with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, steps, self.groups.branch,
+            with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, self.adapter.cache_blocks,
+                                                   steps, self.groups.branch,
                                                    self.spec.tea_cache_coefficients) as run:
                 latents = self.adapter.denoise(state, cond, callback=callback)
         if run is not None and stats is not None:
@@ -392,7 +392,7 @@ class Engine:
         *,
         output_type: str = "pil",
         request_id: str | None = None,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback: StepCallback | None = None,
     ) -> GenerationResult:
         """Run all stages in this process (the reference path)."""
         timer = _Timer()
