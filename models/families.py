@@ -78,6 +78,8 @@ def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
     override_file = path / SPEC_OVERRIDES_FILE
     if override_file.is_file():
         update.update(json.loads(override_file.read_text()))
+        if "features" in update:  # a checkpoint narrows what its family runs; it cannot add to it
+            update["feature_limit"] = update.pop("features")
     # Sizes must follow the checkpoint's real geometry, whatever its family's flagship uses.
     adapter = adapter_class(spec.family)
     update.setdefault("size_multiple", adapter.size_multiple_from_config(read_checkpoint(path)))

@@ -86,6 +86,11 @@ class ModelSpec(BaseModel):
     seed_features: frozenset[Feature] = Field(
         frozenset(), description="The seed table's feature row (reference; see ``features`` for what runs)."
     )
+    feature_limit: frozenset[Feature] | None = Field(
+        None,
+        description="Narrows ``features`` for this model (e.g. a step-distilled checkpoint has no CFG to "
+        "split); ``features`` in a checkpoint's ditserve.json sets it. It never adds a feature.",
+    )
     builtin: bool = Field(False, description="Built by the project itself (no download needed).")
     notes: str = Field("", description="Anything a user should know (e.g. not in diffusers 0.42).")
     default_negative_prompt: str | None = Field(
@@ -110,8 +115,9 @@ class ModelSpec(BaseModel):
     @property
     def features(self) -> frozenset[Feature]:
         """Features that work: its family adapter's verified features (empty for a family that has
-        no adapter yet). Imports the adapter on first use."""
-        return _family_features(self.family)
+        no adapter yet), narrowed by ``feature_limit``. Imports the adapter on first use."""
+        features = _family_features(self.family)
+        return features if self.feature_limit is None else features & self.feature_limit
 
     def supports(self, feature: Feature) -> bool:
         return feature in self.features

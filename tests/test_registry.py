@@ -121,3 +121,10 @@ def test_models_command_lists_every_model(capsys):
     features_cell, seed_cell = qwen_row.split()[-2:]
     assert "lora" not in features_cell and "tea_cache" in features_cell
     assert "lora" in seed_cell and "fp8" in seed_cell
+
+
+def test_a_checkpoint_narrows_features_but_cannot_add_one():
+    # ``features`` in a checkpoint's ditserve.json (e.g. a step-distilled checkpoint: no CFG to split)
+    spec = get_spec("Qwen/Qwen-Image").model_copy(
+        update={"feature_limit": frozenset({Feature.SEQUENCE_PARALLEL, Feature.LORA})})
+    assert spec.features == {Feature.SEQUENCE_PARALLEL}
