@@ -359,13 +359,14 @@ class FamilyAdapter:
 
     def cfg_scale(self, params: SamplingParams, cond: TextConditioning) -> float | None:
         """The scale combining the CFG branches (``None``: one branch): ``true_cfg_scale`` for true
-        CFG, ``guidance_scale`` for classic CFG, when a negative branch was encoded."""
+        CFG, ``guidance_scale`` for classic CFG, when a negative branch was encoded and the scale is
+        above 1 (as diffusers' pipelines decide)."""
         if cond.negative is None:
             return None
         if Guidance.TRUE_CFG in self.guidance and params.true_cfg_scale is not None:
-            return params.true_cfg_scale
+            return params.true_cfg_scale if params.true_cfg_scale > 1 else None
         if Guidance.CFG in self.guidance and params.guidance_scale is not None:
-            return params.guidance_scale
+            return params.guidance_scale if params.guidance_scale > 1 else None
         return None
 
     # ---- denoise ------------------------------------------------------------------------------

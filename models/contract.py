@@ -108,7 +108,8 @@ class Capabilities:
     Attributes:
         family: registry family key.
         adapter: the adapter class.
-        supported_features: features implemented and verified for this checkpoint's classes.
+        supported_features: features that run for this model: the adapter's verified features,
+            narrowed by the checkpoint's ``ditserve.json`` (``ModelSpec.features``).
         guidance: guidance kinds the adapter implements.
         cfg_evaluation: how CFG branches run on one process.
         denoisers: denoiser component names (the first is ``adapter.transformer``).

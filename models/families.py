@@ -164,7 +164,7 @@ def capabilities(resolved: ResolvedModel) -> Capabilities:
     return Capabilities(
         family=cls.family,
         adapter=cls,
-        supported_features=cls.verified_features(),
+        supported_features=resolved.spec.features,  # the adapter's verified ones, narrowed by the checkpoint
         guidance=cls.guidance,
         cfg_evaluation=cls.cfg_evaluation,
         denoisers=cls.denoisers,

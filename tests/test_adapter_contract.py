@@ -132,6 +132,13 @@ def test_without_a_negative_branch_one_call_per_step():
     assert adapter.transformer.batches == [1, 1]
 
 
+def test_classic_cfg_runs_only_above_scale_one():
+    adapter = _build(ToyAdapter)
+    for scale, branches in [(1.0, ("cond",)), (None, ("cond",)), (1.5, ("cond", "uncond"))]:
+        state = adapter.prepare(dataclasses.replace(PARAMS, guidance_scale=scale), COND, None)
+        assert state.branches == branches, scale
+
+
 def test_a_cfg_strategy_gets_the_branches_even_when_batched():
     # what CFG-parallel plugs in (parallel/cfg.py): it receives branches, run_branch and combine
     adapter = _build(BatchedToyAdapter)
