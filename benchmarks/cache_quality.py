@@ -31,7 +31,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from ditserve.features.cache import CacheDiTConfig  # noqa: E402
-from ditserve.features.cache.models import transformer_blocks  # noqa: E402
+from ditserve.models import adapter_class, implemented_families  # noqa: E402
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of a diffusers transformer, as the family adapter declares them (``cache_blocks``)."""
+    for family in implemented_families():
+        cls = adapter_class(family)
+        if isinstance(transformer, cls.denoiser_class()) and cls.cache_blocks is not None:
+            return cls.cache_blocks.blocks(transformer)
+    raise ValueError(f"no adapter declares cache blocks for {type(transformer).__name__}")
 from ditserve.models import resolve_model  # noqa: E402
 
 

@@ -15,7 +15,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from ditserve.models import implemented_families, list_specs
 
     implemented = set(implemented_families())
-    rows = [("MODEL", "FAMILY", "OUTPUT", "STEPS", "GUIDANCE", "SIZE (default/multiple/max)", "READY", "FEATURES")]
+    # FEATURES: what runs (declared and verified by the family's adapter); SEED: the seed table's row
+    rows = [("MODEL", "FAMILY", "OUTPUT", "STEPS", "GUIDANCE", "SIZE (default/multiple/max)", "READY", "FEATURES",
+             "SEED")]
     for s in list_specs():
         scale = s.true_cfg_scale if s.true_cfg_scale is not None else s.guidance_scale
         rows.append((
@@ -27,6 +29,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             f"{s.default_width}x{s.default_height}/{s.size_multiple}/{s.max_size}",
             "yes" if s.family in implemented else "no",
             ",".join(sorted(f.value for f in s.features)) or "-",
+            ",".join(sorted(f.value for f in s.seed_features)) or "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -64,7 +67,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     request = request.model_copy(update={"seed": resolved.seed})  # every rank draws the same noise
     bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr,
                disable=config.parallel.world_size > 1)  # the ranks' steps are not reported across processes
-    result = engine.generate(request, callback=lambda *step: bar.update(1))
+    result = engine.generate(request, callback=lambda step: bar.update(1))
     bar.close()
 
     paths = _output_paths(Path(args.output), len(result.images))

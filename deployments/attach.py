@@ -21,13 +21,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ditserve.features.cache import apply_cache, check_blocks, remove_cache
-from ditserve.models import Feature, ResolvedModel, adapter_class
+from ditserve.models import Capabilities, Feature, ResolvedModel, capabilities
 from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelGroups, check_parallel
 from ditserve.parallel.cfg import CFGParallel
 from ditserve.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
 from ditserve.parallel.vae import VaeParallel, check_vae_config, remove_vae_parallel
-from ditserve.features.cache import num_blocks as cache_num_blocks
 
 if TYPE_CHECKING:
     from .engine import EngineConfig
@@ -53,56 +52,60 @@ class FeatureEntry:
     stage: str
     order: int
     enabled: Callable[[EngineConfig], bool]
-    check: Callable[[Capabilities, EngineConfig], None]
+    check: Callable[[Support, EngineConfig], None]
     apply: Callable[[Any, EngineConfig, Any], None] | None = None
     remove: Callable[[Any], None] | None = None
     conflicts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
-class Capabilities:
-    """What a model can run, read from its registry entry, adapter class and config files."""
+class Support:
+    """What the start-up checks read about one model: its adapter's declared capabilities
+    (``models.capabilities``, no weights loaded) and its registry entry's VAE facts.
+
+    Attributes:
+        model: the model id (for messages).
+        caps: the adapter's capabilities (features, guidance, denoisers, transformer config, plans).
+        vae_class: the VAE class name.
+        vae_scale: spatial down-sampling of the VAE (output pixels per latent row).
+        default_size: the model's default (width, height).
+    """
 
     model: str
-    features: frozenset
-    transformer_config: dict
-    has_cp_plan: bool
-    has_tp_plan: bool
-    num_blocks: int | None
+    caps: Capabilities
     vae_class: str | None
     vae_scale: int
     default_size: tuple[int, int]
 
+    @property
+    def features(self) -> frozenset[Feature]:
+        return self.caps.supported_features
 
-def capabilities(resolved: ResolvedModel) -> Capabilities:
+    @property
+    def num_blocks(self) -> int | None:
+        return self.caps.num_blocks
+
+
+def model_support(resolved: ResolvedModel) -> Support:
     spec = resolved.spec
-    cls = adapter_class(spec.family)
-    info = read_checkpoint(resolved.path)
-    transformer = cls.component_types["transformer"]
-    ref = info.components.get("transformer")
-    tconfig = info.config("transformer")
-    return Capabilities(
-        model=spec.id, features=spec.features, transformer_config=tconfig,
-        has_cp_plan=bool(getattr(transformer, "_cp_plan", None)), has_tp_plan=bool(getattr(transformer, "_tp_plan", None)),
-        num_blocks=cache_num_blocks(ref.class_name, tconfig) if ref else None,
-        vae_class=spec.components.vae, vae_scale=cls.vae_scale_from_config(info),
-        default_size=(spec.default_width, spec.default_height),
-    )
+    caps = capabilities(resolved)
+    return Support(spec.id, caps, spec.components.vae, caps.adapter.vae_scale_from_config(read_checkpoint(resolved.path)),
+                   (spec.default_width, spec.default_height))
 
 
 # ---- checks ----------------------------------------------------------------------------------------
 
 
-def _check_parallel(caps: Capabilities, config: EngineConfig) -> None:
+def _check_parallel(caps: Support, config: EngineConfig) -> None:
     check_parallel(
-        config.parallel, caps.transformer_config, model=caps.model,
+        config.parallel, caps.caps.transformer_config, model=caps.model,
         cfg_ok=Feature.CFG_PARALLEL in caps.features,
-        sp_ok=Feature.SEQUENCE_PARALLEL in caps.features and caps.has_cp_plan,
-        tp_ok=Feature.TENSOR_PARALLEL in caps.features and caps.has_tp_plan,
+        sp_ok=Feature.SEQUENCE_PARALLEL in caps.features and caps.caps.has_cp_plan,
+        tp_ok=Feature.TENSOR_PARALLEL in caps.features and caps.caps.has_tp_plan,
     )
 
 
-def _check_cache(caps: Capabilities, config: EngineConfig) -> None:
+def _check_cache(caps: Support, config: EngineConfig) -> None:
     default = config.cache()
     feature = Feature(default.backend)
     if feature not in caps.features or caps.num_blocks is None:
@@ -112,7 +115,7 @@ def _check_cache(caps: Capabilities, config: EngineConfig) -> None:
     check_blocks(default, caps.num_blocks)
 
 
-def _check_vae(caps: Capabilities, config: EngineConfig) -> None:
+def _check_vae(caps: Support, config: EngineConfig) -> None:
     check_vae_config(config.vae, caps.vae_class or "?", model=caps.model, vae_scale=caps.vae_scale,
                      default_size=caps.default_size)
 
@@ -121,7 +124,7 @@ def _check_vae(caps: Capabilities, config: EngineConfig) -> None:
 
 
 def _apply_cache(adapter: Any, config: EngineConfig, groups: Any) -> None:
-    apply_cache(adapter.transformer)
+    apply_cache(adapter.transformer, adapter.cache_blocks)
 
 
 def _apply_sp(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
@@ -147,7 +150,7 @@ FEATURES: tuple[FeatureEntry, ...] = (
     # the cache hooks are always attached where the model has them (idle until a request asks),
     # so a request may turn a cache on even when the deployment has no default
     FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
-                 lambda a: remove_cache(a.transformer)),
+                 lambda a: remove_cache(a.transformer, a.cache_blocks)),
     FeatureEntry("sequence_parallel", "denoise", 20, lambda c: c.parallel.sp_degree > 1, _check_parallel,
                  _apply_sp, lambda a: remove_sequence_parallel(a.transformer)),
     FeatureEntry("cfg_parallel", "denoise", 30, lambda c: c.parallel.cfg_parallel_size > 1, _check_parallel,
@@ -158,7 +161,7 @@ FEATURES: tuple[FeatureEntry, ...] = (
 
 
 def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "denoise", "decode"),
-                  caps: Capabilities | None = None) -> Capabilities:
+                  caps: Support | None = None) -> Support:
     """Every start-up refusal for ``config`` on the stages given (nothing is loaded).
 
     Returns:
@@ -169,7 +172,7 @@ def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "deno
     """
     from ditserve.models import resolve_model
 
-    caps = caps or capabilities(resolve_model(config.model))
+    caps = caps or model_support(resolve_model(config.model))
     on = [e for e in FEATURES if e.stage in stages and e.enabled(config)]
     names = {e.name for e in on}
     for entry in on:
@@ -180,13 +183,13 @@ def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "deno
     return caps
 
 
-def _always_attached(entry: FeatureEntry, config: EngineConfig, caps: Capabilities) -> bool:
+def _always_attached(entry: FeatureEntry, config: EngineConfig, caps: Support) -> bool:
     if entry.name == "cache":  # idle hooks on every model that has cache support
         return caps.num_blocks is not None and bool({Feature.TEA_CACHE, Feature.CACHE_DIT} & caps.features)
     return entry.enabled(config)
 
 
-def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Capabilities) -> list[str]:
+def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Support) -> list[str]:
     """Apply the table's entries for ``stage`` in order; returns the names applied.
 
     Args:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ditserve.features.cache import CacheDiTConfig, CacheSettings, TeaCacheConfig, parse_cache_settings
-from ditserve.models import STAGES, FamilyAdapter, ModelSpec, RequestContext, TextConditioning, resolve_model
+from ditserve.models import STAGES, FamilyAdapter, ModelSpec, RequestContext, StepCallback, TextConditioning, resolve_model
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.parallel import ParallelConfig, ParallelGroups
 from ditserve.parallel.devices import rank_device, visible_gpus
@@ -157,7 +157,7 @@ class Engine:
         return self.encoder.conditioning([req])[0]
 
     def denoise(self, req: ResolvedRequest, cond: TextConditioning, *, request_id: str = "denoise",
-                callback: Callable[..., None] | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None) -> torch.Tensor:
         return self.denoiser.denoise(req, Encoded(cond, ()), request_id, callback).latents
 
     def decode(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ class Engine:
         *,
         output_type: str = "pil",
         request_id: str | None = None,
-        callback: Callable[..., None] | None = None,
+        callback: StepCallback | None = None,
     ) -> GenerationResult:
         """Run all stages in this process (the reference path)."""
         request_id = request_id or RequestContext().id

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ditserve.models import STAGES, RequestContext
+from ditserve.models import STAGES, RequestContext, StepCallback
 from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support
@@ -62,7 +62,7 @@ class ParallelEngine:
                                 num_blocks=self.caps.num_blocks, vae=self.config.vae)
 
     def generate(self, req: GenerationRequest, *, output_type: str = "pil", request_id: str | None = None,
-                 callback: Callable[..., None] | None = None) -> GenerationResult:
+                 callback: StepCallback | None = None) -> GenerationResult:
         """Encode here, denoise on the DiT ranks (rank 0 replies), decode on the VAE workers."""
         request_id = request_id or RequestContext().id
         resolved = self.resolve(req)

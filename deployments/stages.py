@@ -32,6 +32,8 @@ from ditserve.models import (
     ModelSpec,
     RequestContext,
     ResolvedModel,
+    StepCallback,
+    StepOutput,
     TextConditioning,
     adapter_class,
     request_context,
@@ -41,7 +43,7 @@ from ditserve.parallel import ParallelGroups, build_groups, transformer_loader
 from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
-from .attach import Capabilities, attach, check_support
+from .attach import Support, attach, check_support
 from .schema import ResolvedRequest
 from .worker import RequestAborted
 
@@ -152,7 +154,7 @@ class _Stage:
     stage: str
 
     def __init__(self, config: Any, adapter: FamilyAdapter | None, resolved: ResolvedModel | None,
-                 caps: Capabilities | None, groups: Any = None) -> None:
+                 caps: Support | None, groups: Any = None) -> None:
         self.config = config
         self.resolved = resolved or resolve_model(config.model)
         self.spec: ModelSpec = self.resolved.spec
@@ -169,7 +171,7 @@ class Encoder(_Stage):
     stage = "encode"
 
     def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
-                 caps: Capabilities | None = None) -> None:
+                 caps: Support | None = None) -> None:
         super().__init__(config, adapter, resolved, caps)
 
     def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
@@ -208,7 +210,7 @@ class Denoiser(_Stage):
     stage = "denoise"
 
     def __init__(self, config: Any, groups: ParallelGroups | None = None, adapter: FamilyAdapter | None = None, *,
-                 resolved: ResolvedModel | None = None, caps: Capabilities | None = None,
+                 resolved: ResolvedModel | None = None, caps: Support | None = None,
                  aborted: Callable[[], bool] | None = None) -> None:
         if config.parallel.world_size > 1 and groups is None:
             raise ValueError(f"{config.parallel.describe()} needs process groups (run it with an executor: "
@@ -218,7 +220,7 @@ class Denoiser(_Stage):
         super().__init__(config, adapter, resolved, caps, self.groups)
 
     def denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str,
-                callback: Callable[..., None] | None = None) -> Denoised:
+                callback: StepCallback | None = None) -> Denoised:
         timer = Timer()
         sent_before = self.groups.bytes_sent()
         cond = encoded.cond.to(self.adapter.device, self.adapter.dtype)
@@ -231,20 +233,20 @@ class Denoiser(_Stage):
                 state = self.adapter.prepare(req.params, cond, generator)
             steps = req.params.num_inference_steps
             # the ranks computing one CFG branch together reduce the skip metrics (same decisions)
-            with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, steps, self.groups.branch,
-                                                   self.spec.tea_cache_coefficients) as run:
+            with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, self.adapter.cache_blocks,
+                                                   steps, self.groups.branch, self.spec.tea_cache_coefficients) as run:
                 latents = self.adapter.denoise(state, cond, callback=on_step)
         report = StageReport("denoise", timer.timings, run.stats.as_dict() if run is not None else None,
                              self.groups.bytes_sent() - sent_before)
         return Denoised(latents.cpu(), (*encoded.reports, report))
 
-    def _step_callback(self, callback: Callable[..., None] | None) -> Callable[..., None] | None:
+    def _step_callback(self, callback: StepCallback | None) -> StepCallback | None:
         if self.aborted is None:
             return callback
 
-        def on_step(*args: Any) -> None:
+        def on_step(step: StepOutput) -> None:
             if callback is not None:
-                callback(*args)
+                callback(step)
             if self.aborted():
                 raise RequestAborted("the request was aborted at a step boundary")
 
@@ -258,7 +260,7 @@ class Decoder(_Stage):
     stage = "decode"
 
     def __init__(self, config: Any, group: Group | None = None, adapter: FamilyAdapter | None = None, *,
-                 resolved: ResolvedModel | None = None, caps: Capabilities | None = None) -> None:
+                 resolved: ResolvedModel | None = None, caps: Support | None = None) -> None:
         self.group = group
         super().__init__(config, adapter, resolved, caps, group)
 

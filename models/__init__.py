@@ -1,17 +1,28 @@
 """Model registry and family adapters (no Ray, nothing distributed).
 
 Public surface: the registry (``ModelSpec``, ``registry``, ``get_spec``), model resolution
-(``resolve_model``, ``adapter_class``), the adapter interface (``FamilyAdapter``,
-``SamplingParams``, ``TextConditioning``, ``DenoiseState``) and the request context.
+(``resolve_model``, ``adapter_class``, ``capabilities``), the adapter contract (``FamilyAdapter``
+and the data it declares: ``contract.py``; ``SamplingParams``, ``TextConditioning``,
+``DenoiseState``, ``StepOutput``) and the request context.
 """
 
 if __name__ != "ditserve.models":  # one copy of every module: see the README, "Packaging"
     raise ImportError(f"import ditserve.models, not {__name__}: the layers are subpackages of ditserve only")
 
-from .adapter import STAGES, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .adapter import STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .contract import (
+    CacheBlocks,
+    Capabilities,
+    CFGEvaluation,
+    Conditioning,
+    LatentLayout,
+    Output,
+    StepCallback,
+    StepOutput,
+)
 from .builtin import DEFAULT_MODEL
 from .context import RequestContext, current_request, current_step, request_context, step_context
-from .families import ResolvedModel, adapter_class, implemented_families, resolve_model, resolve_spec
+from .families import ResolvedModel, adapter_class, capabilities, implemented_families, resolve_model, resolve_spec
 from .loading import CheckpointError
 from .registry import (
     FamilyNotImplementedError,
@@ -28,6 +39,16 @@ from .registry import (
 __all__ = [
     "DEFAULT_MODEL",
     "STAGES",
+    "CFGEvaluation",
+    "CFGStrategy",
+    "CacheBlocks",
+    "Capabilities",
+    "Conditioning",
+    "LatentLayout",
+    "Output",
+    "StepCallback",
+    "StepOutput",
+    "capabilities",
     "CheckpointError",
     "DenoiseState",
     "FamilyAdapter",

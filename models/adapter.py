@@ -1,23 +1,42 @@
-"""The family adapter interface: the steps of the served path as separate calls.
+"""The family adapter contract: what a new model family implements.
 
-    encode_prompt -> prepare (latents, timesteps) -> [predict_noise -> scheduler_step]* -> decode
+A request runs through the adapter as separate calls (the stages may live in different processes):
+
+    encode_prompt -> prepare -> [denoiser_for -> predict_noise -> scheduler_step -> callback]* -> decode
     -> postprocess
 
-A family adapter is built on its diffusers pipeline: the adapter holds a *helper pipeline*
-instance made of whichever components this stage loaded (the others are ``None``) and calls its
-own methods (``encode_prompt``, ``prepare_latents``, ``_unpack_latents``, ``image_processor``)
-and the module's helper functions (``calculate_shift``, ``retrieve_timesteps``), so no model math
-is written here. Only the denoising loop is ours, because it carries the extension points:
+**Declared as class data** (read without loading weights; see ``contract.py``):
 
-- ``adapter.transformer`` is the module features hook into (diffusers ``HookRegistry``);
-  every call runs inside ``transformer.cache_context(branch)`` and our ``step_context``;
-- ``adapter.cfg_strategy`` decides how the CFG branches are computed (serially here; in
-  parallel across ranks by ``parallel/``);
-- ``DenoiseState`` carries all per-request state, including a per-request scheduler copy.
+- ``component_types`` / ``stage_components``: the diffusers components and which stage loads them;
+- ``denoisers``: the denoiser component name(s); ``denoiser_for(state, index, t)`` picks the one a
+  step calls (default: the only one; Wan2.2 switches experts at ``boundary_ratio``).
+  ``adapter.transformer`` is the first, the module features hook into;
+- ``latent_layout`` (packed image tokens, 5-D video, 1-D audio), ``output`` (image, layered RGBA,
+  video, audio) and ``conditioning`` (text, images, an AR prior's tokens);
+- ``guidance``: the kinds implemented (none, distilled embedding, true CFG, classic CFG) and
+  ``cfg_evaluation``: CFG branches run serially or batched into one call; a CFG-parallel
+  ``cfg_strategy`` (``parallel/cfg.py``) splits them across ranks instead;
+- ``supported_features`` (implemented *and* verified; the registry's feature flags derive from it)
+  and ``cache_blocks`` (what the block caches need to know about the denoiser).
+
+**Implemented per family** (the base class assumes no latent packing, no text-kwarg names, no
+timestep scaling, no scheduler type): ``encode_prompt``, ``prepare_latents`` (latents + denoiser
+kwargs shared by the branches), ``prepare_timesteps``, ``timestep_input``, ``decode``,
+``postprocess``, ``size_multiple_from_config``; optionally ``combine_cfg``, ``guidance_kwargs``,
+``call_denoiser``. ``flow_match.FlowMatchImageAdapter`` implements them for diffusers'
+flow-matching text-to-image pipelines with packed 2x2 latents (Qwen-Image, FLUX.1).
+
+An adapter is built on its diffusers pipeline: it holds a *helper pipeline* made of whichever
+components this stage loaded (the others are ``None``) and calls its methods and the module's
+helper functions, so no model math is written here. Only the denoising loop is ours, because it
+carries the extension points: every denoiser call runs inside ``step_context`` and the module's
+``cache_context(branch)``; ``DenoiseState`` carries all per-request state (its own scheduler copy);
+``callback(StepOutput)`` sees each step's guided prediction and new latents.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -28,7 +47,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .context import step_context
+from .contract import CacheBlocks, CFGEvaluation, Conditioning, LatentLayout, Output, StepCallback, StepOutput
 from .loading import CheckpointInfo, load_component, read_checkpoint
+from .registry import Feature, Guidance
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +71,10 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class TextConditioning:
-    """Encoder output, as keyword arguments of the family's transformer.
+    """Encoder output, as keyword arguments of the family's denoiser.
 
     Attributes:
-        positive: transformer kwargs for the prompt branch (e.g. ``encoder_hidden_states``).
+        positive: denoiser kwargs for the prompt branch (names are the family's).
         negative: the same for the negative prompt, or ``None`` when CFG is off.
         batch_size: number of prompts (before ``num_images_per_prompt``).
     """
@@ -81,10 +102,10 @@ class DenoiseState:
     """Everything one request's denoising loop needs; built by ``prepare``.
 
     Attributes:
-        latents: packed latents, (B, seq, C).
+        latents: the latents in the adapter's ``latent_layout``.
         timesteps: scheduler timesteps, (num_steps,).
         scheduler: this request's own scheduler copy (schedulers are stateful).
-        branch_kwargs: transformer kwargs shared by all branches (e.g. ``img_shapes``, ``guidance``).
+        branch_kwargs: denoiser kwargs shared by all branches (e.g. ``img_shapes``, ``guidance``).
         cfg_scale: scale used to combine the branches, or ``None`` when CFG is off.
         params: the request's sampling parameters.
     """
@@ -117,34 +138,46 @@ def serial_cfg(
     run_branch: Callable[[str], torch.Tensor],
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Run the branches one after the other on this process (the reference path)."""
+    """Run the branches one after the other on this process (the reference path). An adapter
+    that declares ``CFGEvaluation.BATCHED`` runs them in one call instead while this (the
+    local strategy) is in place."""
     preds = [run_branch(b) for b in branches]
     return preds[0] if len(preds) == 1 else combine(preds[0], preds[1])
 
 
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, num steps, latents)
 ComponentLoader = Callable[[type, Path, torch.dtype], torch.nn.Module]  # (class, component folder, dtype)
 
 
 class FamilyAdapter:
-    """Base class of a family adapter. Subclasses set the class attributes and implement the
-    family-specific calls (``encode_prompt``, ``prepare``, ``combine_cfg``, ``decode``).
+    """Base class of a family adapter (the contract: see the module docstring).
 
     Attributes:
         family: registry family key.
         pipeline_class: the diffusers pipeline whose methods and helpers the adapter reuses, and
-            the reference it is tested against.
+            the reference it is tested against (``None``: no helper pipeline).
         component_types: component name -> the class it must be (or subclass).
         stage_components: stage -> component names that stage loads.
     """
 
     family: ClassVar[str]
-    pipeline_class: ClassVar[type]
+    pipeline_class: ClassVar[type | None] = None
     component_types: ClassVar[dict[str, type]]
     stage_components: ClassVar[dict[Stage, tuple[str, ...]]]
+    #: denoiser component names; the first is ``adapter.transformer``
+    denoisers: ClassVar[tuple[str, ...]] = ("transformer",)
+    latent_layout: ClassVar[LatentLayout]
+    output: ClassVar[Output] = Output.IMAGE
+    conditioning: ClassVar[frozenset[Conditioning]] = frozenset({Conditioning.TEXT})
+    guidance: ClassVar[frozenset[Guidance]] = frozenset({Guidance.NONE})
+    cfg_evaluation: ClassVar[CFGEvaluation] = CFGEvaluation.SERIAL
+    #: features implemented and verified for this family (sequence / tensor parallel also need the
+    #: denoiser class's diffusers ``_cp_plan`` / ``_tp_plan``: see ``verified_features``)
+    supported_features: ClassVar[frozenset[Feature]] = frozenset()
+    #: what the block caches need to know about the denoiser (``None``: no cache support)
+    cache_blocks: ClassVar[CacheBlocks | None] = None
     #: text kwargs without a batch dimension (shared by every sample, e.g. FLUX ``txt_ids``)
     unbatched_text_kwargs: ClassVar[tuple[str, ...]] = ()
-    #: the pipeline's guidance_scale default for guidance-distilled transformers (None: required)
+    #: the pipeline's guidance_scale default for guidance-distilled denoisers (None: required)
     default_guidance_scale: ClassVar[float | None] = None
 
     def __init__(
@@ -160,13 +193,15 @@ class FamilyAdapter:
         self.dtype = dtype
         self.components = components
         self.cfg_strategy: CFGStrategy = serial_cfg
-        full = {name: components.get(name) for name in self.component_types}
-        self.pipe = self.pipeline_class(**full)
-        # Without its VAE loaded, a diffusers pipeline falls back to a scale factor of 8; take the
-        # real one from the VAE's config instead, so every stage agrees on the latent geometry.
-        self.pipe.vae_scale_factor = self.vae_scale_factor
-        self.pipe.image_processor = type(self.pipe.image_processor)(vae_scale_factor=self.vae_scale_factor * 2)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self._helper_pipeline()
+
+    def _helper_pipeline(self) -> Any:
+        """The family's diffusers pipeline built from the loaded components (others ``None``)."""
+        if self.pipeline_class is None:
+            return None
+        pipe = self.pipeline_class(**{name: self.components.get(name) for name in self.component_types})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -202,10 +237,36 @@ class FamilyAdapter:
                     components[name] = module.to(device) if isinstance(module, torch.nn.Module) else module
         return cls(components, info, device=device, dtype=dtype)
 
+    # ---- declarations read without weights ----------------------------------------------------
+
+    @classmethod
+    def denoiser_class(cls) -> type:
+        """The class of the first denoiser (the one features and plans are checked against)."""
+        return cls.component_types[cls.denoisers[0]]
+
+    @classmethod
+    def verified_features(cls) -> frozenset[Feature]:
+        """``supported_features``, less sequence / tensor parallel where the denoiser class has no
+        diffusers ``_cp_plan`` / ``_tp_plan`` to run them with."""
+        out = set(cls.supported_features)
+        denoiser = cls.denoiser_class()
+        if not getattr(denoiser, "_cp_plan", None):
+            out.discard(Feature.SEQUENCE_PARALLEL)
+        if not getattr(denoiser, "_tp_plan", None):
+            out.discard(Feature.TENSOR_PARALLEL)
+        if cls.cache_blocks is None:
+            out -= {Feature.TEA_CACHE, Feature.CACHE_DIT}
+        return frozenset(out)
+
     @classmethod
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
         """Spatial down-sampling of the checkpoint's VAE, from its config (no weights needed)."""
         raise NotImplementedError
+
+    @classmethod
+    def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
+        """Width and height must be multiples of this (VAE scale x any latent packing)."""
+        return cls.vae_scale_from_config(info)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -213,28 +274,30 @@ class FamilyAdapter:
 
     @property
     def size_multiple(self) -> int:
-        """Width and height must be multiples of this: VAE scale x the 2x2 latent packing that
-        these pipelines apply before the transformer."""
-        return self.vae_scale_factor * 2
+        return self.size_multiple_from_config(self.info)
+
+    def denoiser(self, name: str) -> torch.nn.Module:
+        module = self.components.get(name)
+        if module is None:
+            raise RuntimeError(f"this adapter was loaded without the 'denoise' stage; it has no {name}")
+        return module
 
     @property
     def transformer(self) -> torch.nn.Module:
-        module = self.components.get("transformer")
-        if module is None:
-            raise RuntimeError("this adapter was loaded without the 'denoise' stage; it has no transformer")
-        return module
+        """The first denoiser (the module features hook into)."""
+        return self.denoiser(self.denoisers[0])
 
     def _require(self, *names: str) -> None:
         missing = [n for n in names if self.components.get(n) is None]
         if missing:
             raise RuntimeError(f"{self.family} adapter was loaded without {missing}; load the stage that needs them")
 
-    # ---- the steps ----------------------------------------------------------------------------
+    # ---- encode -------------------------------------------------------------------------------
 
     def encode_prompt(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
     ) -> TextConditioning:
-        """Encode prompts (and negative prompts when CFG is on) into transformer kwargs."""
+        """Encode prompts (and negative prompts when CFG is on) into denoiser kwargs."""
         raise NotImplementedError
 
     def text_shape_key(self, text: str) -> Hashable:
@@ -259,69 +322,134 @@ class FamilyAdapter:
             for k, v in kwargs.items()
         }
 
+    # ---- prepare ------------------------------------------------------------------------------
+
     def prepare(
         self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
     ) -> DenoiseState:
-        """Initial latents (drawn by the pipeline's own ``prepare_latents``, exactly as diffusers
-        draws them), this request's scheduler and timesteps, and the transformer kwargs."""
-        self._require("transformer", "scheduler")
+        """Initial latents, this request's scheduler and timesteps, and the shared denoiser kwargs."""
+        self._require(self.denoisers[0], "scheduler")
         batch = cond.batch_size * params.num_images_per_prompt
-        prepared = self.pipe.prepare_latents(
-            batch,
-            self.transformer.config.in_channels // 4,
-            params.height,
-            params.width,
-            cond.positive["encoder_hidden_states"].dtype,
-            self.device,
-            generator,
-        )
-        latents, kwargs = self._latents_and_kwargs(prepared, params, cond)
+        latents, kwargs = self.prepare_latents(params, cond, batch, generator)
         scheduler = self._new_scheduler()
-        timesteps = self._flow_match_timesteps(scheduler, params.num_inference_steps, latents.shape[1])
+        timesteps = self.prepare_timesteps(scheduler, params, latents)
         return DenoiseState(
             latents=latents,
             timesteps=timesteps,
             scheduler=scheduler,
-            branch_kwargs={**kwargs, "guidance": self._guidance(params, batch)},
-            cfg_scale=params.true_cfg_scale if cond.negative is not None else None,
+            branch_kwargs={**kwargs, **self.guidance_kwargs(params, batch)},
+            cfg_scale=self.cfg_scale(params, cond),
             params=params,
         )
 
-    def _latents_and_kwargs(
-        self, prepared: Any, params: SamplingParams, cond: TextConditioning
+    def prepare_latents(
+        self, params: SamplingParams, cond: TextConditioning, batch: int, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Split what the pipeline's ``prepare_latents`` returned into the latents and the extra
-        transformer kwargs of the family (positions, shapes, attention kwargs)."""
+        """Initial latents (``batch`` samples, in ``latent_layout``) and the denoiser kwargs shared
+        by every branch and step (positions, shapes, attention kwargs)."""
         raise NotImplementedError
 
-    def _guidance(self, params: SamplingParams, batch: int) -> torch.Tensor | None:
-        """The distilled-guidance embedding input, for transformers that have one."""
-        if not self.transformer.config.guidance_embeds:
+    def prepare_timesteps(self, scheduler: Any, params: SamplingParams, latents: torch.Tensor) -> torch.Tensor:
+        """Set ``scheduler`` up for the request and return its timesteps."""
+        raise NotImplementedError
+
+    def guidance_kwargs(self, params: SamplingParams, batch: int) -> dict[str, Any]:
+        """Denoiser kwargs of guidance that enters the model (a distilled guidance embedding)."""
+        return {}
+
+    def cfg_scale(self, params: SamplingParams, cond: TextConditioning) -> float | None:
+        """The scale combining the CFG branches (``None``: one branch): ``true_cfg_scale`` for true
+        CFG, ``guidance_scale`` for classic CFG, when a negative branch was encoded and the scale is
+        above 1 (as diffusers' pipelines decide)."""
+        if cond.negative is None:
             return None
-        scale = self.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
-        if scale is None:
-            raise ValueError(f"guidance_scale is required for a guidance-distilled {self.family} transformer")
-        return torch.full([batch], scale, device=self.device, dtype=torch.float32)
+        if Guidance.TRUE_CFG in self.guidance and params.true_cfg_scale is not None:
+            return params.true_cfg_scale if params.true_cfg_scale > 1 else None
+        if Guidance.CFG in self.guidance and params.guidance_scale is not None:
+            return params.guidance_scale if params.guidance_scale > 1 else None
+        return None
+
+    # ---- denoise ------------------------------------------------------------------------------
+
+    def denoiser_for(self, state: DenoiseState, index: int, t: torch.Tensor) -> str:
+        """The denoiser component step ``index`` calls (default: the only one)."""
+        return self.denoisers[0]
+
+    def timestep_input(self, t: torch.Tensor, state: DenoiseState, batch: int) -> torch.Tensor:
+        """The denoiser's ``timestep`` argument for scheduler timestep ``t`` (default: as is, per sample)."""
+        return t.expand(batch)
 
     def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-        """The family's CFG combination of the two branch predictions."""
+        """The family's CFG combination of the two branch predictions (classic and true CFG)."""
         return uncond + scale * (cond - uncond)
 
-    def predict_noise(self, state: DenoiseState, cond: TextConditioning, index: int, t: torch.Tensor) -> torch.Tensor:
-        """One denoiser evaluation (all CFG branches, combined) at step ``index``."""
+    def call_denoiser(
+        self, module: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """One call of a denoiser module (diffusers' convention by default)."""
+        return module(hidden_states=latents, timestep=timestep, **kwargs, return_dict=False)[0]
+
+    def branch_text(self, cond: TextConditioning, branch: str) -> dict[str, torch.Tensor | None]:
+        if branch == "cond":
+            return cond.positive
+        if cond.negative is None:
+            raise ValueError(f"branch {branch!r} needs a negative conditioning")
+        return cond.negative
+
+    def run_branches(
+        self, state: DenoiseState, cond: TextConditioning, branches: Sequence[str], index: int, t: torch.Tensor
+    ) -> torch.Tensor:
+        """One denoiser call for ``branches`` (several: concatenated along the batch, in order)."""
         latents = state.latents
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        name = self.denoiser_for(state, index, t)
+        module = self.denoiser(name)
+        label = "+".join(branches)
+        n = len(branches)
+        texts = [self.branch_text(cond, b) for b in branches]
+        if n == 1:
+            kwargs = {**state.branch_kwargs, **texts[0]}
+        else:
+            batch = latents.shape[0]
+            latents = torch.cat([latents] * n)
+            kwargs = {**self._repeat_batch(state.branch_kwargs, batch, n), **self._cat_texts(texts)}
+        timestep = self.timestep_input(t, state, latents.shape[0])
+        cache_context = getattr(module, "cache_context", None)
+        with step_context(index, float(t), label), (cache_context(label) if cache_context else contextlib.nullcontext()):
+            return self.call_denoiser(module, latents, timestep, kwargs)
 
-        def run_branch(branch: str) -> torch.Tensor:
-            text = cond.positive if branch == "cond" else cond.negative
-            with step_context(index, float(t), branch), self.transformer.cache_context(branch):
-                return self.transformer(
-                    hidden_states=latents, timestep=timestep, **state.branch_kwargs, **text, return_dict=False
-                )[0]
+    def _repeat_batch(self, kwargs: dict[str, Any], batch: int, n: int) -> dict[str, Any]:
+        """Shared kwargs for ``n`` branches batched together: per-sample tensors repeated."""
+        return {
+            k: torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+            for k, v in kwargs.items()
+        }
 
-        return self.cfg_strategy(
-            state.branches, run_branch, lambda c, u: self.combine_cfg(c, u, state.cfg_scale)
-        )
+    def _cat_texts(self, texts: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+        out = {}
+        for k in texts[0]:
+            values = [t[k] for t in texts]
+            if values[0] is None or k in self.unbatched_text_kwargs:
+                out[k] = values[0]
+            else:
+                try:
+                    out[k] = torch.cat(values)
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"batched CFG: text kwarg {k!r} differs in shape between branches "
+                        f"({[tuple(v.shape) for v in values]}); pad them alike or evaluate serially"
+                    ) from exc
+        return out
+
+    def predict_noise(self, state: DenoiseState, cond: TextConditioning, index: int, t: torch.Tensor) -> torch.Tensor:
+        """The guided prediction of step ``index`` (all CFG branches, combined)."""
+        branches = state.branches
+
+        def combine(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return self.combine_cfg(c, u, state.cfg_scale)
+
+        if len(branches) > 1 and self.cfg_evaluation is CFGEvaluation.BATCHED and self.cfg_strategy is serial_cfg:
+            return combine(*self.run_branches(state, cond, branches, index, t).chunk(len(branches)))
+        return self.cfg_strategy(branches, lambda b: self.run_branches(state, cond, (b,), index, t), combine)
 
     def scheduler_step(self, state: DenoiseState, noise_pred: torch.Tensor, t: torch.Tensor) -> None:
         state.latents = state.scheduler.step(noise_pred, t, state.latents, return_dict=False)[0]
@@ -330,47 +458,28 @@ class FamilyAdapter:
     def denoise(
         self, state: DenoiseState, cond: TextConditioning, callback: StepCallback | None = None
     ) -> torch.Tensor:
-        """The whole denoising loop; returns the final packed latents."""
+        """The whole denoising loop; returns the final latents. ``callback`` gets a ``StepOutput``
+        after every step."""
         n = len(state.timesteps)
         for i, t in enumerate(state.timesteps):
             noise_pred = self.predict_noise(state, cond, i, t)
             self.scheduler_step(state, noise_pred, t)
             if callback is not None:
-                callback(i, n, state.latents)
+                callback(StepOutput(index=i, num_steps=n, timestep=float(t), latents=state.latents, noise_pred=noise_pred))
         return state.latents
 
+    # ---- decode -------------------------------------------------------------------------------
+
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Packed latents -> images (B, 3, H, W) in [-1, 1]."""
+        """Final latents -> decoded output (images: (B, 3, H, W) in [-1, 1])."""
         raise NotImplementedError
 
     def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
-        """Images in [-1, 1] -> PIL images (``"pil"``), float arrays (``"np"``) or tensors (``"pt"``)."""
-        return self.pipe.image_processor.postprocess(images, output_type=output_type)
+        """Decoded output -> what the user gets (``"pil"``, ``"np"`` or ``"pt"`` for images)."""
+        raise NotImplementedError
 
     # ---- helpers for subclasses ---------------------------------------------------------------
 
     def _new_scheduler(self) -> Any:
         self._require("scheduler")
         return copy.deepcopy(self.components["scheduler"])
-
-    def _flow_match_timesteps(self, scheduler: Any, num_steps: int, image_seq_len: int) -> torch.Tensor:
-        """Timesteps of a flow-matching pipeline with resolution-dependent shift (``mu``), computed
-        with the pipeline module's own ``calculate_shift`` and ``retrieve_timesteps``."""
-        import importlib
-
-        import numpy as np
-
-        module = importlib.import_module(self.pipeline_class.__module__)
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = module.calculate_shift(
-            image_seq_len,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = module.retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return timesteps

@@ -3,8 +3,8 @@
 table's "Model Identifier". Component class names, defaults and size rules come from the
 diffusers 0.42.1 pipelines (``__init__`` type hints and ``__call__`` defaults) and, where a
 checkpoint's ``model_index.json`` names a different class, from that file; distilled models take
-their model card's recommended steps and guidance. The feature flags copy the seed table row by
-row: they are the starting truth, to be corrected here when the project finds otherwise.
+their model card's recommended steps and guidance. ``seed_features`` copy the seed table row by
+row, as a reference; what runs (``ModelSpec.features``) is declared by each family's adapter.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=50,
         guidance_scale=4.0,
         **_image_sizes(16),
-        features=_row("✅ ✅ ❌ ❌ ❌ ❌ ✅ ❌ ❌"),
+        seed_features=_row("✅ ✅ ❌ ❌ ❌ ❌ ✅ ❌ ❌"),
         notes=(
             "Not in diffusers 0.42: no pipeline or component classes. Unified understanding/generation "
             "MoT model; defaults follow its reference inference (50 steps, text CFG 4.0, FLUX VAE 8x "
@@ -128,11 +128,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=28,
         guidance_scale=3.5,
         **_image_sizes(16),
-        # Seed row: "❌ ✅ ❌ ❌ ✅ ❌ ✅ ❌ ❌". Added, verified by our equivalence tests (Ulysses, Ring,
-        # USP and CFG-parallel equal the single-rank reference): sequence and CFG parallelism;
-        # TeaCache (tests/test_cache.py: exact at threshold 0, skips as configured, SP-consistent);
-        # VAE patch parallelism (tests/test_vae_parallel.py: exact for AutoencoderKL).
-        features=_row("✅ ✅ ✅ ✅ ✅ ❌ ✅ ✅ ❌"),
+        seed_features=_row("❌ ✅ ❌ ❌ ✅ ❌ ✅ ❌ ❌"),
         notes="Guidance-distilled: guidance_scale enters the transformer as an embedding (one call per step).",
     ),
     ModelSpec(
@@ -152,7 +148,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=4,
         guidance_scale=1.0,
         **_image_sizes(16),
-        features=_row("❌ ❌ ❌ ✅ ✅ ❌ ✅ ❌ ❌"),
+        seed_features=_row("❌ ❌ ❌ ✅ ✅ ❌ ✅ ❌ ❌"),
         notes=(
             "Step-distilled (4 steps, guidance 1.0): with is_distilled=True the pipeline runs no CFG and "
             "ignores guidance_scale, and the transformer gets no guidance embedding. CFG (and so CFG-Parallel) "
@@ -176,7 +172,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=50,
         guidance_scale=1.5,
         **_image_sizes(32),
-        features=_row("❌ ❌ ❌ ❌ ❌ ❌ ✅ ❌ ❌"),
+        seed_features=_row("❌ ❌ ❌ ❌ ❌ ❌ ✅ ❌ ❌"),
         notes=(
             "Identifier as in the seed table; the diffusers checkpoint is zai-org/GLM-Image. Two stages: the "
             "autoregressive GlmImageForConditionalGeneration (vision_language_encoder, with GlmImageProcessor) "
@@ -194,7 +190,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=50,
         guidance_scale=4.5,
         **_image_sizes(16),
-        features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
+        seed_features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
         notes="The pipeline also loads a Qwen2VLProcessor (text_processor) for prompt templating.",
     ),
     ModelSpec(
@@ -208,7 +204,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=50,
         guidance_scale=4.5,
         **_image_sizes(16),
-        features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
+        seed_features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
         notes="Output size follows the input image (about 1024x1024 area); text_processor is a Qwen2VLProcessor.",
     ),
     ModelSpec(
@@ -228,7 +224,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=50,
         guidance_scale=5.0,
         **_image_sizes(16),
-        features=_row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌"),
+        seed_features=_row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌"),
         notes="Identifier as in the seed table; the diffusers checkpoint is AIDC-AI/Ovis-Image-7B.",
     ),
     ModelSpec(
@@ -239,9 +235,7 @@ MODELS: list[ModelSpec] = [
         components=_QWEN_IMAGE,
         **_QWEN_DEFAULTS,
         **_image_sizes(16),
-        # Seed row: "✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅". Added, verified by tests/test_vae_parallel.py (exact patch
-        # parallel decode equals one worker for AutoencoderKLQwenImage): VAE patch parallelism.
-        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅"),
+        seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅"),
     ),
     ModelSpec(
         id="Qwen/Qwen-Image-2512",
@@ -251,9 +245,7 @@ MODELS: list[ModelSpec] = [
         components=_QWEN_IMAGE,
         **_QWEN_DEFAULTS,
         **_image_sizes(16),
-        # Seed row: "✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅". Added, verified by tests/test_vae_parallel.py (exact patch
-        # parallel decode equals one worker for AutoencoderKLQwenImage): VAE patch parallelism.
-        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅ ✅"),
+        seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ✅"),
     ),
     ModelSpec(
         id="Qwen/Qwen-Image-Edit",
@@ -264,7 +256,7 @@ MODELS: list[ModelSpec] = [
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPipeline"),
         **_QWEN_DEFAULTS,
         **_image_sizes(16),
-        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
+        seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
             "One input image; output size follows it (about 1024x1024 area). The pipeline also loads a "
             "Qwen2VLProcessor (processor) to feed the image to the text encoder."
@@ -279,7 +271,7 @@ MODELS: list[ModelSpec] = [
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPlusPipeline"),
         **_QWEN_DEFAULTS,
         **_image_sizes(16),
-        features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
+        seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
             "Multi-image editing (1-3 input images); output size follows the last input image (about "
             "1024x1024 area). The pipeline also loads a Qwen2VLProcessor (processor)."
@@ -294,7 +286,7 @@ MODELS: list[ModelSpec] = [
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageLayeredPipeline"),
         **_QWEN_DEFAULTS,
         **_image_sizes(16, width=640, height=640),
-        features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
+        seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
             "Decomposes an input image into RGBA layers (layers=4 by default). Output size follows the input "
             "image at resolution bucket 640 (default) or 1024, not width/height. Also loads a Qwen2VLProcessor."
@@ -317,7 +309,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=28,
         guidance_scale=7.0,
         **_image_sizes(16),
-        features=_row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌"),
+        seed_features=_row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌"),
         notes=(
             "Identifier as in the seed table; the Hub checkpoints are stabilityai/stable-diffusion-3.5-large "
             "and -medium. Defaults are the pipeline's; the model cards suggest guidance 3.5 (large) or "
@@ -341,7 +333,7 @@ MODELS: list[ModelSpec] = [
         num_inference_steps=9,
         guidance_scale=0.0,
         **_image_sizes(16),
-        features=_row("✅ ✅ ✅ ❌ ✅ ❌ ✅ ✅ ✅"),
+        seed_features=_row("✅ ✅ ✅ ❌ ✅ ❌ ✅ ✅ ✅"),
         notes=(
             "Step-distilled Turbo: 9 steps, guidance 0.0 (model card). The pipeline applies CFG only when "
             "guidance_scale > 0, so none runs by default. Tensor parallel: TP=2 only."
@@ -360,7 +352,7 @@ MODELS: list[ModelSpec] = [
         guidance_scale=5.0,
         **_video_sizes(16),
         num_frames=81,
-        features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
+        seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=_WAN_A14B_NOTE.format(ratio=0.875),
     ),
     ModelSpec(
@@ -375,7 +367,7 @@ MODELS: list[ModelSpec] = [
         guidance_scale=5.0,
         **_video_sizes(16),
         num_frames=81,
-        features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
+        seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=_WAN_A14B_NOTE.format(ratio=0.9) + " No CLIP image encoder (Wan2.2 conditions on VAE latents).",
     ),
     ModelSpec(
@@ -390,7 +382,7 @@ MODELS: list[ModelSpec] = [
         guidance_scale=5.0,
         **_video_sizes(32),
         num_frames=81,
-        features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
+        seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=(
             "One 5B transformer; its VAE compresses 16x spatially, so sizes are multiples of 32. The checkpoint "
             "is a WanPipeline (expand_timesteps=True); image conditioning loads it into "
@@ -423,7 +415,7 @@ MODELS: list[ModelSpec] = [
         max_size=1,
         # pipeline default = the longest clip: transformer sample_size x VAE hop_length / sampling rate
         audio_seconds=1024 * 2048 / 44100,
-        features=_row("❌ ❌ ❌ ❌ ❌ ❌ ✅ ❌", _VIDEO_COLUMNS),
+        seed_features=_row("❌ ❌ ❌ ❌ ❌ ❌ ✅ ❌", _VIDEO_COLUMNS),
         notes=(
             "Width/height do not apply (all size fields are 1); length is audio_seconds, at most about "
             "47.55 s of 44.1 kHz stereo, in steps of the VAE hop length (2048 samples). Also loads a "

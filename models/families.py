@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from .contract import Capabilities
 from .loading import CheckpointError, read_checkpoint
 from .registry import FamilyNotImplementedError, ModelNotFoundError, ModelSpec, get_spec, list_specs
 
@@ -77,10 +78,11 @@ def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
     override_file = path / SPEC_OVERRIDES_FILE
     if override_file.is_file():
         update.update(json.loads(override_file.read_text()))
+        if "features" in update:  # a checkpoint narrows what its family runs; it cannot add to it
+            update["feature_limit"] = update.pop("features")
     # Sizes must follow the checkpoint's real geometry, whatever its family's flagship uses.
     adapter = adapter_class(spec.family)
-    vae_scale = adapter.vae_scale_from_config(read_checkpoint(path))
-    update.setdefault("size_multiple", vae_scale * 2)
+    update.setdefault("size_multiple", adapter.size_multiple_from_config(read_checkpoint(path)))
     return ModelSpec.model_validate({**spec.model_dump(), **update})
 
 
@@ -147,3 +149,32 @@ def resolve_model(model: str | os.PathLike) -> ResolvedModel:
             f"time): put its diffusers folder at $DITSERVE_MODELS_DIR/{spec.id} or pass --model <folder>"
         )
     return ResolvedModel(_apply_overrides(spec, local, spec.id), local)
+
+
+def capabilities(resolved: ResolvedModel) -> Capabilities:
+    """What ``resolved``'s adapter declares and its denoiser's config says, without loading weights
+    (start-up checks read this; see ``contract.Capabilities``)."""
+    cls = adapter_class(resolved.spec.family)
+    info = read_checkpoint(resolved.path)
+    name = cls.denoisers[0]
+    ref = info.components.get(name)
+    config = info.config(name) if ref is not None else {}
+    denoiser = cls.denoiser_class()
+    heads = config.get("num_attention_heads")
+    return Capabilities(
+        family=cls.family,
+        adapter=cls,
+        supported_features=resolved.spec.features,  # the adapter's verified ones, narrowed by the checkpoint
+        guidance=cls.guidance,
+        cfg_evaluation=cls.cfg_evaluation,
+        denoisers=cls.denoisers,
+        latent_layout=cls.latent_layout,
+        output=cls.output,
+        conditioning=cls.conditioning,
+        transformer_class=ref.class_name if ref is not None else denoiser.__name__,
+        transformer_config=dict(config),
+        num_heads=int(heads) if heads is not None else None,
+        num_blocks=cls.cache_blocks.count(config) if cls.cache_blocks is not None and config else None,
+        has_cp_plan=bool(getattr(denoiser, "_cp_plan", None)),
+        has_tp_plan=bool(getattr(denoiser, "_tp_plan", None)),
+    )

@@ -14,11 +14,19 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from .adapter import SamplingParams, TextConditioning
+from .contract import CacheBlocks
+from .flow_match import FlowMatchImageAdapter
 from .loading import CheckpointInfo
-from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .registry import Feature, Guidance
 
 
-class FluxAdapter(FamilyAdapter):
+def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """TeaCache's probe: the first block's timestep-modulated image input."""
+    return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
+
+
+class FluxAdapter(FlowMatchImageAdapter):
     family = "flux"
     pipeline_class = FluxPipeline
     component_types = {
@@ -38,6 +46,18 @@ class FluxAdapter(FamilyAdapter):
     max_sequence_length = 512  # the pipeline's default
     unbatched_text_kwargs = ("txt_ids",)
     default_guidance_scale = 3.5  # FluxPipeline's
+    guidance = frozenset({Guidance.DISTILLED, Guidance.TRUE_CFG})
+    # Verified: caches (tests/test_cache.py), SP/TP/CFG-parallel equal one rank (tests/test_parallel.py),
+    # exact VAE patch parallel decode (tests/test_vae_parallel.py).
+    supported_features = frozenset({
+        Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
+    })
+    # TeaCache polynomial: TeaCache's published fit for FLUX.1-dev.
+    cache_blocks = CacheBlocks(
+        ("transformer_blocks", "single_transformer_blocks"), _modulated_input,
+        (498.65, -283.78, 55.86, -3.82, 0.264), layer_config_keys=("num_layers", "num_single_layers"),
+    )
 
     @classmethod
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:

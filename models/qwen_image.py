@@ -13,11 +13,21 @@ import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
+from .adapter import SamplingParams, TextConditioning
+from .contract import CacheBlocks
+from .flow_match import FlowMatchImageAdapter
 from .loading import CheckpointInfo
-from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .registry import Feature, Guidance
 
 
-class QwenImageAdapter(FamilyAdapter):
+def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """TeaCache's probe: the first block's timestep-modulated image input."""
+    img_mod1 = block.img_mod(kwargs["temb"]).chunk(2, dim=-1)[0]
+    modulated, _ = block._modulate(block.img_norm1(kwargs["hidden_states"]), img_mod1, kwargs.get("modulate_index"))
+    return modulated
+
+
+class QwenImageAdapter(FlowMatchImageAdapter):
     family = "qwen-image"
     pipeline_class = QwenImagePipeline
     component_types = {
@@ -33,6 +43,15 @@ class QwenImageAdapter(FamilyAdapter):
         "decode": ("vae",),
     }
     max_sequence_length = 512  # the pipeline's default
+    guidance = frozenset({Guidance.NONE, Guidance.TRUE_CFG})
+    # Verified: caches (tests/test_cache.py), SP/TP/CFG-parallel equal one rank (tests/test_parallel.py),
+    # exact VAE patch parallel decode (tests/test_vae_parallel.py).
+    supported_features = frozenset({
+        Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
+    })
+    # TeaCache polynomial: vLLM-Omni's published fit for Qwen-Image.
+    cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (-450.0, 280.0, -45.0, 3.2, -0.02))
 
     @classmethod
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:

@@ -1,8 +1,10 @@
 """The model registry: model identifier -> family, diffusers classes, defaults, sizes and features.
 
-Capabilities are data (STYLE.md rule 5): every registered model says which features it supports,
-and code that enables a feature asks the registry instead of keeping its own list. The starting
-truth for the feature flags is the seed table of ``shared/reference/diffusion-features.md``.
+Capabilities are data (STYLE.md rule 5): a model's ``features`` are derived from what its family
+adapter declares implemented and verified (``FamilyAdapter.verified_features``), so code that
+enables a feature asks the registry instead of keeping its own list. The seed table of
+``shared/reference/diffusion-features.md`` stays beside it as ``seed_features`` (a reference: what
+the model can take, not what this project runs).
 """
 
 from __future__ import annotations
@@ -81,7 +83,14 @@ class ModelSpec(BaseModel):
     max_size: int = Field(gt=0, description="Largest allowed width/height in pixels.")
     num_frames: int | None = Field(None, description="Default frame count (video).")
     audio_seconds: float | None = Field(None, description="Default duration (audio).")
-    features: frozenset[Feature] = Field(frozenset(), description="Features the model supports.")
+    seed_features: frozenset[Feature] = Field(
+        frozenset(), description="The seed table's feature row (reference; see ``features`` for what runs)."
+    )
+    feature_limit: frozenset[Feature] | None = Field(
+        None,
+        description="Narrows ``features`` for this model (e.g. a step-distilled checkpoint has no CFG to "
+        "split); ``features`` in a checkpoint's ditserve.json sets it. It never adds a feature.",
+    )
     builtin: bool = Field(False, description="Built by the project itself (no download needed).")
     notes: str = Field("", description="Anything a user should know (e.g. not in diffusers 0.42).")
     default_negative_prompt: str | None = Field(
@@ -103,6 +112,13 @@ class ModelSpec(BaseModel):
             raise ValueError(f"{self.id}: min_size={self.min_size} > max_size={self.max_size}")
         return self
 
+    @property
+    def features(self) -> frozenset[Feature]:
+        """Features that work: its family adapter's verified features (empty for a family that has
+        no adapter yet), narrowed by ``feature_limit``. Imports the adapter on first use."""
+        features = _family_features(self.family)
+        return features if self.feature_limit is None else features & self.feature_limit
+
     def supports(self, feature: Feature) -> bool:
         return feature in self.features
 
@@ -113,6 +129,15 @@ class ModelNotFoundError(LookupError):
 
 class FamilyNotImplementedError(NotImplementedError):
     """Raised when a registered model's family has no adapter yet."""
+
+
+@functools.cache
+def _family_features(family: str) -> frozenset[Feature]:
+    from .families import adapter_class, implemented_families
+
+    if family not in implemented_families():
+        return frozenset()
+    return adapter_class(family).verified_features()
 
 
 @functools.cache

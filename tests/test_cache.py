@@ -20,6 +20,7 @@ from ditserve.features.cache import (
     steps_mask,
 )
 from ditserve.features.cache.config import CacheConfigError
+from ditserve.models import CacheBlocks
 from ditserve.parallel import ParallelConfig
 
 pytestmark = pytest.mark.timeout(300)
@@ -134,14 +135,15 @@ class ToyTransformer(torch.nn.Module):
         return hidden_states, encoder_hidden_states
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    from ditserve.features.cache import apply_cache, models
+TOY_BLOCKS = CacheBlocks(("transformer_blocks",), lambda block, kw: kw["temb"] * torch.ones(2), (0.0, 0.0, 0.0, 1.0, 0.0))
 
-    monkeypatch.setitem(models.MODELS, "ToyTransformer", models.CacheModelInfo(
-        ("transformer_blocks",), lambda block, kw: kw["temb"] * torch.ones(2), (0.0, 0.0, 0.0, 1.0, 0.0)))
+
+@pytest.fixture
+def toy():
+    from ditserve.features.cache import apply_cache
+
     model = ToyTransformer()
-    apply_cache(model)
+    apply_cache(model, TOY_BLOCKS)
     return model
 
 
@@ -152,7 +154,7 @@ def _toy_steps(model, settings, tembs):
 
     hidden, text = torch.zeros(1, 2), torch.zeros(1, 2)
     outs = []
-    with cache_run(settings, model, len(tembs), ParallelGroups.single().branch) as run:
+    with cache_run(settings, model, TOY_BLOCKS, len(tembs), ParallelGroups.single().branch) as run:
         for i, t in enumerate(tembs):
             with step_context(i, t, "cond"):
                 h, e = model(hidden_states=hidden, encoder_hidden_states=text, temb=torch.tensor(t))
@@ -257,8 +259,8 @@ def test_concurrent_requests_get_their_own_cache(engines):
     results: list = [None] * len(configs)
 
     def worker(i: int) -> None:
-        def callback(step, n, latents):
-            if step == 2:  # all requests are mid-loop at once
+        def callback(step):
+            if step.index == 2:  # all requests are mid-loop at once
                 barrier.wait()
         results[i] = engine.generate(GenerationRequest(**BASE, cache=configs[i]), output_type="np", callback=callback)
 

@@ -31,8 +31,8 @@ SEED_IDS = [
     "stabilityai/stable-audio-open-1.0",
 ]
 SEED_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusion-features.md"
-# Features we support beyond the seed table, each verified by a test of ours (tests/test_parallel.py,
-# tests/test_cache.py, tests/test_vae_parallel.py).
+# Features that run beyond the seed table, each verified by a test of ours (tests/test_parallel.py,
+# tests/test_cache.py, tests/test_vae_parallel.py): the adapters declare them (``features``).
 VERIFIED_ADDITIONS = {
     "black-forest-labs/FLUX.1-dev": {Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TEA_CACHE,
                                      Feature.VAE_PATCH_PARALLEL},
@@ -81,14 +81,31 @@ def test_feature_flags_match_the_seed_table():
         if not match:
             continue
         spec = get_spec(match.group(1))
-        added = VERIFIED_ADDITIONS.get(spec.id, set())
         for name, cell in zip(header[2:], cells[2:]):
-            expected = cell.startswith("✅") or COLUMNS[name] in added
-            assert (COLUMNS[name] in spec.features) == expected, (spec.id, name)
+            assert (COLUMNS[name] in spec.seed_features) == cell.startswith("✅"), (spec.id, name)
         for feature in set(COLUMNS.values()) - {COLUMNS[n] for n in header[2:]}:
-            assert feature not in spec.features, (spec.id, feature)  # no column: not supported
+            assert feature not in spec.seed_features, (spec.id, feature)  # no column: not supported
+        assert VERIFIED_ADDITIONS.get(spec.id, set()) <= spec.features, spec.id
         checked += 1
     assert checked == len(SEED_IDS)
+
+
+NOT_BUILT = {Feature.LORA, Feature.FP8, Feature.LAYERWISE_OFFLOAD}  # no implementation exists yet
+
+
+@pytest.mark.parametrize("model_id", SEED_IDS)
+def test_features_are_what_the_adapter_declares(model_id):
+    from ditserve.models import adapter_class
+
+    spec = get_spec(model_id)
+    if spec.family not in implemented_families():
+        assert spec.features == frozenset()  # nothing runs without an adapter; the seed row stays beside
+        return
+    cls = adapter_class(spec.family)
+    assert spec.features == cls.verified_features() <= cls.supported_features
+    assert not spec.features & NOT_BUILT
+    if Feature.SEQUENCE_PARALLEL in spec.features:
+        assert cls.denoiser_class()._cp_plan
 
 
 def test_models_command_lists_every_model(capsys):
@@ -98,3 +115,16 @@ def test_models_command_lists_every_model(capsys):
         assert spec.id in out
     qwen_row = next(line for line in out.splitlines() if line.startswith("Qwen/Qwen-Image "))
     assert "qwen-image" in qwen_row and "true_cfg=4.0" in qwen_row and "1024x1024/16/2048" in qwen_row
+    # FEATURES (what runs) then SEED (the table's row, which lists lora and fp8 for Qwen-Image)
+    header = out.splitlines()[0]
+    assert header.index("FEATURES") < header.index("SEED")
+    features_cell, seed_cell = qwen_row.split()[-2:]
+    assert "lora" not in features_cell and "tea_cache" in features_cell
+    assert "lora" in seed_cell and "fp8" in seed_cell
+
+
+def test_a_checkpoint_narrows_features_but_cannot_add_one():
+    # ``features`` in a checkpoint's ditserve.json (e.g. a step-distilled checkpoint: no CFG to split)
+    spec = get_spec("Qwen/Qwen-Image").model_copy(
+        update={"feature_limit": frozenset({Feature.SEQUENCE_PARALLEL, Feature.LORA})})
+    assert spec.features == {Feature.SEQUENCE_PARALLEL}

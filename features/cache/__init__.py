@@ -1,7 +1,8 @@
 """Cache acceleration: TeaCache and Cache-DiT (DBCache, TaylorSeer, SCM) as block hooks on a DiT.
 
-``apply_cache(transformer)`` at load; ``cache_run(settings, ...)`` around each request's
-denoising loop. Settings come from the deployment (``cache_backend``/``cache_config``) merged with
+``apply_cache(transformer, blocks)`` at load; ``cache_run(settings, transformer, blocks, ...)``
+around each request's denoising loop, where ``blocks`` is the ``CacheBlocks`` the model's adapter
+declares (``ditserve.models.contract``): the caches keep no table of model classes. Settings come from the deployment (``cache_backend``/``cache_config``) merged with
 the request's ``cache`` field (``merge_cache``). See ``hooks.py`` for the mechanics and
 ``policies.py`` for the decisions.
 """
@@ -17,13 +18,10 @@ from .config import (
     parse_cache_settings,
 )
 from .hooks import CacheRun, CacheStats, apply_cache, cache_run, check_blocks, has_cache, remove_cache
-from .models import MODELS as CACHE_MODELS
-from .models import num_blocks
 from .policies import TaylorSeer, steps_mask
 
 __all__ = [
     "BACKENDS",
-    "CACHE_MODELS",
     "CacheConfigError",
     "CacheDiTConfig",
     "CacheRequest",
@@ -37,7 +35,6 @@ __all__ = [
     "check_blocks",
     "has_cache",
     "merge_cache",
-    "num_blocks",
     "parse_cache_settings",
     "remove_cache",
     "steps_mask",

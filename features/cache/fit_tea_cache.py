@@ -25,8 +25,6 @@ import torch
 from ditserve.models.context import current_step
 from ditserve.models.families import SPEC_OVERRIDES_FILE
 
-from .models import cache_info, transformer_blocks
-
 
 def _rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     return float((current.double() - previous.double()).abs().mean() / previous.double().abs().mean())
@@ -45,9 +43,10 @@ def collect(model: str, prompts: list[str], steps: int | None = None, seed: int 
     from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 
     engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32"))
-    transformer = engine.adapter.transformer
-    info = cache_info(transformer)
-    first = transformer_blocks(transformer)[0]
+    blocks = engine.adapter.cache_blocks
+    if blocks is None:
+        raise ValueError(f"model {model}: its adapter declares no cache blocks")
+    first = blocks.blocks(engine.adapter.transformer)[0]
     # x: the change of each CFG branch's modulated input; y: the change of the prediction the sampler
     # consumes (with true CFG, the guided combination of both branches: an error in one branch reaches
     # the sample amplified by the guidance scale, so that is the output change the threshold bounds)
@@ -55,30 +54,25 @@ def collect(model: str, prompts: list[str], steps: int | None = None, seed: int 
     predictions: list[torch.Tensor] = []
 
     def on_first(module, args, kwargs):
-        inputs.setdefault(current_step().branch, []).append(info.modulated_input(module, kwargs).detach())
+        inputs.setdefault(current_step().branch, []).append(blocks.modulated_input(module, kwargs).detach())
 
-    adapter = engine.adapter
-    scheduler_step = adapter.scheduler_step
-
-    def recording_step(state, noise_pred, t):
-        predictions.append(noise_pred.detach().clone())
-        return scheduler_step(state, noise_pred, t)
+    def record(step):  # the guided prediction the scheduler consumed (StepOutput)
+        predictions.append(step.noise_pred.detach().clone())
 
     xs, ys = [], []
     handle = first.register_forward_pre_hook(on_first, with_kwargs=True)
-    adapter.scheduler_step = recording_step
     try:
         for i, prompt in enumerate(prompts):
             inputs.clear()
             predictions.clear()
-            engine.generate(GenerationRequest(prompt=prompt, seed=seed + i, num_inference_steps=steps), output_type="pt")
+            engine.generate(GenerationRequest(prompt=prompt, seed=seed + i, num_inference_steps=steps), output_type="pt",
+                            callback=record)
             for branch_inputs in inputs.values():
                 for t in range(1, len(branch_inputs)):
                     xs.append(_rel_l1(branch_inputs[t], branch_inputs[t - 1]))
                     ys.append(_rel_l1(predictions[t], predictions[t - 1]))
     finally:
         handle.remove()
-        del adapter.scheduler_step
     return np.array(xs), np.array(ys)
 
 

@@ -4,7 +4,8 @@ Why ours: diffusers 0.42 has FirstBlockCache/TaylorSeer hooks but no TeaCache, n
 Fn/Bn, warm-up limits and SCM masks; its state lives in the hook (per process, not per request)
 and its skip decision is rank-local, which lets sequence-parallel ranks diverge and deadlock.
 
-How it works: ``apply_cache(transformer)`` registers a ``ModelHook`` named ``ditserve_cache`` on
+How it works: ``apply_cache(transformer, blocks)`` (``blocks``: the ``CacheBlocks`` the model's
+adapter declares) registers a ``ModelHook`` named ``ditserve_cache`` on
 every block (diffusers ``HookRegistry``; the model's code is untouched). With no active
 ``CacheRun`` the hook calls the block. ``cache_run(...)`` (a context manager around one request's
 denoising loop) activates a run through a ``contextvar``, so concurrent requests each see their
@@ -26,10 +27,10 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ditserve.models.context import current_step
+from ditserve.models.contract import CacheBlocks
 from ditserve.parallel.groups import Group
 
 from .config import CacheConfigError, CacheSettings
-from .models import cache_info, transformer_blocks
 from .policies import BranchState, DBCachePolicy, TeaCachePolicy
 
 HOOK_NAME = "ditserve_cache"
@@ -66,14 +67,13 @@ class CacheStats:
 class CacheRun:
     """One request's cache: settings, per-branch state and stats."""
 
-    def __init__(self, settings: CacheSettings, transformer: torch.nn.Module, num_steps: int, group: Group,
-                 coefficients: tuple[float, ...] | None = None) -> None:
-        info = cache_info(transformer)
-        self.num_blocks = len(transformer_blocks(transformer))
-        self.modulated_input = info.modulated_input
+    def __init__(self, settings: CacheSettings, transformer: torch.nn.Module, blocks: CacheBlocks, num_steps: int,
+                 group: Group, coefficients: tuple[float, ...] | None = None) -> None:
+        self.num_blocks = len(blocks.blocks(transformer))
+        self.modulated_input = blocks.modulated_input
         check_blocks(settings, self.num_blocks)
         if settings.backend == "tea_cache":
-            coeffs = settings.config.coefficients or coefficients or info.tea_cache_coefficients
+            coeffs = settings.config.coefficients or coefficients or blocks.tea_cache_coefficients
             self.policy = TeaCachePolicy(settings.config, coeffs, self.num_blocks, num_steps, group)
         else:
             self.policy = DBCachePolicy(settings.config, self.num_blocks, num_steps, group)
@@ -149,28 +149,29 @@ class _BlockHook(ModelHook):
         return run.block(self.index, module, self.fn_ref.original_forward, args, kwargs)
 
 
-def apply_cache(transformer: torch.nn.Module) -> None:
+def apply_cache(transformer: torch.nn.Module, blocks: CacheBlocks) -> None:
     """Register the cache hook on every block of ``transformer`` (idle until a ``cache_run``)."""
-    for index, block in enumerate(transformer_blocks(transformer)):
+    for index, block in enumerate(blocks.blocks(transformer)):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(index), HOOK_NAME)
 
 
-def remove_cache(transformer: torch.nn.Module) -> None:
-    for block in transformer_blocks(transformer):
+def remove_cache(transformer: torch.nn.Module, blocks: CacheBlocks) -> None:
+    for block in blocks.blocks(transformer):
         HookRegistry.check_if_exists_or_initialize(block).remove_hook(HOOK_NAME, recurse=False)
 
 
-def has_cache(transformer: torch.nn.Module) -> bool:
-    blocks = transformer_blocks(transformer)
-    return bool(blocks) and HookRegistry.check_if_exists_or_initialize(blocks[0]).get_hook(HOOK_NAME) is not None
+def has_cache(transformer: torch.nn.Module, blocks: CacheBlocks) -> bool:
+    modules = blocks.blocks(transformer)
+    return bool(modules) and HookRegistry.check_if_exists_or_initialize(modules[0]).get_hook(HOOK_NAME) is not None
 
 
 @contextlib.contextmanager
-def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, num_steps: int, group: Group,
-              coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
+def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, blocks: CacheBlocks, num_steps: int,
+              group: Group, coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
     """Activate ``settings`` for the denoising loop inside (``None``: no cache, yields ``None``).
 
     Args:
+        blocks: the ``CacheBlocks`` the model's adapter declares.
         group: the ranks that compute this rank's CFG branch together (sequence × tensor
             parallel); skip metrics are reduced over it.
         coefficients: the checkpoint's fitted TeaCache polynomial, if any.
@@ -178,9 +179,9 @@ def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, num_
     if settings is None:
         yield None
         return
-    if not has_cache(transformer):
-        raise RuntimeError("cache hooks are not attached: call apply_cache(transformer) at load")
-    run = CacheRun(settings, transformer, num_steps, group, coefficients)
+    if not has_cache(transformer, blocks):
+        raise RuntimeError("cache hooks are not attached: call apply_cache(transformer, blocks) at load")
+    run = CacheRun(settings, transformer, blocks, num_steps, group, coefficients)
     token = _RUN.set(run)
     try:
         yield run
