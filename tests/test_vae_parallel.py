@@ -1,8 +1,9 @@
 """VAE patch parallelism: M VAE workers (gloo, local processes) decode what one worker decodes
 (exact mode, both families, M = 2 and 4, rows and columns, uneven bands, batches, video frames);
-tiling spread over M workers equals one worker's tiling; bad options fail at start-up naming the
-option, too-small sizes fail per request naming ``size``; the served graph with 2 VAE workers
-gives the reference runner's image."""
+tiling spread over M workers equals one worker's tiling (images and video frames); removing the
+hooks leaves a fresh VAE; bad options fail at start-up naming the option, too-small sizes fail
+per request naming ``size``; the served graph with 2 VAE workers gives the reference runner's
+image."""
 
 from __future__ import annotations
 
@@ -80,11 +81,14 @@ def _worker(paths: dict[str, str]) -> dict:
             out[(family, m, "exact")] = _decode_all(engine)
             out[(family, m, "bytes")] = group.sent - sent
             tiled = EngineConfig(model=path, device="cpu", vae={"vae_patch_parallel_size": m, **TILED})
-            out[(family, m, "tiled")] = _decode_all(Engine(tiled, ["decode"], vae_group=group))
+            tiled_engine = Engine(tiled, ["decode"], vae_group=group)
+            out[(family, m, "tiled")] = _decode_all(tiled_engine)
             if family == "qwen-image":
                 vae = engine.adapter.components["vae"]
+                tiled_vae = tiled_engine.adapter.components["vae"]
                 with torch.inference_mode():
                     out[(family, m, "video")] = vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
+                    out[(family, m, "video_tiled")] = tiled_vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
     return out
 
 
@@ -96,11 +100,14 @@ def single(tiny_checkpoints):
         path = str(tiny_checkpoints[family])
         engine = Engine(EngineConfig(model=path, device="cpu"), ["decode"])
         out[(family, "exact")] = _decode_all(engine)
-        out[(family, "tiled")] = _decode_all(Engine(EngineConfig(model=path, device="cpu", vae=TILED), ["decode"]))
+        tiled_engine = Engine(EngineConfig(model=path, device="cpu", vae=TILED), ["decode"])
+        out[(family, "tiled")] = _decode_all(tiled_engine)
         if family == "qwen-image":
             vae = engine.adapter.components["vae"]
+            tiled_vae = tiled_engine.adapter.components["vae"]
             with torch.inference_mode():
                 out[(family, "video")] = vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
+                out[(family, "video_tiled")] = tiled_vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
     return out
 
 
@@ -130,6 +137,15 @@ def test_every_video_frame_decodes_with_the_same_split(workers, single, m):
     assert ref.shape[2] == 1 + 4 * (VIDEO_FRAMES - 1)  # the causal VAE upsamples time too
     for rank in range(4):
         assert float(np.abs(workers[rank][("qwen-image", m, "video")] - ref).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_video_tiles_over_workers_equal_one_worker_tiling(workers, single, m):
+    ref = single[("qwen-image", "video_tiled")]
+    assert ref.shape == single[("qwen-image", "video")].shape  # every frame came back
+    assert not np.array_equal(ref, single[("qwen-image", "video")])  # tiling was really on
+    for rank in range(4):  # each tile's frames share the decoder's frame cache: one worker decodes them all
+        assert float(np.abs(workers[rank][("qwen-image", m, "video_tiled")] - ref).max()) <= 1e-5
 
 
 @pytest.mark.parametrize("m", [2, 4])

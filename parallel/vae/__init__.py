@@ -111,7 +111,7 @@ def apply_vae_parallel(vae: torch.nn.Module, config: VaeConfig, group: Group | N
         if config.vae_use_tiling:
             enable_tiling(vae, plan, config.vae_tile_size, vae_scale)
             if config.parallel:
-                holder.tiles = apply_distributed_tiling(vae, group, vae_scale)
+                holder.tiles = apply_distributed_tiling(vae, plan, group, vae_scale)
         elif config.parallel:
             apply_vae_patch_parallel(vae.decoder, plan, group)
     except BaseException:

@@ -36,6 +36,14 @@ def _qwen_tiles(vae: torch.nn.Module, size: int, scale: int) -> None:
     vae.enable_tiling(size, size, stride, stride)
 
 
+def _qwen_frames(decoder: torch.nn.Module) -> int:
+    return 2 ** sum(decoder.temperal_upsample)  # diffusers' spelling
+
+
+def _no_frames(decoder: torch.nn.Module) -> int:
+    return 1
+
+
 def _qwen_attention() -> tuple[type, ...]:
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageAttentionBlock
 
@@ -58,12 +66,16 @@ class VaePlan:
         group_norm: whether the decoder normalises with ``nn.GroupNorm`` (statistics reduced).
         set_tile_size: sets the tile side (output pixels) of diffusers' tiled decode.
         exact: one line for the docs: why the patch mode is exact for this class.
+        frame_scale: output frames per latent frame of a decoder call after a video's first (a
+            causal video decoder turns the first latent frame into one frame); the tiled mode
+            over M workers sizes the tiles it does not decode with it.
     """
 
     attention: Callable[[], tuple[type, ...]]
     group_norm: bool
     set_tile_size: Callable[[torch.nn.Module, int, int], None]
     exact: str
+    frame_scale: Callable[[torch.nn.Module], int] = _no_frames
 
 
 VAE_PLANS: dict[str, VaePlan] = {
@@ -74,7 +86,7 @@ VAE_PLANS: dict[str, VaePlan] = {
     "AutoencoderKLQwenImage": VaePlan(
         _qwen_attention, False, _qwen_tiles,
         "halo causal convs (frame cache included); RMS norm is per position (local); mid-block attention "
-        "over gathered K/V",
+        "over gathered K/V", _qwen_frames,
     ),
 }
 

@@ -7,9 +7,10 @@ is hooked.
 
 M workers, in two passes over diffusers' own tile loop:
 
-1. compute: the decoder's calls (one per tile, per frame) are dealt out greedily by area (edge
-   tiles count less); a call owned here is decoded and kept, the others get an empty stand-in of
-   the right shape (that pass's blend is thrown away);
+1. compute: the decoder's calls are dealt out greedily by area (edge tiles count less), a video
+   tile's frames (one call each, sharing the decoder's frame cache) to one owner; a call owned
+   here is decoded and kept, the others get an empty stand-in of the right shape (that pass's
+   blend is thrown away);
 2. the kept tiles are all-gathered, in call order;
 3. replay: the loop runs again and every decoder call returns the gathered tile, so diffusers
    blends the real tiles with its own code.
@@ -54,9 +55,10 @@ class _TileDealerHook(ModelHook):
     returns the gathered tile, so diffusers blends the real tiles. ``off``: the decoder runs.
     """
 
-    def __init__(self, group: Group, out_channels: int, scale: int, frames: int = 1) -> None:
+    def __init__(self, group: Group, out_channels: int, scale: int, frame_scale: int = 1) -> None:
         super().__init__()
-        self.group, self.out_channels, self.scale, self.frames = group, out_channels, scale, frames
+        self.group, self.out_channels, self.scale, self.frame_scale = group, out_channels, scale, frame_scale
+        self.frames = 1  # decoder calls per tile: one per latent frame (set per decode)
         self.reset("off")
 
     def reset(self, phase: str) -> None:
@@ -70,11 +72,13 @@ class _TileDealerHook(ModelHook):
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
 
-    def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+    def _output_shape(self, x: torch.Tensor, index: int) -> tuple[int, ...]:
         shape = list(x.shape)
         shape[1] = self.out_channels
         shape[-2] *= self.scale
         shape[-1] *= self.scale
+        if x.dim() == 5 and index % self.frames:  # a video tile's later frames are upsampled in time
+            shape[2] *= self.frame_scale
         return tuple(shape)
 
     def new_forward(self, module, x, *args, **kwargs):
@@ -90,7 +94,7 @@ class _TileDealerHook(ModelHook):
         else:
             owner = self.owners[-1]
         self.owners.append(owner)
-        shape = self._output_shape(x)
+        shape = self._output_shape(x, index)
         self.shapes.append(shape)
         dtype = module.conv_out.weight.dtype
         self.dtype, self.device = dtype, x.device
@@ -143,6 +147,8 @@ class _TiledDecodeHook(ModelHook):
 
     def _two_passes(self, z: torch.Tensor, return_dict: bool = True):
         dealer = self.dealer
+        # a video tile's frames go through the decoder one by one, sharing its frame cache: one owner
+        dealer.frames = z.shape[2] if z.dim() == 5 else 1
         # collective: every worker runs the same loop over the same shapes, so all deal alike
         dealer.reset("compute")
         try:
@@ -154,14 +160,14 @@ class _TiledDecodeHook(ModelHook):
             dealer.reset("off")
 
 
-def apply_distributed_tiling(vae: torch.nn.Module, group: Group, vae_scale: int) -> _TileDealerHook:
+def apply_distributed_tiling(vae: torch.nn.Module, plan: VaePlan, group: Group, vae_scale: int) -> _TileDealerHook:
     """Spread the tiles of ``vae``'s tiled decode over ``group`` (tiling must be enabled).
 
     Returns:
         the dealer (on ``vae.decoder``).
     """
     decoder = vae.decoder
-    dealer = _TileDealerHook(group, decoder.conv_out.out_channels, vae_scale)
+    dealer = _TileDealerHook(group, decoder.conv_out.out_channels, vae_scale, plan.frame_scale(decoder))
     HookRegistry.check_if_exists_or_initialize(decoder).register_hook(dealer, VAE_TILES_HOOK)
     HookRegistry.check_if_exists_or_initialize(vae).register_hook(_TiledDecodeHook(dealer), VAE_TILED_DECODE_HOOK)
     return dealer
