@@ -3,7 +3,7 @@
 Realistically sized VAEs with random weights (FLUX.1's AutoencoderKL: 128/256/512/512 channels,
 2 resnets per level, 32 norm groups, 16 latent channels; Qwen-Image's AutoencoderKLQwenImage:
 base 96, multipliers 1/2/4/4, 2 resnets per level, z 16), decoding one image of 1024² and 2048²
-in the exact patch mode (``parallel/vae.py``).
+in the exact patch mode (``parallel/vae/exact.py``).
 
 Peak memory: on GPU ``torch.cuda.max_memory_allocated`` minus the weights; on CPU a
 ``TorchDispatchMode`` that tracks the bytes of live tensor storages created during the decode
@@ -114,14 +114,14 @@ def _decode_measured(vae: torch.nn.Module, z: torch.Tensor) -> tuple[int, float]
 def _real_worker(payload: tuple[str, int, int, str]) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from ditserve.parallel.vae import VaeConfig, VaeParallel, build_vae_group
+    from ditserve.parallel.vae import VaeConfig, apply_vae_parallel, build_vae_group
 
     name, size, m, device = payload
     if device == "cuda":
         device = f"cuda:{dist.get_rank()}"
     vae = _make_vae(name, device)
     config = VaeConfig(vae_patch_parallel_size=m)
-    VaeParallel(vae, config, build_vae_group(config) if m > 1 else None, SCALE)
+    apply_vae_parallel(vae, config, build_vae_group(config) if m > 1 else None, SCALE)
     peak, seconds = _decode_measured(vae, _latent(name, size, device))
     return {"peak_bytes": peak, "seconds": seconds}
 
@@ -139,13 +139,13 @@ class _SimulatedGroup:
 
 
 def _shape_only(name: str, size: int, m: int) -> list[int]:
-    from ditserve.parallel.vae import VaeConfig, VaeParallel
+    from ditserve.parallel.vae import VaeConfig, apply_vae_parallel
 
     peaks = []
     for rank in range(m):
         vae = _make_vae(name, "meta")
         group = _SimulatedGroup(rank, m).group if m > 1 else None
-        VaeParallel(vae, VaeConfig(vae_patch_parallel_size=m), group, SCALE)
+        apply_vae_parallel(vae, VaeConfig(vae_patch_parallel_size=m), group, SCALE)
         peaks.append(_decode_measured(vae, _latent(name, size, "meta"))[0])
     return peaks
 

@@ -26,7 +26,7 @@ from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelGroups, check_parallel
 from ditserve.parallel.cfg import CFGParallel
 from ditserve.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
-from ditserve.parallel.vae import VaeParallel, check_vae_config, remove_vae_parallel
+from ditserve.parallel.vae import apply_vae_parallel, check_vae_config, remove_vae_parallel
 
 if TYPE_CHECKING:
     from .engine import EngineConfig
@@ -142,7 +142,8 @@ def _remove_cfg(adapter: Any) -> None:
 
 
 def _apply_vae(adapter: Any, config: EngineConfig, group: Any) -> None:
-    adapter.vae_parallel = VaeParallel(adapter.components["vae"], config.vae, group, adapter.vae_scale_factor)
+    # hooks on the VAE itself: the adapter's plain decode then runs the configured mode
+    apply_vae_parallel(adapter.components["vae"], config.vae, group, adapter.vae_scale_factor)
 
 
 FEATURES: tuple[FeatureEntry, ...] = (
@@ -156,7 +157,7 @@ FEATURES: tuple[FeatureEntry, ...] = (
     FeatureEntry("cfg_parallel", "denoise", 30, lambda c: c.parallel.cfg_parallel_size > 1, _check_parallel,
                  _apply_cfg, _remove_cfg),
     FeatureEntry("vae_parallel", "decode", 0, lambda c: True, _check_vae, _apply_vae,
-                 lambda a: remove_vae_parallel(a.components["vae"].decoder)),
+                 lambda a: remove_vae_parallel(a.components["vae"])),
 )
 
 

@@ -268,9 +268,7 @@ class Decoder(_Stage):
         """Latents -> images (B, 3, H, W) in [-1, 1]."""
         latents = latents.to(self.adapter.device)
         with torch.inference_mode():
-            run = lambda: self.adapter.decode(latents, req.params.height, req.params.width)  # noqa: E731
-            vae_parallel = getattr(self.adapter, "vae_parallel", None)
-            return vae_parallel.decode(run) if vae_parallel is not None else run()
+            return self.adapter.decode(latents, req.params.height, req.params.width)
 
     def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         start = time.perf_counter()

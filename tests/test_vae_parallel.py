@@ -1,8 +1,9 @@
 """VAE patch parallelism: M VAE workers (gloo, local processes) decode what one worker decodes
 (exact mode, both families, M = 2 and 4, rows and columns, uneven bands, batches, video frames);
-tiling spread over M workers equals one worker's tiling; bad options fail at start-up naming the
-option, too-small sizes fail per request naming ``size``; the served graph with 2 VAE workers
-gives the reference runner's image."""
+tiling spread over M workers equals one worker's tiling (images and video frames); removing the
+hooks leaves a fresh VAE; bad options fail at start-up naming the option, too-small sizes fail
+per request naming ``size``; the served graph with 2 VAE workers gives the reference runner's
+image."""
 
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ import torch.distributed as dist
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
 from ditserve.deployments.local import run_processes
 from ditserve.parallel.groups import Group
-from ditserve.parallel.vae import VaeConfig, VaeParallel, band_sizes, check_vae_config
+from ditserve.parallel.vae import (
+    VAE_HOOKS,
+    VAE_PARALLEL_HOOK,
+    VaeConfig,
+    VaeParallel,
+    apply_vae_parallel,
+    band_sizes,
+    check_vae_config,
+    remove_vae_parallel,
+    vae_parallel_of,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -70,11 +81,14 @@ def _worker(paths: dict[str, str]) -> dict:
             out[(family, m, "exact")] = _decode_all(engine)
             out[(family, m, "bytes")] = group.sent - sent
             tiled = EngineConfig(model=path, device="cpu", vae={"vae_patch_parallel_size": m, **TILED})
-            out[(family, m, "tiled")] = _decode_all(Engine(tiled, ["decode"], vae_group=group))
+            tiled_engine = Engine(tiled, ["decode"], vae_group=group)
+            out[(family, m, "tiled")] = _decode_all(tiled_engine)
             if family == "qwen-image":
                 vae = engine.adapter.components["vae"]
+                tiled_vae = tiled_engine.adapter.components["vae"]
                 with torch.inference_mode():
                     out[(family, m, "video")] = vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
+                    out[(family, m, "video_tiled")] = tiled_vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
     return out
 
 
@@ -86,17 +100,20 @@ def single(tiny_checkpoints):
         path = str(tiny_checkpoints[family])
         engine = Engine(EngineConfig(model=path, device="cpu"), ["decode"])
         out[(family, "exact")] = _decode_all(engine)
-        out[(family, "tiled")] = _decode_all(Engine(EngineConfig(model=path, device="cpu", vae=TILED), ["decode"]))
+        tiled_engine = Engine(EngineConfig(model=path, device="cpu", vae=TILED), ["decode"])
+        out[(family, "tiled")] = _decode_all(tiled_engine)
         if family == "qwen-image":
             vae = engine.adapter.components["vae"]
+            tiled_vae = tiled_engine.adapter.components["vae"]
             with torch.inference_mode():
                 out[(family, "video")] = vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
+                out[(family, "video_tiled")] = tiled_vae.decode(_video_latent(vae.config.z_dim)).sample.numpy()
     return out
 
 
 @pytest.fixture(scope="module")
 def workers(tiny_checkpoints):
-    return run_processes(4, _worker, {f: str(tiny_checkpoints[f]) for f in FAMILIES}, timeout_s=280)
+    return run_processes(4, _worker, {f: str(tiny_checkpoints[f]) for f in FAMILIES})
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,6 +137,15 @@ def test_every_video_frame_decodes_with_the_same_split(workers, single, m):
     assert ref.shape[2] == 1 + 4 * (VIDEO_FRAMES - 1)  # the causal VAE upsamples time too
     for rank in range(4):
         assert float(np.abs(workers[rank][("qwen-image", m, "video")] - ref).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_video_tiles_over_workers_equal_one_worker_tiling(workers, single, m):
+    ref = single[("qwen-image", "video_tiled")]
+    assert ref.shape == single[("qwen-image", "video")].shape  # every frame came back
+    assert not np.array_equal(ref, single[("qwen-image", "video")])  # tiling was really on
+    for rank in range(4):  # each tile's frames share the decoder's frame cache: one worker decodes them all
+        assert float(np.abs(workers[rank][("qwen-image", m, "video_tiled")] - ref).max()) <= 1e-5
 
 
 @pytest.mark.parametrize("m", [2, 4])
@@ -180,7 +206,37 @@ def test_tiling_alone_is_diffusers_tiled_decode(tiny_flux):
     engine = Engine(EngineConfig(model=str(tiny_flux), device="cpu", vae=TILED), ["decode"])
     vae = engine.adapter.components["vae"]
     assert vae.use_tiling and vae.tile_sample_min_size == 32 and vae.tile_latent_min_size == 4
-    assert isinstance(engine.vae_parallel, VaeParallel) and engine.vae_parallel.tiles is None
+    installed = vae_parallel_of(vae)  # the decode strategy is a hook on the VAE itself
+    assert isinstance(installed, VaeParallel) and installed.tiles is None
+
+
+def _vae_hook_names(vae: torch.nn.Module) -> set[str]:
+    return {name for module in vae.modules() if hasattr(module, "_diffusers_hook") for name in module._diffusers_hook.hooks}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("vae_options", [{"vae_patch_parallel_size": 2, "vae_use_slicing": True},
+                                         {"vae_patch_parallel_size": 2, **TILED}, TILED])
+def test_remove_vae_parallel_restores_a_fresh_vae(tiny_checkpoints, family, vae_options):
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+
+    cls = AutoencoderKLQwenImage if family == "qwen-image" else AutoencoderKL
+    path = str(tiny_checkpoints[family])
+    fresh, vae = (cls.from_pretrained(path, subfolder="vae").eval() for _ in range(2))
+    settings = {k: v for k, v in vars(fresh).items() if k.startswith(("use_", "tile_"))}
+    # installing talks to no one (only a decode would), so one process can hold a 2-worker group
+    apply_vae_parallel(vae, VaeConfig(**vae_options), Group((0, 1), 0, None), 8)
+    installed = _vae_hook_names(vae)
+    assert VAE_PARALLEL_HOOK in installed and (len(installed) > 1 or vae_options == TILED)  # mode hooks too
+    remove_vae_parallel(vae)
+    assert not _vae_hook_names(vae) & set(VAE_HOOKS) and vae_parallel_of(vae) is None
+    assert "tiled_decode" not in vars(vae)  # the tiled mode's per-instance hook point is gone
+    assert {k: v for k, v in vars(vae).items() if k.startswith(("use_", "tile_"))} == settings
+    channels = fresh.config.z_dim if family == "qwen-image" else fresh.config.latent_channels
+    frames = (1,) if family == "qwen-image" else ()
+    z = torch.randn(2, channels, *frames, 10, 6, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(vae.decode(z).sample, fresh.decode(z).sample)
 
 
 def test_served_graph_with_two_vae_workers_matches_reference(ray_cluster, tiny_qwen):
