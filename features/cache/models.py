@@ -7,7 +7,7 @@
   with the block's own modules from the arguments the transformer passes it.
 - ``tea_cache_coefficients``: the family's default TeaCache polynomial (highest power first), used
   when neither the config nor the checkpoint (``ditserve.json``, fitted by
-  ``features/cache/fit_tea_cache.py``) gives one. FLUX's is TeaCache's published fit for FLUX.1-dev;
+  ``tools/fit_tea_cache.py``) gives one. FLUX's is TeaCache's published fit for FLUX.1-dev;
   Qwen-Image's is vLLM-Omni's published one for Qwen-Image.
 """
 
