@@ -26,8 +26,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ditserve.models.context import current_step
-from ditserve.parallel.groups import Group
 
+from ..reducer import LOCAL, Reducer
 from .config import CacheConfigError, CacheSettings
 from .models import cache_info, transformer_blocks
 from .policies import BranchState, DBCachePolicy, TeaCachePolicy
@@ -66,8 +66,8 @@ class CacheStats:
 class CacheRun:
     """One request's cache: settings, per-branch state and stats."""
 
-    def __init__(self, settings: CacheSettings, transformer: torch.nn.Module, num_steps: int, group: Group,
-                 coefficients: tuple[float, ...] | None = None) -> None:
+    def __init__(self, settings: CacheSettings, transformer: torch.nn.Module, num_steps: int,
+                 group: Reducer = LOCAL, coefficients: tuple[float, ...] | None = None) -> None:
         info = cache_info(transformer)
         self.num_blocks = len(transformer_blocks(transformer))
         self.modulated_input = info.modulated_input
@@ -166,13 +166,14 @@ def has_cache(transformer: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, num_steps: int, group: Group,
-              coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
+def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, num_steps: int,
+              group: Reducer = LOCAL, coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
     """Activate ``settings`` for the denoising loop inside (``None``: no cache, yields ``None``).
 
     Args:
         group: the ranks that compute this rank's CFG branch together (sequence × tensor
-            parallel); skip metrics are reduced over it.
+            parallel; a ``parallel.groups.Group`` is one); skip metrics are reduced over it.
+            Default: this process alone.
         coefficients: the checkpoint's fitted TeaCache polynomial, if any.
     """
     if settings is None:
