@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ditserve.models.demo.data import held_out_prompts
+    from ditserve.tools.demo.data import held_out_prompts
 
     prompts = [s.caption for s in held_out_prompts(args.prompts)]
     steps = args.steps or resolve_model(args.model).spec.num_inference_steps

@@ -44,7 +44,7 @@ BUILTIN_MODELS: list[ModelSpec] = [
             "max_size": 256,
             "builtin": True,
             "notes": "shipped in the package (models/demo/checkpoint); trained by `python -m "
-            "ditserve.models.demo.train` on simple shapes in named colors on plain backgrounds",
+            "ditserve.tools.demo.train` on simple shapes in named colors on plain backgrounds",
         }
     ),
 ]

@@ -98,7 +98,7 @@ class ModelSpec(BaseModel):
         "true_cfg_scale (Qwen-Image's own examples use ' '); a request with true_cfg_scale <= 1 runs without it.",
     )
     tea_cache_coefficients: tuple[float, float, float, float, float] | None = Field(
-        None, description="TeaCache polynomial fitted for this checkpoint (features/cache/fit_tea_cache.py); "
+        None, description="TeaCache polynomial fitted for this checkpoint (tools/fit_tea_cache.py); "
         "default: the family's.",
     )
 

@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 
-from ditserve.models.demo.data import COLORS, SHAPES, Sample, dataset, held_out_prompts, render
-from ditserve.models.demo.evaluate import analyse, score, train_classifier
+from ditserve.tools.demo.data import COLORS, SHAPES, Sample, dataset, held_out_prompts, render
+from ditserve.tools.demo.evaluate import analyse, score, train_classifier
 
 
 def test_dataset_is_deterministic_and_captioned():

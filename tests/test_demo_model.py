@@ -8,7 +8,7 @@ import pytest
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.models import DEFAULT_MODEL, resolve_model
-from ditserve.models.demo.evaluate import analyse
+from ditserve.tools.demo.evaluate import analyse
 
 CASES = [
     ("a red circle on a blue background", "red", "blue"),

@@ -28,8 +28,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ditserve.models.context import current_step
 from ditserve.models.contract import CacheBlocks
-from ditserve.parallel.groups import Group
 
+from ..reducer import LOCAL, Reducer
 from .config import CacheConfigError, CacheSettings
 from .policies import BranchState, DBCachePolicy, TeaCachePolicy
 
@@ -68,7 +68,7 @@ class CacheRun:
     """One request's cache: settings, per-branch state and stats."""
 
     def __init__(self, settings: CacheSettings, transformer: torch.nn.Module, blocks: CacheBlocks, num_steps: int,
-                 group: Group, coefficients: tuple[float, ...] | None = None) -> None:
+                 group: Reducer = LOCAL, coefficients: tuple[float, ...] | None = None) -> None:
         self.num_blocks = len(blocks.blocks(transformer))
         self.modulated_input = blocks.modulated_input
         check_blocks(settings, self.num_blocks)
@@ -167,13 +167,14 @@ def has_cache(transformer: torch.nn.Module, blocks: CacheBlocks) -> bool:
 
 @contextlib.contextmanager
 def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, blocks: CacheBlocks, num_steps: int,
-              group: Group, coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
+              group: Reducer = LOCAL, coefficients: tuple[float, ...] | None = None) -> Iterator[CacheRun | None]:
     """Activate ``settings`` for the denoising loop inside (``None``: no cache, yields ``None``).
 
     Args:
         blocks: the ``CacheBlocks`` the model's adapter declares.
         group: the ranks that compute this rank's CFG branch together (sequence × tensor
-            parallel); skip metrics are reduced over it.
+            parallel; a ``parallel.groups.Group`` is one); skip metrics are reduced over it.
+            Default: this process alone.
         coefficients: the checkpoint's fitted TeaCache polynomial, if any.
     """
     if settings is None:

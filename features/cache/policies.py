@@ -14,14 +14,13 @@ import math
 
 import torch
 
-from ditserve.parallel.groups import Group
-
+from ..reducer import LOCAL, Reducer
 from .config import CacheDiTConfig, TeaCacheConfig
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (hidden_states, encoder_hidden_states)
 
 
-def rel_l1(current: torch.Tensor, previous: torch.Tensor, group: Group) -> float:
+def rel_l1(current: torch.Tensor, previous: torch.Tensor, group: Reducer = LOCAL) -> float:
     """mean|current - previous| / mean|previous| over the whole (sharded) tensor of the group.
 
     Each rank holds a shard (sequence parallel) or a replica (tensor parallel); the sums are
@@ -102,7 +101,7 @@ class TeaCachePolicy:
     """Skip all blocks while the accumulated rescaled change of the modulated input is small."""
 
     def __init__(self, config: TeaCacheConfig, coefficients: tuple[float, ...], num_blocks: int, num_steps: int,
-                 group: Group) -> None:
+                 group: Reducer = LOCAL) -> None:
         self.threshold = config.rel_l1_thresh
         self.coefficients = coefficients
         self.skip_range = (0, num_blocks - 1)
@@ -136,7 +135,7 @@ class TeaCachePolicy:
 class DBCachePolicy:
     """DBCache: probe with the first Fn blocks, skip the middle ones, always run the last Bn."""
 
-    def __init__(self, config: CacheDiTConfig, num_blocks: int, num_steps: int, group: Group) -> None:
+    def __init__(self, config: CacheDiTConfig, num_blocks: int, num_steps: int, group: Reducer = LOCAL) -> None:
         self.config = config
         self.skip_range = (config.Fn_compute_blocks, num_blocks - config.Bn_compute_blocks - 1)
         self.decide_after = config.Fn_compute_blocks - 1

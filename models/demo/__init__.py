@@ -1,3 +1,3 @@
-"""The built-in demo model ``ditserve/demo``: procedural captioned shapes (``data``), the training
-script of a small Qwen-Image-architecture model on them (``train``), the caption-faithfulness
-scorer (``evaluate``) and the trained checkpoint itself (``checkpoint/``, shipped in the package)."""
+"""The built-in demo model ``ditserve/demo``: its trained checkpoint (``checkpoint/``, shipped as
+package data). The dataset, training script and scorer that made it are offline tools
+(``ditserve.tools.demo``)."""

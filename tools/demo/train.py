@@ -1,6 +1,6 @@
 """Train the built-in demo model (Qwen-Image architecture) on procedural captioned shapes.
 
-    python -m ditserve.models.demo.train --work /tmp/demo-train --out models/demo/checkpoint
+    python -m ditserve.tools.demo.train --work /tmp/demo-train --out models/demo/checkpoint
 
 Stages, each resumable from ``--work`` (checkpoints every ``--save-every`` steps):
 1. VAE (``AutoencoderKLQwenImage``): L1 reconstruction as a deterministic autoencoder, on 32x32 crops
@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tiny import _QWEN_SCHEDULER
-from ..tiny.tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+from ditserve.models.tiny import _QWEN_SCHEDULER
+from ditserve.models.tiny.tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+
 from .data import dataset
 
-logger = logging.getLogger("ditserve.demo.train")
+logger = logging.getLogger("ditserve.tools.demo.train")
 
 Z_DIM = 4
 # the registry defaults the checkpoint ships (ditserve.json); the default negative prompt turns true CFG

@@ -3,13 +3,13 @@
 TeaCache skips a step when the *output* would barely change; it cannot see the output before
 computing it, so it estimates the output's relative L1 change from the input's (the first block's
 timestep-modulated input) with a degree-4 polynomial fitted per model. The output here is the
-prediction the sampler consumes: with true CFG, the guided combination of the branches. This script
-runs uncached generations over a prompt set (with the model's default CFG), records both changes at
-every step of every CFG branch, fits the
-polynomial with least squares, and prints it as JSON; ``--write`` stores it in the checkpoint's
-``ditserve.json`` (``tea_cache_coefficients``), where ``Engine`` picks it up.
+prediction the sampler consumes: with true CFG, the guided combination of the branches, as the
+engine's step callback reports it (``StepOutput.noise_pred``). This script runs uncached
+generations over a prompt set (with the model's default CFG), records both changes at every step of
+every CFG branch, fits the polynomial with least squares, and prints it as JSON; ``--write`` stores
+it in the checkpoint's ``ditserve.json`` (``tea_cache_coefficients``), where ``Engine`` picks it up.
 
-    python -m ditserve.features.cache.fit_tea_cache --model ditserve/demo [--prompts 24] [--write]
+    python -m ditserve.tools.fit_tea_cache --model ditserve/demo [--prompts 24] [--write]
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ditserve.models.context import current_step
 from ditserve.models.families import SPEC_OVERRIDES_FILE
+
+if TYPE_CHECKING:
+    from ditserve.models import StepOutput
 
 
 def _rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -32,7 +36,7 @@ def _rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
 
 def default_prompts(n: int, seed: int = 777) -> list[str]:
     """Prompts of the demo's vocabulary (shapes, colors, sizes, positions), none of the held-out set."""
-    from ditserve.models.demo.data import random_sample
+    from ditserve.tools.demo.data import random_sample
 
     rng = random.Random(seed)
     return [random_sample(rng).caption for _ in range(n)]
@@ -43,32 +47,34 @@ def collect(model: str, prompts: list[str], steps: int | None = None, seed: int 
     from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 
     engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32"))
-    blocks = engine.adapter.cache_blocks
-    if blocks is None:
+    transformer = engine.adapter.transformer
+    info = engine.adapter.cache_blocks
+    if info is None:
         raise ValueError(f"model {model}: its adapter declares no cache blocks")
-    first = blocks.blocks(engine.adapter.transformer)[0]
-    # x: the change of each CFG branch's modulated input; y: the change of the prediction the sampler
-    # consumes (with true CFG, the guided combination of both branches: an error in one branch reaches
-    # the sample amplified by the guidance scale, so that is the output change the threshold bounds)
-    inputs: dict[str, list[torch.Tensor]] = {}
-    predictions: list[torch.Tensor] = []
+    # x: the change of each CFG branch's modulated input (a forward pre-hook on the first block,
+    # which runs once per step and branch); y: the change of the prediction the sampler consumes
+    # (with true CFG, the guided combination of both branches: an error in one branch reaches the
+    # sample amplified by the guidance scale, so that is the output change the threshold bounds)
+    inputs: dict[str, dict[int, torch.Tensor]] = {}
+    predictions: dict[int, torch.Tensor] = {}
 
     def on_first(module, args, kwargs):
-        inputs.setdefault(current_step().branch, []).append(blocks.modulated_input(module, kwargs).detach())
+        step = current_step()
+        inputs.setdefault(step.branch, {})[step.index] = info.modulated_input(module, kwargs).detach().clone()
 
-    def record(step):  # the guided prediction the scheduler consumed (StepOutput)
-        predictions.append(step.noise_pred.detach().clone())
+    def on_step(step: StepOutput) -> None:
+        predictions[step.index] = step.noise_pred.detach().clone()
 
     xs, ys = [], []
-    handle = first.register_forward_pre_hook(on_first, with_kwargs=True)
+    handle = info.blocks(transformer)[0].register_forward_pre_hook(on_first, with_kwargs=True)
     try:
         for i, prompt in enumerate(prompts):
             inputs.clear()
             predictions.clear()
-            engine.generate(GenerationRequest(prompt=prompt, seed=seed + i, num_inference_steps=steps), output_type="pt",
-                            callback=record)
+            req = GenerationRequest(prompt=prompt, seed=seed + i, num_inference_steps=steps)
+            engine.generate(req, output_type="pt", callback=on_step)
             for branch_inputs in inputs.values():
-                for t in range(1, len(branch_inputs)):
+                for t in sorted(branch_inputs)[1:]:
                     xs.append(_rel_l1(branch_inputs[t], branch_inputs[t - 1]))
                     ys.append(_rel_l1(predictions[t], predictions[t - 1]))
     finally:

@@ -1,7 +1,7 @@
 """Score generations by what their captions ask: the background color, the shape's color and the
 shape class, over a fixed held-out prompt set. Prints one JSON object.
 
-    python -m ditserve.models.demo.evaluate [--model ditserve/demo] [--prompts 40] [--steps N]
+    python -m ditserve.tools.demo.evaluate [--model ditserve/demo] [--prompts 40] [--steps N]
 
 Colors: the background is the median of the border pixels, the shape is every pixel far from it;
 each is named by the nearest palette color. Shape class: a tiny CNN trained (in seconds, fixed
