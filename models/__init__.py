@@ -21,7 +21,15 @@ from .contract import (
     StepOutput,
 )
 from .builtin import DEFAULT_MODEL
-from .context import RequestContext, current_request, current_step, request_context, step_context
+from .context import (
+    RequestContext,
+    active_request,
+    current_request,
+    current_step,
+    request_context,
+    request_state,
+    step_context,
+)
 from .families import ResolvedModel, adapter_class, capabilities, implemented_families, resolve_model, resolve_spec
 from .loading import CheckpointError
 from .registry import (
@@ -69,6 +77,8 @@ __all__ = [
     "implemented_families",
     "list_specs",
     "request_context",
+    "request_state",
+    "active_request",
     "resolve_model",
     "resolve_spec",
     "serial_cfg",

@@ -1,7 +1,9 @@
 """Per-request and per-step context (STYLE.md rule 6).
 
-State that belongs to one request (cache accumulators, LoRA choice, generators) is keyed on the
-``RequestContext`` set around the request, never kept in module globals. The denoising loop of a
+State that belongs to one request (cache accumulators, LoRA choice, generators) lives in the
+``RequestContext`` set around the request, never in module globals: ``request_state(name)`` is a
+feature's own slot in it (a feature keys its contents by CFG branch), gone when the request ends.
+This is the one mechanism; features keep no context variables of their own. The denoising loop of a
 family adapter opens a ``step_context`` around every denoiser call, so hooks know the step, the
 timestep and the CFG branch they run in. Both are ``contextvars``, so concurrent requests in
 threads or asyncio tasks each see their own.
@@ -29,6 +31,8 @@ class RequestContext:
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     seed: int | None = None
     num_inference_steps: int = 0
+    #: per-feature state of this request (``request_state``); the context's identity is the fields above
+    state: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,17 @@ def current_request() -> RequestContext:
     if ctx is None:
         raise RuntimeError("no request context is set: wrap the call in `with request_context(RequestContext(...)):`")
     return ctx
+
+
+def request_state(name: str) -> dict:
+    """Feature ``name``'s slot in the active request's state (created empty on first use); raises
+    with the fix when no request is active."""
+    return current_request().state.setdefault(name, {})
+
+
+def active_request() -> RequestContext | None:
+    """The active request, or ``None`` outside one (for hooks that stay idle there)."""
+    return _REQUEST.get()
 
 
 def current_step() -> StepContext:

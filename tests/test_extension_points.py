@@ -75,3 +75,30 @@ def test_hook_outside_a_request_says_how_to_fix():
         current_request()
     with pytest.raises(RuntimeError, match="inside `step_context"):
         current_step()
+
+
+class _StateHook(ModelHook):
+    """Records, per call, which feature slots the request's state holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def pre_forward(self, module, *args, **kwargs):
+        ctx = current_request()
+        self.seen.append((ctx.id, ctx.state.get("cache", {}).get("run") is not None))
+        return args, kwargs
+
+
+def test_cache_state_lives_in_the_request_context(engine):
+    """One mechanism for per-request state: the cache's run sits in the request's own state, is
+    there for a cached request only, and nothing of it outlives the request."""
+    hook = _StateHook()
+    HookRegistry.check_if_exists_or_initialize(engine.adapter.transformer).register_hook(hook, "state")
+    try:
+        base = dict(prompt="a cat", size="64x64", num_inference_steps=2, seed=0, true_cfg_scale=1.0)
+        engine.generate(GenerationRequest(**base, cache={"backend": "tea_cache"}), request_id="cached")
+        engine.generate(GenerationRequest(**base), request_id="plain")
+    finally:
+        HookRegistry.check_if_exists_or_initialize(engine.adapter.transformer).remove_hook("state")
+    assert hook.seen == [("cached", True)] * 2 + [("plain", False)] * 2

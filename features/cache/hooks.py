@@ -8,7 +8,8 @@ How it works: ``apply_cache(transformer, blocks)`` (``blocks``: the ``CacheBlock
 adapter declares) registers a ``ModelHook`` named ``ditserve_cache`` on
 every block (diffusers ``HookRegistry``; the model's code is untouched). With no active
 ``CacheRun`` the hook calls the block. ``cache_run(...)`` (a context manager around one request's
-denoising loop) activates a run through a ``contextvar``, so concurrent requests each see their
+denoising loop) puts a run in the active request's state (``models.context.request_state``), so
+concurrent requests each see their
 own settings and state, and nothing outlives the request. Within a run, for each call of the
 transformer (one step, one CFG branch, known from ``step_context``), the policy decides whether
 to skip its range of blocks; skipped blocks pass their inputs through and the last one adds the
@@ -18,7 +19,6 @@ cached residual of the range.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ditserve.models.context import current_step
+from ditserve.models.context import RequestContext, active_request, current_step, request_context, request_state
 from ditserve.models.contract import CacheBlocks
 
 from ..reducer import LOCAL, Reducer
@@ -35,7 +35,12 @@ from .policies import BranchState, DBCachePolicy, TeaCachePolicy
 
 HOOK_NAME = "ditserve_cache"
 
-_RUN: contextvars.ContextVar[CacheRun | None] = contextvars.ContextVar("ditserve_cache_run", default=None)
+STATE_KEY = "cache"  # this feature's slot in the request's state (models.context.request_state)
+
+
+def _active_run() -> CacheRun | None:
+    request = active_request()
+    return None if request is None else request.state.get(STATE_KEY, {}).get("run")
 
 
 @dataclasses.dataclass
@@ -141,7 +146,7 @@ class _BlockHook(ModelHook):
         self.index = index
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run = _RUN.get()
+        run = _active_run()
         if run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         if args:  # the families here pass everything by keyword; refuse silently wrong caching
@@ -183,8 +188,12 @@ def cache_run(settings: CacheSettings | None, transformer: torch.nn.Module, bloc
     if not has_cache(transformer, blocks):
         raise RuntimeError("cache hooks are not attached: call apply_cache(transformer, blocks) at load")
     run = CacheRun(settings, transformer, blocks, num_steps, group, coefficients)
-    token = _RUN.set(run)
-    try:
-        yield run
-    finally:
-        _RUN.reset(token)
+    with contextlib.ExitStack() as stack:
+        if active_request() is None:  # a run outside a served request (tools, toy tests) gets its own
+            stack.enter_context(request_context(RequestContext()))
+        slot = request_state(STATE_KEY)
+        slot["run"] = run  # per-branch state lives in run.states, keyed by CFG branch
+        try:
+            yield run
+        finally:
+            slot.pop("run", None)
