@@ -195,3 +195,36 @@ def test_long_request_completes_and_its_replica_is_not_replaced(ray_cluster, tin
         assert (after["replica_id"], after["worker_pids"]) == (before["replica_id"], before["worker_pids"])
     finally:
         serve.delete(app)
+
+
+def test_ray_ranks_abort_past_the_request_deadline_and_serve_the_next(ray_cluster, tiny_qwen):
+    """The served executor's deadline: past request_timeout_s the coordinator aborts the ranks
+    through their control threads, they stop at the same step, and the same actors serve the next
+    request exactly."""
+    import asyncio
+
+    from ditserve.deployments import Engine, EngineConfig
+    from ditserve.deployments.executor import RequestTimeoutError
+    from ditserve.deployments.ray_executor import RayExecutor
+    from ditserve.deployments.stages import Encoded
+    from ditserve.parallel import ParallelConfig
+
+    config = EngineConfig(model=str(tiny_qwen), device="cpu", parallel=ParallelConfig(ulysses_degree=2))
+    group = RayExecutor(2, config, ["denoise"], num_cpus=0.1, num_gpus=0, resources={}, placement_group=None,
+                        timeout_s=60)
+    reference = Engine(EngineConfig(model=str(tiny_qwen), device="cpu"))
+
+    def inputs(**fields):
+        req = reference.resolve(GenerationRequest(prompt="a cat", seed=0, **fields))
+        return req, Encoded(reference.encode(req), ())
+
+    try:
+        with pytest.raises(RequestTimeoutError, match="request deadline of 0.5 s"):
+            asyncio.run(group.call_all_async("denoise", *inputs(size="256x256", num_inference_steps=200), "slow",
+                                             timeout_s=0.5))
+        req, encoded = inputs(size="64x64", num_inference_steps=2)
+        got = asyncio.run(group.call_all_async("denoise", req, encoded, "quick", timeout_s=60))
+        ref = reference.denoise(req, encoded.cond)
+        assert float((got.latents - ref).abs().max()) <= 1e-4
+    finally:
+        group.kill()

@@ -16,6 +16,7 @@ from ditserve.deployments.http import (
     ModelList,
     build_http_app,
 )
+from ditserve.deployments.executor import RequestTimeoutError
 from ditserve.deployments.schema import GenerationRequest, RequestError
 
 LIMIT = 400
@@ -32,6 +33,8 @@ class FakeBackend:
         self.requests.append(req)
         if req.size == "70x48":
             raise RequestError("size", "width 70 is not a multiple of 16")
+        if req.prompt == "too slow":
+            raise RequestTimeoutError("denoise: no result within the request deadline of 1 s; the ranks were aborted")
         return ImagesResponse(created=1, data=[], model="m", output_format=req.output_format, size="64x48", seed=3,
                               request_id="rid-1", timings={"total": 0.5}, cache=None,
                               usage=ImagesUsage(images=0, num_inference_steps=4))
@@ -165,3 +168,9 @@ def test_openapi_documents_routes_with_our_models(http):
     for code in ("400", "413", "422", "429", "503"):  # our error shape, not FastAPI's HTTPValidationError
         assert post["responses"][code]["content"]["application/json"]["schema"]["$ref"] == \
             "#/components/schemas/ErrorResponse"
+
+
+def test_request_past_its_deadline_is_a_504_in_openai_shape(http):
+    status, body, _ = http("POST", "/v1/images/generations", {"prompt": "too slow"})
+    assert status == 504
+    assert body["error"]["type"] == "timeout_error" and "request_timeout_s" in body["error"]["message"]
