@@ -188,14 +188,24 @@ class _Flags:
 def _flags() -> _Flags:
     """Every config flag, generated from the config models (``flags.py``): a new field of
     ``ParallelConfig``, ``VaeConfig``, ``EngineConfig`` or ``AppConfig`` gets its flag by itself."""
-    from ditserve.deployments import AppConfig, AutoscalingOptions, EngineConfig, GenerationRequest, ParallelConfig, VaeConfig
+    from ditserve.deployments import (
+        AppConfig,
+        AutoscalingOptions,
+        EngineConfig,
+        GenerationRequest,
+        ParallelConfig,
+        VaeConfig,
+    )
 
     nested = ("engine", "text_encoder", "dit", "vae", "router")  # objects with flags of their own
     stages = []
-    for prefix, field, label in (("encoder", "text_encoder", "text encoder"), ("dit", "dit", "DiT"), ("vae", "vae", "VAE")):
+    for prefix, field, label in (("encoder", "text_encoder", "text encoder"), ("dit", "dit", "DiT"),
+                                 ("vae", "vae", "VAE")):
         info = AppConfig.model_fields[field]
         default = info.get_default(call_default_factory=True)
-        resources = ("num_cpus", "num_gpus", "max_ongoing_requests") + (("worker_cpus",) if field != "text_encoder" else ())
+        # max_ongoing_requests is no field of the DiT/VAE options (fixed at 1), so they get no flag
+        resources = ("num_cpus", "num_gpus", "max_ongoing_requests") + (
+            ("worker_cpus",) if field != "text_encoder" else ())
         stages.append(_StageFlags(
             field,
             FlagSet(info.annotation, prefix, fields=resources, label=f"{label}: ", base=default),

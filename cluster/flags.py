@@ -16,7 +16,7 @@ import argparse
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,11 +110,6 @@ class FlagSet:
             else:
                 parts.append(f"{self.label}{msg}")
         return "; ".join(parts)
-
-
-def add_flags(parser: argparse.ArgumentParser, flag_sets: Iterable[FlagSet]) -> None:
-    for flags in flag_sets:
-        flags.add_to(parser)
 
 
 # ---- reading a field's annotation ------------------------------------------------------------------
