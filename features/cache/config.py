@@ -3,8 +3,8 @@
 One pydantic model of knobs per backend (names as in the DiT serving field, DESIGN.md), and one
 settings model per backend pairing its name with its knobs (``TeaCacheSettings``,
 ``CacheDiTSettings``). ``CACHE_KINDS`` lists them; the backend names (``BACKENDS``, the
-``CacheBackend`` literal) are read from their ``backend`` tags, so a backend is named in exactly one
-place. The deployment sets a default (``EngineConfig.cache_backend`` / ``cache_config``, validated
+``CacheBackend`` literal) are read from their ``backend`` tags, which are the backends' capability
+names (``models.Feature``), so a backend is named in exactly one place. The deployment sets a default (``EngineConfig.cache_backend`` / ``cache_config``, validated
 here by ``parse_cache_settings``); a request may override it with its ``cache`` field
 (``CacheRequest``: a settings model, ``{"backend": "none"}``, or ``{"config": {...}}`` merged over
 the deployment's default by ``merge_cache``). A bad deployment option fails at start-up naming
@@ -28,6 +28,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+
+from ditserve.models import Feature
 
 class TeaCacheConfig(BaseModel):
     """TeaCache (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion
@@ -96,18 +98,19 @@ class CacheSettings(BaseModel):
 class TeaCacheSettings(CacheSettings):
     """TeaCache and its knobs."""
 
-    backend: Literal["tea_cache"] = Field(description="TeaCache.")
+    backend: Literal[Feature.TEA_CACHE.value] = Field(description="TeaCache.")
     config: TeaCacheConfig = Field(default_factory=TeaCacheConfig, description="TeaCache's knobs.")
 
 
 class CacheDiTSettings(CacheSettings):
     """Cache-DiT (DBCache, TaylorSeer, SCM) and its knobs."""
 
-    backend: Literal["cache_dit"] = Field(description="Cache-DiT.")
+    backend: Literal[Feature.CACHE_DIT.value] = Field(description="Cache-DiT.")
     config: CacheDiTConfig = Field(default_factory=CacheDiTConfig, description="Cache-DiT's knobs.")
 
 
 # The one list of backends: everything else (names, the literal, the knobs' union) is read from it.
+# Each tag is the backend's capability name (models.Feature), the name a model declares it runs.
 CACHE_KINDS: tuple[type[CacheSettings], ...] = (TeaCacheSettings, CacheDiTSettings)
 
 
