@@ -90,6 +90,10 @@ class CacheSettings(BaseModel):
     backend: str
     config: BaseModel
 
+    def model_post_init(self, context: Any) -> None:
+        if type(self) is CacheSettings:  # the hooks dispatch on the concrete type
+            raise TypeError("CacheSettings is abstract: use parse_cache_settings(backend, config) or a CACHE_KINDS model")
+
     def describe(self) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in self.config.model_dump(exclude_defaults=True).items())
         return f"{self.backend}({knobs})"
