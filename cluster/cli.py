@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
 
+from .flags import FlagSet
+
 logger = logging.getLogger("ditserve")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from ditserve.models import implemented_families, list_specs
+    from ditserve.deployments import implemented_families, list_specs
 
     implemented = set(implemented_families())
     # FEATURES: what runs (declared and verified by the family's adapter); SEED: the seed table's row
@@ -38,7 +42,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from ditserve.models.tiny import make_tiny
+    from ditserve.deployments import make_tiny
 
     out = make_tiny(args.family, args.out, seed=args.seed)
     print(out)
@@ -52,10 +56,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from tqdm import tqdm
 
-    from ditserve.deployments import Engine, EngineConfig, GenerationRequest, ParallelEngine, RequestError
+    from ditserve.deployments import Engine, GenerationRequest, ParallelEngine, RequestError
 
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, parallel=_parallel(args),
-                          vae=_vae(args), **_cache(args))
+    config = _engine_config(args)
     parallel = config.parallel.world_size > 1 or config.vae.parallel
     try:
         request = GenerationRequest.parse(_request_fields(args))
@@ -91,17 +94,8 @@ def _print_cache(stats: dict | None) -> None:
 
 
 def _request_fields(args: argparse.Namespace) -> dict:
-    fields = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "n": args.n,
-        "size": args.size,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "true_cfg_scale": args.true_cfg_scale,
-        "seed": args.seed,
-    }
-    return {k: v for k, v in fields.items() if v is not None}
+    """The request fields given as flags (``--prompt``, ``--size``, ...)."""
+    return _flags().request.values(args)
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
@@ -109,12 +103,13 @@ def _generate_remote(args: argparse.Namespace) -> int:
     from .client import ServerError, generate_images
 
     body = _request_fields(args)
-    if args.model_given:
-        body["model"] = args.model
-    cache = _cache(args)
-    if cache or args.cache_backend == "none":  # a client cannot change the server's default: the flags
-        # become this request's `cache` field
-        body["cache"] = {"backend": args.cache_backend, "config": cache.get("cache_config", {})}
+    engine = _flags().engine.values(args)
+    if "model" in engine:
+        body["model"] = engine["model"]
+    if "cache_backend" in engine or "cache_config" in engine:  # a client cannot change the server's
+        # default: the flags become this request's `cache` field (backend "none", a backend, or knobs
+        # merged over the server's)
+        body["cache"] = {"backend": args.cache_backend, "config": engine.get("cache_config") or {}}
     try:
         images, reply = generate_images(args.server, body, output_format=_format_of(args.output))
     except ServerError as exc:
@@ -141,22 +136,22 @@ def _output_paths(out: Path, count: int) -> list[Path]:
     return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
 
 
+def _engine_config(args: argparse.Namespace):
+    """``EngineConfig`` from its flags, with ``parallel`` and ``vae`` from theirs."""
+    f = _flags()
+    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args))
+
+
+def _stage(args: argparse.Namespace, stage: _StageFlags):
+    scaling = stage.scaling.values(args)
+    if "min_replicas" in scaling and "max_replicas" not in scaling:  # --dit-min-replicas 2 alone: 2..2
+        scaling["max_replicas"] = max(scaling["min_replicas"], stage.scaling.base.max_replicas)
+    return stage.options.build(args, autoscaling=stage.scaling.validate(scaling))
+
+
 def _app_config(args: argparse.Namespace):
-    from ditserve.deployments.config import AppConfig, AutoscalingOptions
-
-    def scaling(prefix: str) -> dict:
-        lo, hi = getattr(args, f"{prefix}_min_replicas"), getattr(args, f"{prefix}_max_replicas")
-        return {"autoscaling": AutoscalingOptions(min_replicas=lo, max_replicas=max(lo, hi))}
-
-    return AppConfig(
-        engine={"model": args.model, "device": args.device, "dtype": args.dtype, "parallel": _parallel(args),
-                "vae": _vae(args), **_cache(args)},
-        accelerator=args.accelerator,
-        placement_strategy=args.placement_strategy,
-        text_encoder={"num_cpus": 0.2, "max_ongoing_requests": 16, **scaling("encoder")},
-        dit={"max_ongoing_requests": 1, **scaling("dit")},
-        vae={"max_ongoing_requests": 1, **scaling("vae")},
-    )
+    f = _flags()
+    return f.app.build(args, engine=_engine_config(args), **{s.field: _stage(args, s) for s in f.stages})
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -172,87 +167,80 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_server(_app_config(args), host=args.host or "127.0.0.1", port=args.port, blocking=True)
 
 
-def _add_parallel_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence parallel degree")
-    p.add_argument("--ring-degree", type=int, default=1, help="Ring attention degree")
-    p.add_argument("--cfg-parallel-size", type=int, default=1, choices=[1, 2], help="CFG branches on 2 rank sets")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor parallel degree")
+@dataclasses.dataclass(frozen=True)
+class _StageFlags:
+    field: str  # AppConfig's field (text_encoder, dit, vae)
+    options: FlagSet  # resources
+    scaling: FlagSet  # replicas
 
 
-def _add_vae_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vae-patch-parallel-size", type=int, default=1,
-                   help="VAE workers decoding one image together (exact patches; tiles with --vae-use-tiling)")
-    p.add_argument("--vae-use-tiling", action="store_true", help="decode in overlapping blended tiles (approximate)")
-    p.add_argument("--vae-use-slicing", action="store_true", help="decode the images of a batch one at a time")
-    p.add_argument("--vae-tile-size", type=int, help="tile side in pixels with --vae-use-tiling (default: the VAE's)")
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+    engine: FlagSet
+    parallel: FlagSet
+    vae: FlagSet
+    app: FlagSet
+    stages: tuple[_StageFlags, ...]
+    request: FlagSet
 
 
-def _vae(args: argparse.Namespace) -> dict:
-    vae = {
-        "vae_patch_parallel_size": args.vae_patch_parallel_size,
-        "vae_use_tiling": args.vae_use_tiling,
-        "vae_use_slicing": args.vae_use_slicing,
-    }
-    return vae if args.vae_tile_size is None else {**vae, "vae_tile_size": args.vae_tile_size}
+@functools.cache
+def _flags() -> _Flags:
+    """Every config flag, generated from the config models (``flags.py``): a new field of
+    ``ParallelConfig``, ``VaeConfig``, ``EngineConfig`` or ``AppConfig`` gets its flag by itself."""
+    from ditserve.deployments import (
+        AppConfig,
+        AutoscalingOptions,
+        EngineConfig,
+        GenerationRequest,
+        ParallelConfig,
+        VaeConfig,
+    )
+
+    nested = ("engine", "text_encoder", "dit", "vae", "router")  # objects with flags of their own
+    stages = []
+    for prefix, field, label in (("encoder", "text_encoder", "text encoder"), ("dit", "dit", "DiT"),
+                                 ("vae", "vae", "VAE")):
+        info = AppConfig.model_fields[field]
+        default = info.get_default(call_default_factory=True)
+        # max_ongoing_requests is no field of the DiT/VAE options (fixed at 1), so they get no flag
+        resources = ("num_cpus", "num_gpus", "max_ongoing_requests") + (
+            ("worker_cpus",) if field != "text_encoder" else ())
+        stages.append(_StageFlags(
+            field,
+            FlagSet(info.annotation, prefix, fields=resources, label=f"{label}: ", base=default),
+            FlagSet(AutoscalingOptions, prefix, fields=("min_replicas", "max_replicas"), label=f"{label}: ",
+                    base=default.autoscaling),
+        ))
+    return _Flags(
+        engine=FlagSet(EngineConfig, exclude=("parallel", "vae")),
+        parallel=FlagSet(ParallelConfig),
+        vae=FlagSet(VaeConfig),
+        app=FlagSet(AppConfig, exclude=nested),
+        stages=tuple(stages),
+        request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache")),
+    )
 
 
-def _parallel(args: argparse.Namespace) -> dict:
-    return {
-        "ulysses_degree": args.ulysses_degree,
-        "ring_degree": args.ring_degree,
-        "cfg_parallel_size": args.cfg_parallel_size,
-        "tensor_parallel_size": args.tensor_parallel_size,
-    }
-
-
-def _add_cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-backend", choices=["tea_cache", "cache_dit", "none"],
-                   help="cache acceleration of the DiT (requests may override it with their `cache` field)")
-    p.add_argument("--cache-config", help='knobs of the cache backend as JSON, e.g. \'{"rel_l1_thresh": 0.2}\'')
-
-
-def _cache(args: argparse.Namespace) -> dict:
-    """``cache_backend``/``cache_config`` from the flags (empty when none given)."""
-    import json
-
-    out: dict = {}
-    if args.cache_backend and args.cache_backend != "none":
-        out["cache_backend"] = args.cache_backend
-    if args.cache_config:
-        try:
-            config = json.loads(args.cache_config)
-        except ValueError as exc:
-            raise ValueError(f"--cache-config is not valid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise ValueError("--cache-config must be a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'")
-        out["cache_config"] = config
-    if args.cache_backend == "none" and "cache_config" in out:
-        raise ValueError("--cache-config given with --cache-backend none")
-    return out
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    f = _flags()
+    for flags in (f.engine, f.parallel, f.vae):
+        flags.add_to(p)
 
 
 def _add_app_options(p: argparse.ArgumentParser) -> None:
-    _add_parallel_options(p)
-    _add_cache_options(p)
-    _add_vae_options(p)
-    from ditserve.models import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"],
-                   help="give each text encoder replica, DiT rank and VAE worker a GPU (auto: if the cluster has GPUs)")
-    p.add_argument("--placement-strategy", default="STRICT_PACK", choices=["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"])
+    _add_engine_options(p)
+    f = _flags()
+    f.app.add_to(p)
+    for stage in f.stages:
+        stage.options.add_to(p)
+        stage.scaling.add_to(p)
     p.add_argument("--host", help="HTTP host (run: 127.0.0.1 by default; config: 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    for prefix, name in (("encoder", "text encoder"), ("dit", "DiT"), ("vae", "VAE")):
-        p.add_argument(f"--{prefix}-min-replicas", type=int, default=1, help=f"{name} replicas, lower bound")
-        p.add_argument(f"--{prefix}-max-replicas", type=int, default=1, help=f"{name} replicas, upper bound (autoscaling)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditserve.models import DEFAULT_MODEL
-    from ditserve.models.tiny import FAMILIES
+    from ditserve.deployments import TINY_FAMILIES
 
     parser = argparse.ArgumentParser(prog="ditserve", description="Serving for diffusion transformers on Ray Serve.")
     parser.add_argument("--log-level", default=os.environ.get("DITSERVE_LOG_LEVEL", "WARNING"))
@@ -262,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (diffusers format)")
-    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("--family", required=True, choices=TINY_FAMILIES)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=_cmd_make_tiny)
@@ -276,21 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("generate", help="generate in this process (the reference runner), or via --server")
-    p.add_argument("--model", default=None, help=f"registered id or diffusers folder (default {DEFAULT_MODEL})")
     p.add_argument("--server", help="URL of a running server (e.g. http://127.0.0.1:8000); default: in process")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt")
-    p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's)")
-    p.add_argument("--n", type=int, help="number of images (default 1)")
-    p.add_argument("--num-inference-steps", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--true-cfg-scale", type=float)
-    p.add_argument("--seed", type=int, help="seed, as torch.Generator('cpu').manual_seed in diffusers")
-    _add_parallel_options(p)
-    _add_cache_options(p)
-    _add_vae_options(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _flags().request.add_to(p)
+    _add_engine_options(p)
     p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")
     p.set_defaults(func=_cmd_generate)
     return parser
@@ -300,13 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing is ever downloaded at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        from ditserve.models import DEFAULT_MODEL
-
-        args.model_given = args.model is not None
-        args.model = args.model or DEFAULT_MODEL
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ditserve.models import CheckpointError, FamilyNotImplementedError, ModelNotFoundError
+    from ditserve.deployments import CheckpointError, FamilyNotImplementedError, ModelNotFoundError
 
     try:
         return args.func(args)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from ditserve.deployments.app import IMPORT_PATH
-from ditserve.deployments.config import AppConfig
+from ditserve.deployments import IMPORT_PATH, AppConfig
 
 APP_NAME = "ditserve"
 

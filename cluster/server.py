@@ -9,8 +9,7 @@ import time
 import ray
 from ray import serve
 
-from ditserve.deployments.app import build_app
-from ditserve.deployments.config import AppConfig
+from ditserve.deployments import AppConfig, build_app
 
 from .serve_config import APP_NAME
 

@@ -9,7 +9,7 @@ data: what a running cluster can hold is checked by the builder (``placement.py`
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -69,6 +69,25 @@ class StageOptions(BaseModel):
     health_check_timeout_s: float = Field(30.0, gt=0, description="Health check timeout.")
 
 
+# Why the DiT and VAE deployments take one request at a time per replica.
+ONE_AT_A_TIME = ("a replica runs one request at a time so that its workers' collectives (all-to-all, ring, "
+                 "gather) of two requests never interleave")
+
+
+class SequentialStageOptions(StageOptions):
+    """Resources and scaling of the DiT or the VAE deployment. ``max_ongoing_requests`` is not an
+    option: it is fixed at 1 (``ONE_AT_A_TIME``); scale with replicas instead."""
+
+    max_ongoing_requests: ClassVar[int] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_ongoing_requests" in data:
+            raise ValueError(f"max_ongoing_requests is fixed at 1 because {ONE_AT_A_TIME}")
+        return data
+
+
 class AppConfig(BaseModel):
     """Everything the served app needs, as one validated object."""
 
@@ -96,13 +115,11 @@ class AppConfig(BaseModel):
         default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=16),
         description="TextEncoder deployment.",
     )
-    dit: StageOptions = Field(
-        # One request at a time per DiT replica: collectives of two requests must never interleave.
-        default_factory=lambda: StageOptions(max_ongoing_requests=1),
-        description="DiT deployment (max_ongoing_requests must stay 1).",
+    dit: SequentialStageOptions = Field(
+        default_factory=SequentialStageOptions, description="DiT deployment (one request at a time per replica)."
     )
-    vae: StageOptions = Field(
-        default_factory=lambda: StageOptions(max_ongoing_requests=1), description="VAE deployment."
+    vae: SequentialStageOptions = Field(
+        default_factory=SequentialStageOptions, description="VAE deployment (one request at a time per replica)."
     )
     router: StageOptions = Field(
         default_factory=lambda: StageOptions(num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256),
@@ -112,16 +129,21 @@ class AppConfig(BaseModel):
     encode_batch_wait_s: float = Field(0.005, ge=0, description="How long the text encoder waits to fill a batch.")
     max_request_bytes: int = Field(1_000_000, gt=0, description="Largest HTTP body accepted (413 beyond).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sequential(cls, data: Any) -> Any:
+        """Name the option in full when a config (e.g. an older serve file) still sets it."""
+        if isinstance(data, dict):
+            for name in ("dit", "vae"):
+                if isinstance(data.get(name), dict) and "max_ongoing_requests" in data[name]:
+                    raise ValueError(f"{name}.max_ongoing_requests is fixed at 1 because {ONE_AT_A_TIME}; "
+                                     f"remove it (scale with {name}.autoscaling instead)")
+        return data
+
     @model_validator(mode="after")
-    def _dit_sequential(self) -> AppConfig:
+    def _dit_whole_gpus(self) -> AppConfig:
         if self.dit.num_gpus not in (0.0, 1.0):
             raise ValueError(f"dit.num_gpus={self.dit.num_gpus}: each DiT rank needs a whole GPU (1) for NCCL")
-        for name in ("dit", "vae"):
-            if getattr(self, name).max_ongoing_requests != 1:
-                raise ValueError(
-                    f"{name}.max_ongoing_requests={getattr(self, name).max_ongoing_requests}: must be 1, a replica "
-                    "runs one request at a time so that its workers' collectives never interleave"
-                )
         return self
 
     @property

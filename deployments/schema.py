@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ditserve.features.cache import CacheConfigError, CacheRequest, CacheSettings, check_blocks, merge_cache
+from ditserve.features.cache import CacheConfigError, CacheRequest, CacheSettings, cache_error, check_blocks, merge_cache
 from ditserve.models import Feature, Guidance, ModelSpec, SamplingParams
 from ditserve.parallel.vae import VaeConfig, size_error
 
@@ -64,8 +64,9 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the initial noise, as in diffusers.")
     lora: LoraRequest | None = Field(None, description="LoRA adapter to apply.")
     cache: CacheRequest | None = Field(
-        None, description="Cache for this request: {'backend': 'tea_cache'|'cache_dit'|'none', 'config': {...}}; "
-        "default: the deployment's cache_backend/cache_config.",
+        None, description="Cache for this request: {'backend': 'tea_cache'|'cache_dit', 'config': {...}}, "
+        "{'backend': 'none'}, or {'config': {...}} merged over the deployment's; default: the deployment's "
+        "cache_backend/cache_config.",
     )
 
     @field_validator("prompt")
@@ -98,7 +99,12 @@ def field_error(err: Mapping[str, Any]) -> RequestError:
     """One pydantic error (an item of ``ValidationError.errors()``, its ``loc`` relative to the
     request body) as a ``RequestError`` naming the field, e.g. ``cache.config.rel_l1_thresh``.
     The Python API and the HTTP layer both name fields through it."""
-    field = ".".join(str(p) for p in err["loc"]) or "body"
+    loc = tuple(err["loc"])
+    if loc[:1] == ("cache",) and len(loc) > 1 or err["type"] == "cache_backend":
+        # inside the cache union: named as the user wrote it (no union tag), e.g. cache.config.<knob>
+        exc = cache_error([{**err, "loc": loc[1:]}], field="cache.config", backend_field="cache.backend")
+        return RequestError(exc.field, exc.message)
+    field = ".".join(str(p) for p in loc) or "body"
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown field"

@@ -4,6 +4,7 @@ the config says, takes the same decisions on every rank, keeps state per request
 from __future__ import annotations
 
 import threading
+import typing
 
 import pytest
 import torch
@@ -12,9 +13,16 @@ from pydantic import ValidationError
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
 from ditserve.deployments.local import run_local
 from ditserve.features.cache import (
+    BACKENDS,
+    CACHE_KINDS,
+    CacheBackend,
+    CacheDiTSettings,
+    CacheOff,
+    CacheOverride,
     CacheRequest,
     CacheSettings,
     TaylorSeer,
+    TeaCacheSettings,
     merge_cache,
     parse_cache_settings,
     steps_mask,
@@ -81,12 +89,31 @@ def test_bad_cache_requests_name_the_field(engines):
         ({"backend": "cache_dit", "config": {"Fn_compute_blocks": 2}}, "cache.config.Fn_compute_blocks"),
     ]
     for cache, field in cases:
-        with pytest.raises(RequestError) as err:
-            engine.resolve(GenerationRequest(**BASE, cache=cache))
+        with pytest.raises(RequestError) as err:  # at parsing (the union) or against the model (block count)
+            engine.resolve(GenerationRequest.parse({**BASE, "cache": cache}))
         assert err.value.field == field, err.value
     with pytest.raises(RequestError) as err:
         GenerationRequest.parse({**BASE, "cache": {"backend": "magic"}})
     assert err.value.field == "cache.backend"
+
+
+def test_the_cache_request_is_a_union_discriminated_by_backend():
+    # each backend's knobs validate as that backend's model: a cache_dit knob in a tea_cache request
+    # is named where it was written, with the reason
+    with pytest.raises(RequestError) as err:
+        GenerationRequest.parse({**BASE, "cache": {"backend": "tea_cache", "config": {"max_warmup_steps": 2}}})
+    assert err.value.field == "cache.config.max_warmup_steps" and "cannot be combined" in err.value.message
+    parsed = GenerationRequest.parse({**BASE, "cache": {"backend": "cache_dit", "config": {"max_warmup_steps": 2}}})
+    assert isinstance(parsed.cache.root, CacheDiTSettings) and parsed.cache.root.config.max_warmup_steps == 2
+    assert isinstance(CacheRequest(backend="tea_cache").root, TeaCacheSettings)
+    assert isinstance(CacheRequest(backend="none").root, CacheOff)
+    assert isinstance(CacheRequest(config={"rel_l1_thresh": 0.1}).root, CacheOverride)
+    with pytest.raises(RequestError) as err:
+        GenerationRequest.parse({**BASE, "cache": {"backend": "none", "config": {"rel_l1_thresh": 0.1}}})
+    assert err.value.field == "cache.config"
+    # the backend names are written once: the literal, the tuple and the union agree
+    assert BACKENDS == tuple(typing.get_args(CacheBackend)) == ("tea_cache", "cache_dit")
+    assert [k.model_fields["backend"].annotation for k in CACHE_KINDS] == [typing.Literal[b] for b in BACKENDS]
 
 
 def test_start_up_refuses_a_cache_the_model_cannot_run(tiny_qwen):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -104,3 +105,52 @@ def test_generate_unimplemented_family_exits_2(capsys):
 def test_make_tiny_unknown_family_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["make-tiny", "--family", "wan", "--out", str(tmp_path)])
+
+
+def _actions(command: str) -> dict:
+    from ditserve.cluster.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {opt: action for action in sub.choices[command]._actions for opt in action.option_strings}
+
+
+@pytest.mark.parametrize("command", ["run", "config", "generate"])
+def test_every_parallel_and_vae_field_has_its_flag(command):
+    # flags are generated from the config fields: a new field gets its flag, named and documented by it
+    from ditserve.deployments import ParallelConfig, VaeConfig
+
+    actions = _actions(command)
+    for model in (ParallelConfig, VaeConfig):
+        for name, info in model.model_fields.items():
+            action = actions["--" + name.replace("_", "-")]
+            assert action.help.replace("%%", "%").startswith(info.description), name
+            default = info.get_default(call_default_factory=True)
+            assert default is None or f"(default: {default})" in action.help, name
+
+
+def test_bad_flags_are_named_and_replicas_widen(capsys):
+    import yaml
+
+    assert main(["config", "--ulysses-degree", "0"]) == 2
+    assert "--ulysses-degree: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["config", "--cache-config", "[1]", "--cache-backend", "tea_cache"]) == 2
+    assert "--cache-config must be a JSON object" in capsys.readouterr().err
+    assert main(["config", "--dit-min-replicas", "2", "--vae-use-tiling", "--encoder-num-cpus", "0.3"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert args["dit"]["autoscaling"]["min_replicas"] == args["dit"]["autoscaling"]["max_replicas"] == 2
+    assert args["engine"]["vae"]["vae_use_tiling"] is True
+    assert args["text_encoder"]["num_cpus"] == 0.3 and args["text_encoder"]["max_ongoing_requests"] == 16
+
+
+def test_dit_and_vae_take_one_request_at_a_time():
+    from pydantic import ValidationError
+
+    from ditserve.deployments import AppConfig
+
+    cfg = AppConfig()
+    assert cfg.dit.max_ongoing_requests == cfg.vae.max_ongoing_requests == 1
+    assert "max_ongoing_requests" not in cfg.model_dump()["dit"]
+    for stage in ("dit", "vae"):
+        with pytest.raises(ValidationError, match=rf"{stage}.max_ongoing_requests is fixed at 1 because"):
+            AppConfig.model_validate({stage: {"max_ongoing_requests": 1}})
+    assert "--dit-max-ongoing-requests" not in _actions("run") and "--encoder-max-ongoing-requests" in _actions("run")

@@ -83,7 +83,7 @@ def test_dit_autoscales_up_under_a_burst_and_back_down(ray_cluster, tiny_qwen):
         "engine": {"model": str(tiny_qwen), "device": "cpu"},
         "accelerator": "gpu",
         "text_encoder": {"num_cpus": 0.1, "num_gpus": 0, "max_ongoing_requests": 16},
-        "dit": {"max_ongoing_requests": 1, "autoscaling": fast},
+        "dit": {"autoscaling": fast},
     })
     handle = serve.run(build_app(cfg), name=app, route_prefix=None)
     try:
@@ -145,7 +145,7 @@ def test_dead_dit_worker_fails_health_check_and_the_replica_is_replaced(ray_clus
         "accelerator": "gpu",
         "distributed_timeout_s": 20,
         "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-        "dit": {"max_ongoing_requests": 1, "health_check_period_s": 1, "health_check_timeout_s": 5},
+        "dit": {"health_check_period_s": 1, "health_check_timeout_s": 5},
     })
     handle = serve.run(build_app(cfg), name=app, route_prefix=None)
     req = GenerationRequest(prompt="a cat", size="64x64", num_inference_steps=2, seed=0)
@@ -182,7 +182,7 @@ def test_long_request_completes_and_its_replica_is_not_replaced(ray_cluster, tin
         "accelerator": "gpu",
         "distributed_timeout_s": 2,
         "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-        "dit": {"max_ongoing_requests": 1, "health_check_period_s": 1, "health_check_timeout_s": 1},
+        "dit": {"health_check_period_s": 1, "health_check_timeout_s": 1},
     })
     handle = serve.run(build_app(cfg), name=app, route_prefix=None)
     try:

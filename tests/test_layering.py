@@ -146,7 +146,6 @@ def test_layers_import_one_way():
     assert not violations, "layering violations:\n" + "\n".join(violations)
 
 
-@pytest.mark.xfail(strict=False, reason="cluster/ imports are being moved to deployments' public API")
 def test_cluster_uses_only_deployments_public_api():
     violations = cluster_violations()
     assert not violations, "cluster/ reaches past deployments' public API:\n" + "\n".join(violations)

@@ -30,7 +30,7 @@ from ditserve.models.context import RequestContext, active_request, current_step
 from ditserve.models.contract import CacheBlocks
 
 from ..reducer import LOCAL, Reducer
-from .config import CacheConfigError, CacheSettings
+from .config import CacheConfigError, CacheDiTSettings, CacheSettings, TeaCacheSettings
 from .policies import BranchState, DBCachePolicy, TeaCachePolicy
 
 HOOK_NAME = "ditserve_cache"
@@ -77,7 +77,7 @@ class CacheRun:
         self.num_blocks = len(blocks.blocks(transformer))
         self.modulated_input = blocks.modulated_input
         check_blocks(settings, self.num_blocks)
-        if settings.backend == "tea_cache":
+        if isinstance(settings, TeaCacheSettings):
             coeffs = settings.config.coefficients or coefficients or blocks.tea_cache_coefficients
             self.policy = TeaCachePolicy(settings.config, coeffs, self.num_blocks, num_steps, group)
         else:
@@ -129,7 +129,7 @@ class CacheRun:
 
 def check_blocks(settings: CacheSettings, num_blocks: int, field: str = "cache_config") -> None:
     """Refuse a Cache-DiT config that leaves no block to skip (naming the option)."""
-    if settings.backend != "cache_dit":
+    if not isinstance(settings, CacheDiTSettings):
         return
     fn, bn = settings.config.Fn_compute_blocks, settings.config.Bn_compute_blocks
     if fn + bn >= num_blocks:
