@@ -192,8 +192,8 @@ class LocalExecutor(Executor):
         if errors:
             raise WorkerError(f"{method} failed on " + "\n".join(errors))
         if aborted:
-            raise RequestTimeoutError(f"{method}: no result within the request deadline of {deadline:g} s; the "
-                                      "ranks were aborted")
+            why = "the call was aborted" if deadline is None else f"no result within the request deadline of {deadline:g} s"
+            raise RequestTimeoutError(f"{method}: {why}; the ranks were aborted")
         return [results[r] for r in ranks] if reply_rank is None else results[reply_rank]
 
     def _collect(self, ranks: list[int], method: str, deadline: float | None) -> tuple[dict, list[str], bool]:
