@@ -135,8 +135,9 @@ def load_adapter(config: Any, stages: Sequence[str], groups: ParallelGroups | No
     ``groups`` says so), on the config's device and dtype."""
     resolved = resolved or resolve_model(config.model)
     spec = resolved.spec
-    loader = transformer_loader(groups) if groups is not None and "denoise" in stages else None
-    adapter = adapter_class(spec.family).from_pretrained(
+    cls = adapter_class(spec.family)
+    loader = transformer_loader(groups, cls.tensor_plan()) if groups is not None and "denoise" in stages else None
+    adapter = cls.from_pretrained(
         resolved.path, stages=stages, device=config.torch_device(), dtype=config.torch_dtype(),
         loaders={"transformer": loader} if loader else None,
     )

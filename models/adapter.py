@@ -175,6 +175,11 @@ class FamilyAdapter:
     supported_features: ClassVar[frozenset[Feature]] = frozenset()
     #: what the block caches need to know about the denoiser (``None``: no cache support)
     cache_blocks: ClassVar[CacheBlocks | None] = None
+    #: sequence-parallel split/gather plan (diffusers' ``_cp_plan`` format) for a denoiser class that
+    #: has none of its own; ``None``: the class's (``sequence_plan``)
+    cp_plan: ClassVar[dict[str, Any] | None] = None
+    #: tensor-parallel plan (diffusers' ``_tp_plan`` format) where the class has none (``tensor_plan``)
+    tp_plan: ClassVar[dict[str, Any] | None] = None
     #: text kwargs without a batch dimension (shared by every sample, e.g. FLUX ``txt_ids``)
     unbatched_text_kwargs: ClassVar[tuple[str, ...]] = ()
     #: the pipeline's guidance_scale default for guidance-distilled denoisers (None: required)
@@ -245,14 +250,24 @@ class FamilyAdapter:
         return cls.component_types[cls.denoisers[0]]
 
     @classmethod
+    def sequence_plan(cls) -> dict[str, Any] | None:
+        """Where sequence parallel splits and gathers: the adapter's ``cp_plan``, else the denoiser
+        class's diffusers ``_cp_plan`` (``None``: no plan, no sequence parallel)."""
+        return cls.cp_plan or getattr(cls.denoiser_class(), "_cp_plan", None) or None
+
+    @classmethod
+    def tensor_plan(cls) -> dict[str, Any] | None:
+        """Which linears tensor parallel shards: the adapter's ``tp_plan``, else the class's ``_tp_plan``."""
+        return cls.tp_plan or getattr(cls.denoiser_class(), "_tp_plan", None) or None
+
+    @classmethod
     def verified_features(cls) -> frozenset[Feature]:
-        """``supported_features``, less sequence / tensor parallel where the denoiser class has no
-        diffusers ``_cp_plan`` / ``_tp_plan`` to run them with."""
+        """``supported_features``, less sequence / tensor parallel where no plan (the adapter's or
+        the denoiser class's diffusers one) says how to run them."""
         out = set(cls.supported_features)
-        denoiser = cls.denoiser_class()
-        if not getattr(denoiser, "_cp_plan", None):
+        if not cls.sequence_plan():
             out.discard(Feature.SEQUENCE_PARALLEL)
-        if not getattr(denoiser, "_tp_plan", None):
+        if not cls.tensor_plan():
             out.discard(Feature.TENSOR_PARALLEL)
         if cls.cache_blocks is None:
             out -= {Feature.TEA_CACHE, Feature.CACHE_DIT}

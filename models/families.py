@@ -175,6 +175,6 @@ def capabilities(resolved: ResolvedModel) -> Capabilities:
         transformer_config=dict(config),
         num_heads=int(heads) if heads is not None else None,
         num_blocks=cls.cache_blocks.count(config) if cls.cache_blocks is not None and config else None,
-        has_cp_plan=bool(getattr(denoiser, "_cp_plan", None)),
-        has_tp_plan=bool(getattr(denoiser, "_tp_plan", None)),
+        has_cp_plan=bool(cls.sequence_plan()),
+        has_tp_plan=bool(cls.tensor_plan()),
     )

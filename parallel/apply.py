@@ -1,13 +1,12 @@
-"""Attach parallelism to a loaded family adapter, and the start-up checks that refuse layouts a
-model cannot run (each message names the option and what would work)."""
+"""The start-up checks that refuse layouts a model cannot run (each message names the option and
+what would work), and the tensor-parallel loader. Attaching the layout to a loaded adapter is the
+feature table's work (``deployments/attach.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .cfg import CFGParallel
 from .groups import ParallelConfig, ParallelGroups
-from .sequence import apply_sequence_parallel
 
 
 def _divisors(n: int) -> list[int]:
@@ -53,20 +52,11 @@ def check_parallel(config: ParallelConfig, transformer_config: dict[str, Any], *
         raise ValueError(f"{name}={value} must divide num_heads={heads} of model {model} (try {works})")
 
 
-def apply_parallel(adapter: Any, groups: ParallelGroups) -> None:
-    """Attach the layout of ``groups`` to a loaded adapter (denoise stage)."""
-    config = groups.config
-    if config.cfg_parallel_size > 1:
-        adapter.cfg_strategy = CFGParallel(groups.cfg)
-    if config.sp_degree > 1:
-        apply_sequence_parallel(adapter.transformer, groups)
-    # tensor parallelism is applied while loading (``transformer_loader``): shards are cut at load
-
-
-def transformer_loader(groups: ParallelGroups):
-    """The component loader that builds the transformer tensor-parallel (``None`` at tp size 1)."""
+def transformer_loader(groups: ParallelGroups, plan: dict[str, Any] | None = None):
+    """The component loader that builds the transformer tensor-parallel (``None`` at tp size 1);
+    ``plan``: the adapter's tensor plan (default: the class's ``_tp_plan``)."""
     if groups.config.tensor_parallel_size == 1:
         return None
     from .tensor import load_tensor_parallel_transformer
 
-    return lambda cls, folder, dtype: load_tensor_parallel_transformer(cls, folder, dtype, groups.tp)
+    return lambda cls, folder, dtype: load_tensor_parallel_transformer(cls, folder, dtype, groups.tp, plan)

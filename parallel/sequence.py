@@ -235,11 +235,13 @@ def _is_attention(module: torch.nn.Module) -> bool:
     return hasattr(module, "processor") and hasattr(module, "set_processor")
 
 
-def apply_sequence_parallel(transformer: torch.nn.Module, groups: ParallelGroups) -> None:
-    """Split and gather per the class's ``_cp_plan``; run every attention module under USP."""
+def apply_sequence_parallel(transformer: torch.nn.Module, groups: ParallelGroups,
+                            plan: dict[str, Any] | None = None) -> None:
+    """Split and gather per ``plan`` (diffusers' ``_cp_plan`` format; default: the class's own);
+    run every attention module under USP."""
     from diffusers.models._modeling_parallel import ContextParallelOutput
 
-    plan = getattr(type(transformer), "_cp_plan", None)
+    plan = plan or getattr(type(transformer), "_cp_plan", None)
     if not plan:
         raise ValueError(f"{type(transformer).__name__} has no _cp_plan: sequence parallel is not available for it")
     state = _ForwardState()

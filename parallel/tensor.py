@@ -14,6 +14,8 @@ the full weights of a sharded layer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import fnmatch
 from pathlib import Path
 
@@ -69,12 +71,14 @@ def _column_ranges(style: str, linear: torch.nn.Linear, rank: int, size: int) ->
     return ranges
 
 
-def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch.dtype, group: Group) -> torch.nn.Module:
-    """Build ``cls`` from ``folder`` (config + safetensors) with its ``_tp_plan`` linears sharded
-    over ``group``, reading only this rank's slices of their weights."""
+def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch.dtype, group: Group,
+                                     plan: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Build ``cls`` from ``folder`` (config + safetensors) with the linears of ``plan`` (diffusers'
+    ``_tp_plan`` format; default: the class's own) sharded over ``group``, reading only this rank's
+    slices of their weights."""
     from accelerate import init_empty_weights
 
-    plan = getattr(cls, "_tp_plan", None)
+    plan = plan or getattr(cls, "_tp_plan", None)
     if not plan:
         raise ValueError(f"{cls.__name__} has no _tp_plan: tensor parallel is not available for it")
     folder = Path(folder)
