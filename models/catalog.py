@@ -92,6 +92,23 @@ _WAN_A14B_NOTE = (
     "boundary_ratio {ratio}; guidance_scale_2 (low-noise expert) defaults to guidance_scale."
 )
 
+# Stable Diffusion 3.5: classic CFG with guidance_scale; like StableDiffusion3Pipeline, the negative
+# prompt is "" when a request gives none and CFG is on (guidance_scale > 1).
+_SD3 = Components(
+    pipeline="StableDiffusion3Pipeline",
+    transformer="SD3Transformer2DModel",
+    vae="AutoencoderKL",
+    scheduler=_FLOW_EULER,
+    text_encoders=("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+    tokenizers=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
+)
+_SD35_LARGE_DEFAULTS = dict(guidance=Guidance.CFG, num_inference_steps=28, guidance_scale=3.5)
+_SD35_SEED_ROW = _row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌")
+_SD3_NOTE = (
+    "CLIP-L + CLIP-G + T5 text encoders; classic CFG (guidance_scale, negative_prompt; off at "
+    "guidance_scale <= 1), both branches in one transformer call per step."
+)
+
 MODELS: list[ModelSpec] = [
     # ---- ImageGen -------------------------------------------------------------------------------
     ModelSpec(
@@ -297,24 +314,55 @@ MODELS: list[ModelSpec] = [
         name="Stable-Diffusion3.5",
         family="sd3",
         modality=Modality.IMAGE,
-        components=Components(
-            pipeline="StableDiffusion3Pipeline",
-            transformer="SD3Transformer2DModel",
-            vae="AutoencoderKL",
-            scheduler=_FLOW_EULER,
-            text_encoders=("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
-            tokenizers=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
-        ),
-        guidance=Guidance.CFG,
-        num_inference_steps=28,
-        guidance_scale=7.0,
+        components=_SD3,
+        **_SD35_LARGE_DEFAULTS,
         **_image_sizes(16),
-        seed_features=_row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌"),
+        seed_features=_SD35_SEED_ROW,
         notes=(
-            "Identifier as in the seed table; the Hub checkpoints are stabilityai/stable-diffusion-3.5-large "
-            "and -medium. Defaults are the pipeline's; the model cards suggest guidance 3.5 (large) or "
-            "40 steps with guidance 4.5 (medium)."
+            "Identifier as in the seed table; the Hub checkpoints are stabilityai/stable-diffusion-3.5-large, "
+            "-large-turbo and -medium (registered below with their model cards' defaults); this one takes "
+            "SD3.5 Large's (28 steps, guidance 3.5). " + _SD3_NOTE
         ),
+    ),
+    ModelSpec(
+        id="stabilityai/stable-diffusion-3.5-large",
+        name="Stable Diffusion 3.5 Large",
+        family="sd3",
+        modality=Modality.IMAGE,
+        components=_SD3,
+        **_SD35_LARGE_DEFAULTS,
+        **_image_sizes(16),
+        seed_features=_SD35_SEED_ROW,
+        notes="Model card: 28 steps, guidance 3.5. " + _SD3_NOTE,
+    ),
+    ModelSpec(
+        id="stabilityai/stable-diffusion-3.5-large-turbo",
+        name="Stable Diffusion 3.5 Large Turbo",
+        family="sd3",
+        modality=Modality.IMAGE,
+        components=_SD3,
+        guidance=Guidance.CFG,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        **_image_sizes(16),
+        seed_features=_SD35_SEED_ROW,
+        notes=(
+            "Adversarially distilled: the model card runs 4 steps at guidance 0 (CFG off, one transformer "
+            "call per step); a request may still turn CFG on with guidance_scale > 1. " + _SD3_NOTE
+        ),
+    ),
+    ModelSpec(
+        id="stabilityai/stable-diffusion-3.5-medium",
+        name="Stable Diffusion 3.5 Medium",
+        family="sd3",
+        modality=Modality.IMAGE,
+        components=_SD3,
+        guidance=Guidance.CFG,
+        num_inference_steps=40,
+        guidance_scale=4.5,
+        **_image_sizes(16),
+        seed_features=_SD35_SEED_ROW,
+        notes="Model card: 40 steps, guidance 4.5; MMDiT-X (dual attention in the first blocks). " + _SD3_NOTE,
     ),
     ModelSpec(
         id="Tongyi-MAI/Z-Image-Turbo",

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 _ADAPTERS = {
     "qwen-image": "ditserve.models.qwen_image:QwenImageAdapter",
     "flux": "ditserve.models.flux:FluxAdapter",
+    "sd3": "ditserve.models.sd3:SD3Adapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

@@ -19,8 +19,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux")
-BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux"}
+FAMILIES = ("qwen-image", "flux", "sd3")
+BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -185,7 +185,13 @@ def _flux_pipeline():
     )
 
 
-_BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline}
+def _sd3_pipeline():
+    from .sd3 import sd3_pipeline
+
+    return sd3_pipeline()
+
+
+_BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:

@@ -1,0 +1,139 @@
+"""Stable Diffusion 3.5 family adapter (SD3.5 Large, Large Turbo, Medium).
+
+Three text encoders (CLIP-L and CLIP-G with projection: pooled and sequence embeddings; T5:
+sequence), encoded by ``StableDiffusion3Pipeline.encode_prompt``; classic CFG with
+``guidance_scale`` and a negative prompt ("" when none is given, as the pipeline does), both
+branches batched into one transformer call per step like the pipeline. Latents stay unpacked,
+(B, C, H, W): the transformer patches them itself. Timesteps follow the scheduler's static
+``shift`` (a resolution-dependent ``mu`` only when its config sets ``use_dynamic_shifting``), and the
+transformer takes the scheduler timestep as is (no ``/ 1000``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .contract import CFGEvaluation, LatentLayout
+from .loading import CheckpointInfo
+from .registry import Guidance
+
+
+class SD3Adapter(FamilyAdapter):
+    family = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    component_types = {
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModelWithProjection,
+        "tokenizer": CLIPTokenizer,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "tokenizer_2": CLIPTokenizer,
+        "text_encoder_3": T5EncoderModel,
+        "tokenizer_3": T5TokenizerFast,
+        "transformer": SD3Transformer2DModel,
+    }
+    stage_components = {
+        "encode": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"),
+        "denoise": ("transformer", "scheduler"),
+        "decode": ("vae",),
+    }
+    latent_layout = LatentLayout.IMAGE
+    max_sequence_length = 256  # the pipeline's default
+    guidance = frozenset({Guidance.NONE, Guidance.CFG})
+    cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)
+
+    def _helper_pipeline(self) -> Any:
+        pipe = super()._helper_pipeline()
+        # Without its VAE loaded the pipeline falls back to a scale factor of 8: take the real one
+        # from the VAE's config, so every stage agrees on the latent geometry.
+        pipe.vae_scale_factor = self.vae_scale_factor
+        pipe.image_processor = type(pipe.image_processor)(vae_scale_factor=self.vae_scale_factor)
+        return pipe
+
+    @classmethod
+    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
+        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
+
+    @classmethod
+    def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
+        """The VAE scale times the transformer's patch size (its patch grid must be whole)."""
+        return cls.vae_scale_from_config(info) * int(info.config("transformer").get("patch_size", 2))
+
+    # ---- encode -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
+    ) -> TextConditioning:
+        self._require("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
+            # prompt_2 / prompt_3 default to the prompt, as in the pipeline
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(texts),
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+        negative = encode(negative_prompts) if negative_prompts is not None else None
+        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+
+    # ---- prepare ------------------------------------------------------------------------------
+
+    def prepare_latents(
+        self, params: SamplingParams, cond: TextConditioning, batch: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        latents = self.pipe.prepare_latents(
+            batch,
+            self.transformer.config.in_channels,
+            params.height,
+            params.width,
+            cond.positive["encoder_hidden_states"].dtype,
+            self.device,
+            generator,
+        )
+        return latents, {}
+
+    def prepare_timesteps(self, scheduler: Any, params: SamplingParams, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's timesteps: the scheduler's static shift, or ``mu`` from the latent size
+        when the scheduler config asks for dynamic shifting."""
+        module = importlib.import_module(self.pipeline_class.__module__)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.transformer.config.patch_size
+            _, _, height, width = latents.shape
+            kwargs["mu"] = module.calculate_shift(
+                (height // patch) * (width // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        timesteps, _ = module.retrieve_timesteps(scheduler, params.num_inference_steps, self.device, **kwargs)
+        scheduler.set_begin_index(0)
+        return timesteps
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self._require("vae")
+        vae = self.components["vae"]
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+    def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
+        """Images in [-1, 1] -> PIL images (``"pil"``), float arrays (``"np"``) or tensors (``"pt"``)."""
+        return self.pipe.image_processor.postprocess(images, output_type=output_type)

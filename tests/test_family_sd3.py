@@ -1,0 +1,134 @@
+"""Stable Diffusion 3.5 (family "sd3"): our runner equals StableDiffusion3Pipeline on a tiny
+checkpoint (with and without classic CFG), other configs load, and the request fields of classic
+CFG resolve as the pipeline decides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.deployments.schema import RequestError, resolve_request
+from ditserve.models import get_spec
+from ditserve.models.sd3 import SD3Adapter
+
+PROMPT, SEED, STEPS = "a red circle on a blue background", 1234, 3
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    from ditserve.models.tiny import make_tiny
+
+    return make_tiny("sd3", tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sd3):
+    return Engine(EngineConfig(model=str(tiny_sd3), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_sd3):
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _reference(pipe, **kwargs):
+    common = dict(prompt=PROMPT, width=80, height=64, num_inference_steps=STEPS, **kwargs)
+    latents = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).images
+    images = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **common).images
+    return latents, images
+
+
+# (request fields, the same as StableDiffusion3Pipeline kwargs)
+CASES = [
+    ({}, {"guidance_scale": 3.5}),  # the model's default: CFG on, negative prompt "" (the pipeline's)
+    ({"guidance_scale": 5.0, "negative_prompt": "blurry", "n": 2}, {"guidance_scale": 5.0, "negative_prompt": "blurry", "num_images_per_prompt": 2}),
+    ({"guidance_scale": 1.0}, {"guidance_scale": 1.0}),  # CFG off: one branch
+    ({"guidance_scale": 0.0}, {"guidance_scale": 0.0}),  # SD3.5 Large Turbo's setting
+]
+
+
+@pytest.mark.parametrize(("fields", "pipe_kwargs"), CASES, ids=["default", "cfg5_negative_n2", "cfg1_off", "cfg0_turbo"])
+def test_runner_matches_diffusers_pipeline(engine, pipeline, fields, pipe_kwargs):
+    ours = engine.generate(
+        GenerationRequest(prompt=PROMPT, size="80x64", num_inference_steps=STEPS, seed=SEED, **fields), output_type="pt"
+    )
+    ref_latents, ref_images = _reference(pipeline, **pipe_kwargs)
+    assert ours.latents.shape == ref_latents.shape == (fields.get("n", 1), 4, 8, 10)  # unpacked (B, C, H, W)
+    assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+    assert ours.images.shape == ref_images.shape == (fields.get("n", 1), 3, 64, 80)
+    assert (ours.images - ref_images).abs().max().item() <= 1e-4
+
+
+def test_guidance_changes_the_result(engine):
+    req = dict(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=3)
+    plain = engine.generate(GenerationRequest(guidance_scale=1.0, **req), output_type="pt").latents
+    guided = engine.generate(GenerationRequest(guidance_scale=4.0, negative_prompt="a dog", **req), output_type="pt").latents
+    assert (plain - guided).abs().max().item() > 1e-3
+
+
+def test_checkpoint_with_another_config_loads_and_runs(tiny_sd3, pipeline, tmp_path):
+    # other layer and head counts (no dual-attention block), re-saved by diffusers' own save_pretrained
+    config = {k: v for k, v in pipeline.transformer.config.items() if not k.startswith("_")}
+    torch.manual_seed(1)
+    other = SD3Transformer2DModel.from_config(
+        {**config, "num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 32, "dual_attention_layers": ()}
+    )
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, transformer=other, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    saved = tmp_path / "saved"
+    pipe.save_pretrained(saved)
+    engine = Engine(EngineConfig(model=str(saved), device="cpu", dtype="float32"))
+    assert engine.spec.family == "sd3"
+    ours = engine.generate(
+        GenerationRequest(prompt=PROMPT, size="80x64", num_inference_steps=STEPS, seed=SEED, guidance_scale=3.5), output_type="pt"
+    )
+    ref_latents, _ = _reference(pipe, guidance_scale=3.5)
+    assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+
+
+def test_registry_defaults_follow_the_model_cards():
+    for model_id, steps, scale in [
+        ("stabilityai/stable-diffusion-3.5", 28, 3.5),
+        ("stabilityai/stable-diffusion-3.5-large", 28, 3.5),
+        ("stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0),
+        ("stabilityai/stable-diffusion-3.5-medium", 40, 4.5),
+    ]:
+        spec = get_spec(model_id)
+        assert (spec.family, spec.num_inference_steps, spec.guidance_scale) == ("sd3", steps, scale)
+        assert spec.size_multiple == 16
+
+
+def test_classic_cfg_request_fields():
+    large, turbo = get_spec("stabilityai/stable-diffusion-3.5-large"), get_spec("stabilityai/stable-diffusion-3.5-large-turbo")
+    r = resolve_request(GenerationRequest(prompt="a cat"), large)
+    assert (r.params.guidance_scale, r.negative_prompt) == (3.5, "")  # CFG on, the pipeline's "" negative
+    r = resolve_request(GenerationRequest(prompt="a cat", negative_prompt="dark", guidance_scale=2.0), large)
+    assert (r.params.guidance_scale, r.negative_prompt) == (2.0, "dark")
+    r = resolve_request(GenerationRequest(prompt="a cat"), turbo)
+    assert (r.params.guidance_scale, r.negative_prompt) == (0.0, None)  # CFG off: one branch
+    with pytest.raises(RequestError, match="guidance_scale > 1"):
+        resolve_request(GenerationRequest(prompt="a cat", negative_prompt="dark"), turbo)
+    with pytest.raises(RequestError, match="use guidance_scale"):
+        resolve_request(GenerationRequest(prompt="a cat", true_cfg_scale=4.0), large)
+
+
+def test_adapter_declares_classic_batched_cfg_and_unpacked_latents():
+    from ditserve.models.contract import CFGEvaluation, LatentLayout
+
+    assert SD3Adapter.cfg_evaluation is CFGEvaluation.BATCHED
+    assert SD3Adapter.latent_layout is LatentLayout.IMAGE
+
+
+def test_make_tiny_cli_and_builtin_entry(tmp_path):
+    from ditserve.cluster.cli import main
+    from ditserve.models import resolve_model
+
+    out = tmp_path / "cli-sd3"
+    assert main(["make-tiny", "--family", "sd3", "--out", str(out)]) == 0
+    assert resolve_model(out).spec.family == "sd3"
+    spec = get_spec("ditserve/tiny-sd3")
+    assert spec.builtin and spec.family == "sd3" and spec.guidance_scale == 3.5
