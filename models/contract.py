@@ -58,7 +58,9 @@ class CacheBlocks:
     Attributes:
         block_lists: the ``ModuleList`` attributes holding the blocks, in call order. Every block is
             called by keyword with ``hidden_states`` and ``encoder_hidden_states`` and returns
-            ``(encoder_hidden_states, hidden_states)``.
+            ``(encoder_hidden_states, hidden_states)``; a block that ends the text stream returns
+            ``None`` for it (SD3's last, ``context_pre_only`` block), and so does a skipped range
+            that ends with such a block.
         modulated_input: TeaCache's probe: the first block's timestep-modulated image input,
             computed with the block's own modules from the keyword arguments it was called with.
         tea_cache_coefficients: the family's default TeaCache polynomial (highest power first), used

@@ -20,9 +20,15 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .adapter import FamilyAdapter, SamplingParams, TextConditioning
-from .contract import CFGEvaluation, LatentLayout
+from .contract import CacheBlocks, CFGEvaluation, LatentLayout
 from .loading import CheckpointInfo
-from .registry import Guidance
+from .registry import Feature, Guidance
+
+
+def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """TeaCache's probe: the first block's timestep-modulated image input (``norm1``'s first output,
+    for the plain and the SD3.5-Medium dual-attention blocks alike)."""
+    return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
 
 
 class SD3Adapter(FamilyAdapter):
@@ -48,6 +54,11 @@ class SD3Adapter(FamilyAdapter):
     max_sequence_length = 256  # the pipeline's default
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)
+    # Verified in tests/test_family_sd3.py: caches (threshold 0 equals uncached, evaluations drop).
+    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT})
+    # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
+    # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.
+    cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (0.0, 0.0, 0.0, 1.0, 0.0))
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -132,3 +132,46 @@ def test_make_tiny_cli_and_builtin_entry(tmp_path):
     assert resolve_model(out).spec.family == "sd3"
     spec = get_spec("ditserve/tiny-sd3")
     assert spec.builtin and spec.family == "sd3" and spec.guidance_scale == 3.5
+
+
+# ---- caches ---------------------------------------------------------------------------------------
+
+CACHE_STEPS = 6
+CACHE_BASE = dict(prompt=PROMPT, size="80x48", num_inference_steps=CACHE_STEPS, seed=1)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0], ids=["no_cfg", "batched_cfg"])
+@pytest.mark.parametrize("cache", [
+    {"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
+    {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}},
+], ids=["tea_cache", "cache_dit"])
+def test_zero_threshold_equals_uncached(engine, cache, guidance):
+    plain = engine.generate(GenerationRequest(**CACHE_BASE, guidance_scale=guidance), output_type="np")
+    cached = engine.generate(GenerationRequest(**CACHE_BASE, guidance_scale=guidance, cache=cache), output_type="np")
+    assert torch.equal(plain.latents, cached.latents)
+    assert cached.cache["calls_cached"] == 0
+    assert cached.cache["blocks_evaluated"] == cached.cache["blocks_total"]
+    # batched CFG: one transformer call per step carries both branches, so one decision per step
+    assert set(cached.cache["decisions"]) == ({"cond+uncond"} if guidance > 1 else {"cond"})
+
+
+def test_block_evaluations_drop_as_configured(engine):
+    # the tiny transformer has 2 blocks; the last is context_pre_only (returns no text stream), and
+    # both caches' skipped ranges end with it
+    blocks = 2
+    plain = engine.generate(GenerationRequest(**CACHE_BASE, guidance_scale=4.0), output_type="np")
+    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
+    cases = [
+        ({"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, "CSSSSC", 0),  # first/last always run
+        ({"backend": "cache_dit", "config": {**db, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0}}, "CCSSCS", 1),
+        ({"backend": "cache_dit", "config": {**db, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0,
+                                             "enable_taylorseer": True}}, "CCSSCS", 1),
+    ]
+    for cache, pattern, per_skip in cases:
+        out = engine.generate(GenerationRequest(**CACHE_BASE, guidance_scale=4.0, cache=cache), output_type="np")
+        stats = out.cache
+        assert stats["decisions"] == {"cond+uncond": pattern}, cache
+        skipped = pattern.count("S")
+        assert stats["blocks_total"] == CACHE_STEPS * blocks
+        assert stats["blocks_evaluated"] == (CACHE_STEPS - skipped) * blocks + skipped * per_skip, cache
+        assert not torch.equal(out.latents, plain.latents)  # skipping changed something

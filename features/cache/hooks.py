@@ -96,17 +96,19 @@ class CacheRun:
             if self.policy.decide_after is None:  # TeaCache: decide on the modulated input
                 state.skipping = self.policy.decide(state, step.index, self.modulated_input(module, kwargs))
         if state.skipping and first <= index <= last:
-            out: tuple[torch.Tensor, torch.Tensor] = (encoder, hidden)
+            out: tuple[torch.Tensor | None, torch.Tensor] = (encoder, hidden)
             if index == last:
                 res_hidden, res_encoder = self.policy.residual(state, step.index)
-                out = (encoder + res_encoder, hidden + res_hidden)
+                out = (None if res_encoder is None else encoder + res_encoder, hidden + res_hidden)
         else:
             if index == first:
                 state.range_input = (hidden, encoder)
             out = forward(*args, **kwargs)
             self.stats.blocks_evaluated += 1
             if index == last:
-                self.policy.stored(state, step.index, (out[1] - state.range_input[0], out[0] - state.range_input[1]))
+                # a block that ends the text stream (SD3's last, context_pre_only) returns None for it
+                res_encoder = None if out[0] is None else out[0] - state.range_input[1]
+                self.policy.stored(state, step.index, (out[1] - state.range_input[0], res_encoder))
             if index == self.policy.decide_after:  # DBCache: decide on the Fn blocks' residual
                 state.skipping = self.policy.decide(state, step.index, out[1] - state.call_input[0])
         if index == self.num_blocks - 1:

@@ -164,7 +164,8 @@ class DBCachePolicy:
     def residual(self, state: BranchState, step: int) -> Pair:
         if state.taylor is None:
             return state.residual
-        return state.taylor[0].predict(step), state.taylor[1].predict(step)
+        encoder = None if state.residual[1] is None else state.taylor[1].predict(step)  # None: no text output
+        return state.taylor[0].predict(step), encoder
 
     def stored(self, state: BranchState, step: int, residual: Pair) -> None:
         state.residual = residual
@@ -173,4 +174,5 @@ class DBCachePolicy:
                 order = self.config.taylorseer_order
                 state.taylor = (TaylorSeer(order), TaylorSeer(order))
             state.taylor[0].update(step, residual[0])
-            state.taylor[1].update(step, residual[1])
+            if residual[1] is not None:
+                state.taylor[1].update(step, residual[1])
