@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .adapter import FamilyAdapter, SamplingParams, TextConditioning
@@ -55,10 +56,20 @@ class SD3Adapter(FamilyAdapter):
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)
     # Verified in tests/test_family_sd3.py: caches (threshold 0 equals uncached, evaluations drop).
-    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT})
+    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL})
     # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
     # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (0.0, 0.0, 0.0, 1.0, 0.0))
+    # SD3Transformer2DModel has no diffusers _cp_plan. The latents enter as (B, C, H, W) and become
+    # tokens in pos_embed (patching + positions of the whole image), so the image tokens are split at
+    # pos_embed's output and the text at context_embedder's; every block then sees its shards (joint
+    # attention over the union of all ranks' tokens, and SD3.5-Medium's image-only attn2), and the
+    # image tokens are gathered after proj_out, before the transformer unpatchifies them.
+    cp_plan = {
+        "pos_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "context_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -50,11 +50,14 @@ def _shard(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
 
 
 class _ForwardState:
-    """What every attention call of one transformer forward shares: the sp members' local
-    sequence lengths (found once per forward with one small all-gather)."""
+    """What the attention calls of one transformer forward share: the sp members' local sequence
+    lengths, found with one small all-gather per distinct local length (one per forward for most
+    models; SD3.5-Medium's image-only attention next to its joint attention makes two). Keyed by
+    this rank's local length: two kinds of call must not have equal local lengths on one rank and
+    different ones on another (true when each split sequence has at least ``sp`` tokens)."""
 
     def __init__(self) -> None:
-        self.seq_sizes: list[int] | None = None
+        self.seq_sizes: dict[int, list[int]] = {}
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -149,10 +152,11 @@ class _SequenceParallelSDPA(TorchFunctionMode):
         if k.shape[1] != q.shape[1]:
             raise NotImplementedError("sequence parallel attention does not support grouped-query attention")
         scale = bound.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-        if self.state.seq_sizes is None:
+        sizes = self.state.seq_sizes.get(q.shape[2])
+        if sizes is None:
             local = torch.tensor([q.shape[2]], dtype=torch.int64, device=q.device)
-            self.state.seq_sizes = [int(t.item()) for t in self.groups.sp.all_gather(local)]
-        return ulysses_attention(q, k, v, scale, self.groups, self.state.seq_sizes)
+            sizes = self.state.seq_sizes[q.shape[2]] = [int(t.item()) for t in self.groups.sp.all_gather(local)]
+        return ulysses_attention(q, k, v, scale, self.groups, sizes)
 
 
 # ---- hooks --------------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ class _RootHook(ModelHook):
         self.state = state
 
     def pre_forward(self, module, *args, **kwargs):
-        self.state.seq_sizes = None
+        self.state.seq_sizes = {}
         return args, kwargs
 
 
@@ -207,6 +211,8 @@ class _SplitHook(ModelHook):
     def post_forward(self, module, output):
         if not self.outputs:
             return output
+        if isinstance(output, torch.Tensor):  # a module returning one tensor: plan index 0 is it
+            return _shard(output, self.outputs[0].split_dim, self.group)
         output = list(output)
         for index, spec in self.outputs.items():
             output[index] = _shard(output[index], spec.split_dim, self.group)
