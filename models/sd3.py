@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .adapter import FamilyAdapter, SamplingParams, TextConditioning
@@ -30,6 +31,14 @@ def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Te
     """TeaCache's probe: the first block's timestep-modulated image input (``norm1``'s first output,
     for the plain and the SD3.5-Medium dual-attention blocks alike)."""
     return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
+
+
+def _heads_to_shards(transformer: torch.nn.Module) -> None:
+    """SD3's attention processor reshapes Q/K/V by ``attn.heads`` (head_dim = width / heads), so an
+    attention whose Q/K/V were column-sharded by tensor parallel must count only its own heads."""
+    for module in transformer.modules():
+        if isinstance(module, Attention) and module.to_q.out_features != module.inner_dim:
+            module.heads = module.heads * module.to_q.out_features // module.inner_dim
 
 
 class SD3Adapter(FamilyAdapter):
@@ -56,7 +65,8 @@ class SD3Adapter(FamilyAdapter):
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)
     # Verified in tests/test_family_sd3.py: caches (threshold 0 equals uncached, evaluations drop).
-    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL})
+    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
+                                    Feature.TENSOR_PARALLEL})
     # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
     # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (0.0, 0.0, 0.0, 1.0, 0.0))
@@ -70,6 +80,24 @@ class SD3Adapter(FamilyAdapter):
         "context_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
+    # Nor a _tp_plan: Q/K/V (image and text, and attn2's) and the MLPs' first linears column-sharded
+    # (whole heads per rank), each half-block's last linear row-sharded; the AdaLN modulations and
+    # the q/k RMS norms (over head_dim) stay whole. The last block has no text output projection
+    # and no text MLP (context_pre_only): the patterns simply match nothing there.
+    tp_plan = {
+        **{f"transformer_blocks.*.{attn}.to_{x}": "colwise" for attn in ("attn", "attn2") for x in "qkv"},
+        **{f"transformer_blocks.*.{attn}.to_out.0": "rowwise" for attn in ("attn", "attn2")},
+        **{f"transformer_blocks.*.attn.add_{x}_proj": "colwise" for x in "qkv"},
+        "transformer_blocks.*.attn.to_add_out": "rowwise",
+        **{f"transformer_blocks.*.{ff}.net.0.proj": "colwise" for ff in ("ff", "ff_context")},
+        **{f"transformer_blocks.*.{ff}.net.2": "rowwise" for ff in ("ff", "ff_context")},
+    }
+
+    def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
+        super().__init__(components, info, **kwargs)
+        transformer = components.get("transformer")
+        if transformer is not None:
+            _heads_to_shards(transformer)
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -189,6 +189,7 @@ PAR_REQUESTS = [
 PAR_LAYOUTS = [
     {"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_parallel_size": 2},
     {"ulysses_degree": 2, "ring_degree": 2}, {"ulysses_degree": 2, "cfg_parallel_size": 2},
+    {"tensor_parallel_size": 2}, {"ring_degree": 2, "tensor_parallel_size": 2},
 ]
 
 
@@ -215,3 +216,37 @@ def test_layout_matches_single_rank(tiny_sd3, par_references, degrees):
             assert torch.equal(a["latents"], b["latents"])
     if config.parallel.sp_degree > 1:
         assert all(r["bytes_sent"] > 0 for r in ranks[0])
+
+
+@pytest.mark.parametrize(("degrees", "message"), [
+    ({"tensor_parallel_size": 3}, r"tensor_parallel_size=3 must divide num_heads=4"),
+    ({"ulysses_degree": 8}, r"ulysses_degree=8 must divide num_heads=4"),
+])
+def test_layouts_the_heads_do_not_allow_are_refused(tiny_sd3, degrees, message):
+    from ditserve.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match=message):
+        Engine(EngineConfig(model=str(tiny_sd3), device="cpu", parallel=ParallelConfig(**degrees)), stages=["denoise"])
+
+
+def test_tensor_parallel_shards_are_cut_at_load_and_heads_follow(tiny_sd3):
+    import fnmatch
+
+    from diffusers.models.attention_processor import Attention
+
+    from ditserve.parallel import Group
+    from ditserve.parallel.tensor import ColumnParallelLinear, RowParallelLinear, load_tensor_parallel_transformer
+
+    full = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    plan = SD3Adapter.tensor_plan()
+    plan_names = {n for n, _ in full.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in plan)}
+    # every attention and MLP linear of every block (attn2 in block 0; no text out/MLP in the last)
+    assert "transformer_blocks.0.attn2.to_q" in plan_names and "transformer_blocks.1.ff_context.net.2" not in plan_names
+    shard = load_tensor_parallel_transformer(SD3Transformer2DModel, tiny_sd3 / "transformer", torch.float32,
+                                             Group((0, 1), 1, None), plan)
+    mods = dict(shard.named_modules())
+    assert all(isinstance(mods[n], (ColumnParallelLinear, RowParallelLinear)) for n in plan_names)
+    from ditserve.models.sd3 import _heads_to_shards
+
+    _heads_to_shards(shard)
+    assert {m.heads for m in shard.modules() if isinstance(m, Attention)} == {2}  # 4 heads over 2 ranks
