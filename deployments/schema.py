@@ -53,7 +53,7 @@ class GenerationRequest(BaseModel):
 
     prompt: str = Field(description="What to generate.", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(
-        None, max_length=MAX_PROMPT_CHARS, description="What to steer away from (true-CFG models)."
+        None, max_length=MAX_PROMPT_CHARS, description="What to steer away from (CFG and true-CFG models)."
     )
     model: str | None = Field(None, description="Served model id; default: the deployment's model.")
     n: int = Field(1, ge=1, le=10, description="Number of images.")

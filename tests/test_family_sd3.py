@@ -291,3 +291,42 @@ def test_vae_patch_parallel_decode_matches_single_worker(tiny_sd3):
             assert got.shape == ref.shape
             assert float(np.abs(got - ref).max()) <= 1e-4
         assert result["bytes"] > 0
+
+
+# ---- served -----------------------------------------------------------------------------------------
+
+
+def test_cli_generate_with_classic_cfg(tiny_sd3, tmp_path, capsys):
+    from PIL import Image
+
+    from ditserve.cluster.cli import main
+
+    out = tmp_path / "sd3.png"
+    code = main(["generate", "--model", str(tiny_sd3), "--prompt", "a star", "--negative-prompt", "blurry",
+                 "--guidance-scale", "4.5", "--size", "64x48", "--num-inference-steps", "2", "--output", str(out)])
+    assert code == 0
+    with Image.open(out) as image:
+        assert image.size == (64, 48)
+
+
+def test_served_graph_with_cfg_parallel_matches_reference(ray_cluster, tiny_sd3, par_references):
+    import numpy as np
+    from ray import serve
+
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(tiny_sd3), "device": "cpu", "parallel": {"cfg_parallel_size": 2}},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 60,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+    })
+    handle = serve.run(build_app(cfg), name="sd3-test", route_prefix=None)
+    try:
+        for req, ref in zip(PAR_REQUESTS, par_references):
+            got = handle.generate.remote(req, "np", True).result()
+            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
+    finally:
+        serve.delete("sd3-test")
