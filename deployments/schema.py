@@ -160,11 +160,26 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
     elif spec.guidance == Guidance.DISTILLED:
         guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
         true_cfg_scale = 1.0 if true_cfg_scale is None else true_cfg_scale
+    elif spec.guidance == Guidance.CFG:
+        if true_cfg_scale is not None:
+            raise RequestError("true_cfg_scale", f"model {spec.id} applies classic CFG; use guidance_scale")
+        guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
 
     negative = req.negative_prompt
-    if negative is None and spec.default_negative_prompt is not None and (true_cfg_scale or 0.0) > 1.0:
+    if spec.guidance == Guidance.CFG:
+        # classic CFG runs (with a negative branch, empty unless given) when guidance_scale is above
+        # the pipeline's threshold; a negative prompt asks for it
+        if guidance_scale is not None and guidance_scale > spec.cfg_threshold:
+            if negative is None:
+                negative = spec.default_negative_prompt if spec.default_negative_prompt is not None else ""
+        elif negative is not None:
+            raise RequestError(
+                "negative_prompt",
+                f"has no effect unless guidance_scale > {spec.cfg_threshold:g} (it is {guidance_scale}) for model {spec.id}",
+            )
+    elif negative is None and spec.default_negative_prompt is not None and (true_cfg_scale or 0.0) > 1.0:
         negative = spec.default_negative_prompt  # the model's default: true CFG unless asked otherwise
-    if negative is not None and (true_cfg_scale or 0.0) <= 1.0:
+    if spec.guidance != Guidance.CFG and negative is not None and (true_cfg_scale or 0.0) <= 1.0:
         raise RequestError(
             "negative_prompt", f"has no effect unless true_cfg_scale > 1 (it is {true_cfg_scale}) for model {spec.id}"
         )

@@ -33,6 +33,7 @@ SHIPPED = {"ditserve/demo": "demo/checkpoint"}
 BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("Qwen/Qwen-Image", "ditserve/tiny-qwen-image", "Tiny Qwen-Image (random weights)", "qwen-image"),
     _tiny("black-forest-labs/FLUX.1-dev", "ditserve/tiny-flux", "Tiny FLUX.1 (random weights)", "flux"),
+    _tiny("Tongyi-MAI/Z-Image-Turbo", "ditserve/tiny-z-image", "Tiny Z-Image (random weights)", "z-image"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

@@ -21,6 +21,7 @@ class LatentLayout(str, enum.Enum):
     """How the denoiser's latents are laid out."""
 
     PACKED_TOKENS = "packed_tokens"  # (B, seq, C): image latents packed into tokens (e.g. 2x2 patches)
+    SPATIAL = "spatial"  # (B, C, H, W): image latents as the VAE gives them; the denoiser patchifies
     VIDEO = "video"  # (B, C, F, H, W)
     AUDIO = "audio"  # (B, C, T)
 

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 _ADAPTERS = {
     "qwen-image": "ditserve.models.qwen_image:QwenImageAdapter",
     "flux": "ditserve.models.flux:FluxAdapter",
+    "z-image": "ditserve.models.z_image:ZImageAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

@@ -1,0 +1,163 @@
+"""Z-Image family adapter (Tongyi-MAI/Z-Image-Turbo).
+
+Qwen3 text encoder over the pipeline's chat template (the second-to-last hidden states of the
+prompt's real tokens, one variable-length sequence per text); a single-stream transformer that
+takes lists (one (C, 1, H, W) latent and one caption sequence per sample), patchifies inside and
+predicts the negated flow (``-model(x)`` is what the scheduler consumes); timestep input
+``(1000 - t) / 1000``. Guidance as ``ZImagePipeline``: none by default (Turbo is step-distilled,
+``guidance_scale`` 0); classic CFG with a negative prompt (empty by default) when
+``guidance_scale > 0``, combined as ``cond + scale * (cond - uncond)``, both branches in one call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from transformers import Qwen2Tokenizer, Qwen3Model
+
+from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .contract import CFGEvaluation, LatentLayout
+from .loading import CheckpointInfo
+from .registry import Guidance
+
+
+class ZImageAdapter(FamilyAdapter):
+    family = "z-image"
+    pipeline_class = ZImagePipeline
+    component_types = {
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+        "vae": AutoencoderKL,
+        "text_encoder": Qwen3Model,
+        "tokenizer": Qwen2Tokenizer,
+        "transformer": ZImageTransformer2DModel,
+    }
+    stage_components = {
+        "encode": ("text_encoder", "tokenizer"),
+        "denoise": ("transformer", "scheduler"),
+        "decode": ("vae",),
+    }
+    latent_layout = LatentLayout.SPATIAL
+    guidance = frozenset({Guidance.NONE, Guidance.CFG})
+    # The pipeline evaluates both branches in one call (their captions padded inside the model).
+    cfg_evaluation = CFGEvaluation.BATCHED
+    max_sequence_length = 512  # the pipeline's default
+    latent_patch = 2  # the transformer's spatial patch (all_patch_size)
+
+    def _helper_pipeline(self) -> Any:
+        pipe = super()._helper_pipeline()
+        # Without its VAE loaded the pipeline falls back to a scale factor of 8; take the real one
+        # from the VAE's config, so every stage agrees on the latent geometry.
+        pipe.vae_scale_factor = self.vae_scale_factor
+        pipe.image_processor = type(pipe.image_processor)(vae_scale_factor=self.vae_scale_factor * self.latent_patch)
+        return pipe
+
+    @classmethod
+    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
+        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
+
+    @classmethod
+    def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
+        return cls.vae_scale_from_config(info) * cls.latent_patch
+
+    # ---- encode -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
+    ) -> TextConditioning:
+        """Each text's caption sequence, zero-padded to the batch's longest as ``cap_feats``
+        (B, L, D), with its true length in ``cap_lens`` (B,): the transformer gets each sequence
+        unpadded, as from the pipeline."""
+        self._require("text_encoder", "tokenizer")
+
+        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
+            embeds = self.pipe._encode_prompt(list(texts), device=self.device, max_sequence_length=self.max_sequence_length)
+            embeds = [e for e in embeds for _ in range(num_images_per_prompt)]
+            return self._padded(embeds)
+
+        negative = encode(negative_prompts) if negative_prompts is not None else None
+        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+
+    @staticmethod
+    def _padded(embeds: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        length = max(e.shape[0] for e in embeds)
+        caps = torch.stack([F.pad(e, (0, 0, 0, length - e.shape[0])) for e in embeds])
+        lens = torch.tensor([e.shape[0] for e in embeds], dtype=torch.long, device=caps.device)
+        return {"cap_feats": caps, "cap_lens": lens}
+
+    def _cat_texts(self, texts: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+        # branches batched into one call may differ in caption length: pad them alike
+        embeds = [cap[:n] for t in texts for cap, n in zip(t["cap_feats"], t["cap_lens"].tolist())]
+        return self._padded(embeds)
+
+    # ---- prepare ------------------------------------------------------------------------------
+
+    def prepare_latents(
+        self, params: SamplingParams, cond: TextConditioning, batch: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        # (B, C, H, W) float32, drawn by the pipeline's own prepare_latents as diffusers draws them
+        latents = self.pipe.prepare_latents(
+            batch, self.transformer.in_channels, params.height, params.width, torch.float32, self.device, generator
+        )
+        return latents, {}
+
+    def prepare_timesteps(self, scheduler: Any, params: SamplingParams, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's sigmas (linear 1 -> 1/N) with its resolution-dependent ``mu`` (used only
+        by schedulers with dynamic shifting; Turbo's shifts statically)."""
+        module = importlib.import_module(self.pipeline_class.__module__)
+        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+        mu = module.calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        sigmas = module.get_default_z_image_sigmas(params.num_inference_steps)
+        timesteps, _ = module.retrieve_timesteps(scheduler, params.num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return timesteps
+
+    def cfg_scale(self, params: SamplingParams, cond: TextConditioning) -> float | None:
+        """``guidance_scale`` when a negative branch was encoded and the scale is above 0 (the
+        pipeline's rule, unlike the usual > 1)."""
+        if cond.negative is None or params.guidance_scale is None:
+            return None
+        return params.guidance_scale if params.guidance_scale > 0 else None
+
+    # ---- denoise ------------------------------------------------------------------------------
+
+    def timestep_input(self, t: torch.Tensor, state: Any, batch: int) -> torch.Tensor:
+        return (1000 - t.expand(batch)) / 1000
+
+    def call_denoiser(
+        self, module: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The transformer on per-sample lists; returns the negated prediction (B, C, H, W) in float32."""
+        x = list(latents.to(module.dtype).unsqueeze(2).unbind(0))
+        caps = [cap[:n] for cap, n in zip(kwargs["cap_feats"], kwargs["cap_lens"].tolist())]
+        out = module(x=x, t=timestep, cap_feats=caps, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)
+
+    def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        # ZImagePipeline: pos + scale * (pos - neg) (the scale counts from 0, not 1)
+        return cond + scale * (cond - uncond)
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self._require("vae")
+        vae = self.components["vae"]
+        latents = latents.to(vae.dtype)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents, return_dict=False)[0]
+
+    def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
+        """Images in [-1, 1] -> PIL images (``"pil"``), float arrays (``"np"``) or tensors (``"pt"``)."""
+        return self.pipe.image_processor.postprocess(images, output_type=output_type)

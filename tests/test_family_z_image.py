@@ -1,0 +1,101 @@
+"""Z-Image (Tongyi-MAI/Z-Image-Turbo): the adapter equals ``ZImagePipeline`` on a tiny checkpoint,
+with and without CFG; request validation follows the pipeline's guidance rule (CFG when
+guidance_scale > 0); a checkpoint with another layer/head count loads and runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import ZImagePipeline
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.deployments.schema import RequestError, resolve_request
+from ditserve.models import get_spec
+from ditserve.models.tiny import make_tiny
+
+PROMPT, SEED, STEPS = "a red circle on a blue background", 1234, 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny("z-image", tmp_path_factory.mktemp("tiny-z-image"))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    pipe = ZImagePipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _assert_matches(engine, pipe, fields, pipe_kwargs):
+    ours = engine.generate(
+        GenerationRequest(prompt=PROMPT, size="80x64", num_inference_steps=STEPS, seed=SEED, **fields), output_type="pt"
+    )
+    common = dict(prompt=PROMPT, width=80, height=64, num_inference_steps=STEPS, **pipe_kwargs)
+    ref_latents = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).images
+    ref_images = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **common).images
+    assert ours.latents.shape == ref_latents.shape
+    assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+    assert ours.images.shape == ref_images.shape == (fields.get("n", 1), 3, 64, 80)
+    assert (ours.images - ref_images).abs().max().item() <= 1e-4
+    return ours
+
+
+# (request fields, the same as ZImagePipeline kwargs); the pipeline's own default guidance is 5.0,
+# the registry's (Turbo's) 0.0
+CASES = [
+    ({}, {"guidance_scale": 0.0}),
+    ({"n": 2}, {"guidance_scale": 0.0, "num_images_per_prompt": 2}),
+    ({"guidance_scale": 3.0}, {"guidance_scale": 3.0}),  # CFG with the pipeline's empty negative prompt
+    ({"guidance_scale": 0.5, "negative_prompt": "blurry, dark", "n": 2},
+     {"guidance_scale": 0.5, "negative_prompt": "blurry, dark", "num_images_per_prompt": 2}),
+]
+
+
+@pytest.mark.parametrize(("fields", "pipe_kwargs"), CASES)
+def test_matches_diffusers_pipeline(engine, pipeline, fields, pipe_kwargs):
+    _assert_matches(engine, pipeline, fields, pipe_kwargs)
+
+
+def test_cfg_changes_the_result(engine):
+    req = dict(prompt="a cat", size="64x64", num_inference_steps=2, seed=3)
+    plain = engine.generate(GenerationRequest(**req), output_type="pt").latents
+    guided = engine.generate(GenerationRequest(guidance_scale=2.0, negative_prompt="a dog", **req), output_type="pt").latents
+    assert (plain - guided).abs().max().item() > 1e-3
+
+
+def test_requests_follow_the_pipeline_guidance_rule():
+    spec = get_spec("Tongyi-MAI/Z-Image-Turbo")
+    assert (spec.num_inference_steps, spec.guidance_scale) == (9, 0.0)
+    plain = resolve_request(GenerationRequest(prompt="x"), spec)
+    assert plain.negative_prompt is None and plain.params.guidance_scale == 0.0
+    cfg = resolve_request(GenerationRequest(prompt="x", guidance_scale=0.5), spec)
+    assert cfg.negative_prompt == "" and cfg.params.guidance_scale == 0.5
+    neg = resolve_request(GenerationRequest(prompt="x", guidance_scale=4.0, negative_prompt="dark"), spec)
+    assert neg.negative_prompt == "dark"
+    with pytest.raises(RequestError) as err:
+        resolve_request(GenerationRequest(prompt="x", negative_prompt="dark"), spec)
+    assert err.value.field == "negative_prompt" and "guidance_scale > 0" in err.value.message
+    with pytest.raises(RequestError) as err:
+        resolve_request(GenerationRequest(prompt="x", true_cfg_scale=4.0), spec)
+    assert err.value.field == "true_cfg_scale"
+
+
+def test_other_layer_and_head_count_loads_and_runs(tmp_path):
+    from ditserve.models.tiny.z_image import z_image_pipeline
+
+    torch.manual_seed(1)
+    pipe = z_image_pipeline(n_layers=3, n_heads=2)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    pipe = ZImagePipeline.from_pretrained(tmp_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    engine = Engine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32"))
+    config = engine.adapter.transformer.config
+    assert (config.n_layers, config.n_heads) == (3, 2)
+    _assert_matches(engine, pipe, {"guidance_scale": 1.5}, {"guidance_scale": 1.5})
