@@ -21,9 +21,16 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipe
 from transformers import Qwen2Tokenizer, Qwen3Model
 
 from .adapter import FamilyAdapter, SamplingParams, TextConditioning
-from .contract import CFGEvaluation, LatentLayout
+from .contract import CacheBlocks, CFGEvaluation, LatentLayout
 from .loading import CheckpointInfo
-from .registry import Guidance
+from .registry import Feature, Guidance
+
+
+def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """TeaCache's probe: the first main block's timestep-modulated input (image and caption
+    tokens: the blocks are single-stream), as the block computes it before attention."""
+    scale_msa = block.adaLN_modulation(kwargs["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
+    return block.attention_norm1(kwargs["x"]) * (1.0 + scale_msa)
 
 
 class ZImageAdapter(FamilyAdapter):
@@ -45,6 +52,18 @@ class ZImageAdapter(FamilyAdapter):
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # The pipeline evaluates both branches in one call (their captions padded inside the model).
     cfg_evaluation = CFGEvaluation.BATCHED
+    # Verified in tests/test_family_z_image.py: caches (threshold 0 equals uncached, evaluations drop).
+    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT})
+    # The cacheable blocks are the main single-stream ``layers`` (the refiners run before the
+    # image and caption streams are joined). The transformer calls them positionally and each
+    # returns its one stream. TeaCache polynomial: no published fit for Z-Image is known to us, so
+    # the identity (the accumulated quantity is the raw relative L1 change of the probe, and
+    # rel_l1_thresh reads in those units); fit one per checkpoint with tools/fit_tea_cache.py.
+    cache_blocks = CacheBlocks(
+        ("layers",), _modulated_input, (0.0, 0.0, 0.0, 1.0, 0.0), layer_config_keys=("n_layers",),
+        positional_args=("x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"),
+        hidden_arg="x", encoder_arg=None,
+    )
     max_sequence_length = 512  # the pipeline's default
     latent_patch = 2  # the transformer's spatial patch (all_patch_size)
 

@@ -99,3 +99,42 @@ def test_other_layer_and_head_count_loads_and_runs(tmp_path):
     config = engine.adapter.transformer.config
     assert (config.n_layers, config.n_heads) == (3, 2)
     _assert_matches(engine, pipe, {"guidance_scale": 1.5}, {"guidance_scale": 1.5})
+
+
+# ---- caches ---------------------------------------------------------------------------------------
+
+CACHE_STEPS = 8
+CACHE_BASE = dict(prompt=PROMPT, size="80x48", num_inference_steps=CACHE_STEPS, seed=1)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"guidance_scale": 2.0}], ids=["plain", "cfg"])
+@pytest.mark.parametrize("cache", [
+    {"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
+    {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}},
+], ids=["tea_cache", "cache_dit"])
+def test_zero_threshold_equals_uncached(engine, cache, cfg):
+    plain = engine.generate(GenerationRequest(**CACHE_BASE, **cfg), output_type="np")
+    cached = engine.generate(GenerationRequest(**CACHE_BASE, **cfg, cache=cache), output_type="np")
+    assert torch.equal(plain.latents, cached.latents)
+    assert cached.cache["calls_cached"] == 0
+    assert cached.cache["blocks_evaluated"] == cached.cache["blocks_total"] == CACHE_STEPS * 2
+
+
+@pytest.mark.parametrize("cfg", [{}, {"guidance_scale": 2.0}], ids=["plain", "cfg"])
+def test_block_evaluations_drop_as_configured(engine, cfg):
+    blocks = 2  # the tiny transformer's main layers
+    branch = "cond+uncond" if cfg else "cond"  # both CFG branches run in one call
+    plain = engine.generate(GenerationRequest(**CACHE_BASE, **cfg), output_type="np")
+    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
+    cases = [
+        ({"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, "CSSSSSSC", 0),  # first/last always run
+        ({"backend": "cache_dit", "config": db}, "CCSSCSSC", 1),  # Fn_compute_blocks=1 runs when skipping
+    ]
+    for cache, pattern, per_skip in cases:
+        out = engine.generate(GenerationRequest(**CACHE_BASE, **cfg, cache=cache), output_type="np")
+        stats = out.cache
+        assert stats["decisions"] == {branch: pattern}, cache
+        skipped = pattern.count("S")
+        assert stats["blocks_total"] == CACHE_STEPS * blocks
+        assert stats["blocks_evaluated"] == (CACHE_STEPS - skipped) * blocks + skipped * per_skip, cache
+        assert not torch.equal(out.latents, plain.latents)  # skipping changed something
