@@ -161,7 +161,7 @@ def capabilities(resolved: ResolvedModel) -> Capabilities:
     ref = info.components.get(name)
     config = info.config(name) if ref is not None else {}
     denoiser = cls.denoiser_class()
-    heads = config.get("num_attention_heads")
+    heads = config.get("num_attention_heads", config.get("n_heads"))  # n_heads: Z-Image's name
     return Capabilities(
         family=cls.family,
         adapter=cls,

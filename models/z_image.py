@@ -18,9 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
 from .contract import CacheBlocks, CFGEvaluation, LatentLayout
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
@@ -52,8 +54,24 @@ class ZImageAdapter(FamilyAdapter):
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # The pipeline evaluates both branches in one call (their captions padded inside the model).
     cfg_evaluation = CFGEvaluation.BATCHED
-    # Verified in tests/test_family_z_image.py: caches (threshold 0 equals uncached, evaluations drop).
-    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT})
+    # Verified in tests/test_family_z_image.py: caches (threshold 0 equals uncached, evaluations
+    # drop); CFG-parallel and sequence parallel (Ulysses, Ring) at degree 2 equal one rank.
+    supported_features = frozenset({
+        Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
+    })
+    # Sequence parallel (the class has no _cp_plan): the model joins image and caption tokens into
+    # one sequence inside its forward, so the split is at the first main block's input (each rank
+    # a contiguous shard of the joined sequence), the RoPE table is split where each main block's
+    # attention takes it (the forward passes every block the whole table), and the final layer's
+    # output is gathered. The refiners attend over their own unsplit sequences, so only the main
+    # blocks' attention runs sequence-parallel. Needs no attention mask: every sample of a call
+    # has the same joined length (see ``predict_noise``).
+    cp_plan = {
+        "layers.0": {"x": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "layers.*.attention": {"freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "all_final_layer.?-?": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+    cp_attention = "layers.*.attention"
     # The cacheable blocks are the main single-stream ``layers`` (the refiners run before the
     # image and caption streams are joined). The transformer calls them positionally and each
     # returns its one stream. TeaCache polynomial: no published fit for Z-Image is known to us, so
@@ -150,6 +168,19 @@ class ZImageAdapter(FamilyAdapter):
         return params.guidance_scale if params.guidance_scale > 0 else None
 
     # ---- denoise ------------------------------------------------------------------------------
+
+    def predict_noise(self, state: DenoiseState, cond: TextConditioning, index: int, t: torch.Tensor) -> torch.Tensor:
+        """As the base class, but branches whose captions pad (to the model's multiple of 32) to
+        different lengths run one call each: batched, they would need an attention mask, which
+        sequence parallel attention does not take (the pipeline batches them with a mask; the
+        results agree to float rounding)."""
+        if len(state.branches) > 1 and self.cfg_strategy is serial_cfg:
+            lengths = {-(-int(n) // SEQ_MULTI_OF) for b in state.branches for n in self.branch_text(cond, b)["cap_lens"]}
+            if len(lengths) > 1:
+                preds = [self.run_branches(state, cond, (b,), index, t) for b in state.branches]
+                return self.combine_cfg(preds[0], preds[1], state.cfg_scale)
+        return super().predict_noise(state, cond, index, t)
+
 
     def timestep_input(self, t: torch.Tensor, state: Any, batch: int) -> torch.Tensor:
         return (1000 - t.expand(batch)) / 1000

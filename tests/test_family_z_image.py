@@ -138,3 +138,59 @@ def test_block_evaluations_drop_as_configured(engine, cfg):
         assert stats["blocks_total"] == CACHE_STEPS * blocks
         assert stats["blocks_evaluated"] == (CACHE_STEPS - skipped) * blocks + skipped * per_skip, cache
         assert not torch.equal(out.latents, plain.latents)  # skipping changed something
+
+
+# ---- parallel -------------------------------------------------------------------------------------
+
+PAR_BASE = dict(prompt=PROMPT, size="80x48", num_inference_steps=3)  # 15 image tokens: uneven shards
+LONG_NEGATIVE = " ".join(["blurry, dark, low quality, watermark, text"] * 8)  # pads to another length
+PAR_REQUESTS = [
+    GenerationRequest(seed=1, **PAR_BASE),  # no negative branch: CFG-parallel must not deadlock
+    GenerationRequest(seed=2, guidance_scale=2.0, negative_prompt="blurry", **PAR_BASE),  # one batched call
+    GenerationRequest(seed=3, guidance_scale=1.5, negative_prompt=LONG_NEGATIVE, **PAR_BASE),  # one call per branch
+]
+PAR_LAYOUTS = [
+    {"ulysses_degree": 2},
+    {"ring_degree": 2},
+    {"cfg_parallel_size": 2},
+    {"ulysses_degree": 2, "cfg_parallel_size": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def par_references(engine):
+    return [engine.generate(r, output_type="np") for r in PAR_REQUESTS]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("degrees", PAR_LAYOUTS, ids=lambda d: "_".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+def test_layout_matches_single_rank(checkpoint, par_references, degrees):
+    from ditserve.deployments.local import run_local
+    from ditserve.parallel import ParallelConfig
+
+    config = EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(**degrees))
+    ranks = run_local(config, PAR_REQUESTS)
+    assert len(ranks) == config.parallel.world_size
+    for rank, results in enumerate(ranks):
+        for ref, got in zip(par_references, results):
+            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
+            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, (rank, degrees)
+    for results in ranks[1:]:
+        for a, b in zip(ranks[0], results):
+            assert torch.equal(a["latents"], b["latents"])
+    if config.parallel.sp_degree > 1:
+        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+
+
+def test_long_negative_prompt_matches_the_pipeline(engine, pipeline):
+    # captions padding to different lengths run one call per branch; the pipeline batches them
+    # with an attention mask: equal to float rounding
+    _assert_matches(engine, pipeline, {"guidance_scale": 1.5, "negative_prompt": LONG_NEGATIVE},
+                    {"guidance_scale": 1.5, "negative_prompt": LONG_NEGATIVE})
+
+
+def test_layouts_the_heads_do_not_allow_are_refused(checkpoint):
+    from ditserve.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match=r"ulysses_degree=3 must divide num_heads=4 .*\(try \[1, 2, 4\]\)"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(ulysses_degree=3)))
