@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers.models.attention_processor import Attention
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 from transformers import Qwen2Tokenizer, Qwen3Model
@@ -55,9 +56,10 @@ class ZImageAdapter(FamilyAdapter):
     # The pipeline evaluates both branches in one call (their captions padded inside the model).
     cfg_evaluation = CFGEvaluation.BATCHED
     # Verified in tests/test_family_z_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop); CFG-parallel and sequence parallel (Ulysses, Ring) at degree 2 equal one rank.
+    # drop); CFG-parallel, sequence parallel (Ulysses, Ring) and tensor parallel at degree 2 equal one rank.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
+        Feature.TENSOR_PARALLEL,
     })
     # Sequence parallel (the class has no _cp_plan): the model joins image and caption tokens into
     # one sequence inside its forward, so the split is at the first main block's input (each rank
@@ -72,6 +74,19 @@ class ZImageAdapter(FamilyAdapter):
         "all_final_layer.?-?": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
     cp_attention = "layers.*.attention"
+    # Tensor parallel (the class has no _tp_plan): every block's Q/K/V and SwiGLU up-projections
+    # column-sharded (whole heads per rank: the q/k RMSNorms are per head), its attention output and
+    # down-projection row-sharded. Z-Image-Turbo has 30 heads and an FFN of 10240, so of the degrees
+    # a node has (2, 4, 8) only 2 divides both; the start-up check refuses the others, naming why.
+    tp_plan = {
+        "*.attention.to_q": "colwise",
+        "*.attention.to_k": "colwise",
+        "*.attention.to_v": "colwise",
+        "*.attention.to_out.0": "rowwise",
+        "*.feed_forward.w1": "colwise",
+        "*.feed_forward.w3": "colwise",
+        "*.feed_forward.w2": "rowwise",
+    }
     # The cacheable blocks are the main single-stream ``layers`` (the refiners run before the
     # image and caption streams are joined). The transformer calls them positionally and each
     # returns its one stream. TeaCache polynomial: no published fit for Z-Image is known to us, so
@@ -84,6 +99,17 @@ class ZImageAdapter(FamilyAdapter):
     )
     max_sequence_length = 512  # the pipeline's default
     latent_patch = 2  # the transformer's spatial patch (all_patch_size)
+
+    def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
+        super().__init__(components, info, **kwargs)
+        transformer = components.get(self.denoisers[0])
+        if transformer is not None:
+            # The attention processor splits heads by the module's head count: a tensor-parallel
+            # rank's column-sharded Q/K/V hold fewer heads of the same size.
+            head_dim = transformer.config.dim // transformer.config.n_heads
+            for module in transformer.modules():
+                if isinstance(module, Attention) and module.to_q.out_features != module.heads * head_dim:
+                    module.heads = module.to_q.out_features // head_dim
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -154,6 +154,8 @@ PAR_LAYOUTS = [
     {"ring_degree": 2},
     {"cfg_parallel_size": 2},
     {"ulysses_degree": 2, "cfg_parallel_size": 2},
+    {"tensor_parallel_size": 2},
+    {"ring_degree": 2, "tensor_parallel_size": 2},
 ]
 
 
@@ -194,3 +196,17 @@ def test_layouts_the_heads_do_not_allow_are_refused(checkpoint):
 
     with pytest.raises(ValueError, match=r"ulysses_degree=3 must divide num_heads=4 .*\(try \[1, 2, 4\]\)"):
         Engine(EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(ulysses_degree=3)))
+
+
+def test_tensor_parallel_degrees_follow_the_head_count():
+    from ditserve.parallel import ParallelConfig
+    from ditserve.parallel.apply import check_parallel
+
+    # Z-Image-Turbo's transformer: 30 heads ("TP=2 only" among the degrees 2, 4, 8 a node has)
+    turbo = {"n_heads": 30, "n_kv_heads": 30, "dim": 3840}
+    check_parallel(ParallelConfig(tensor_parallel_size=2), turbo, model="z", cfg_ok=True, sp_ok=True, tp_ok=True)
+    for size in (4, 8):
+        with pytest.raises(ValueError, match=rf"tensor_parallel_size={size} must divide num_heads=30 .*"
+                                             r"\(try \[1, 2, 3, 5, 6, 10, 15, 30\]\)"):
+            check_parallel(ParallelConfig(tensor_parallel_size=size), turbo, model="z", cfg_ok=True, sp_ok=True,
+                           tp_ok=True)
