@@ -56,10 +56,11 @@ class ZImageAdapter(FamilyAdapter):
     # The pipeline evaluates both branches in one call (their captions padded inside the model).
     cfg_evaluation = CFGEvaluation.BATCHED
     # Verified in tests/test_family_z_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop); CFG-parallel, sequence parallel (Ulysses, Ring) and tensor parallel at degree 2 equal one rank.
+    # drop); CFG-parallel, sequence parallel (Ulysses, Ring) and tensor parallel at degree 2 equal
+    # one rank; exact VAE patch parallel decode (AutoencoderKL's plan) over 2 workers equals one.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
-        Feature.TENSOR_PARALLEL,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
     })
     # Sequence parallel (the class has no _cp_plan): the model joins image and caption tokens into
     # one sequence inside its forward, so the split is at the first main block's input (each rank

@@ -210,3 +210,18 @@ def test_tensor_parallel_degrees_follow_the_head_count():
                                              r"\(try \[1, 2, 3, 5, 6, 10, 15, 30\]\)"):
             check_parallel(ParallelConfig(tensor_parallel_size=size), turbo, model="z", cfg_ok=True, sp_ok=True,
                            tp_ok=True)
+
+
+@pytest.mark.timeout(300)
+def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, par_references):
+    from ditserve.deployments.local import run_local_decode
+
+    config = EngineConfig(model=str(checkpoint), device="cpu", vae={"vae_patch_parallel_size": 2})
+    items = [(PAR_REQUESTS[0], par_references[0].latents), (PAR_REQUESTS[1], par_references[1].latents)]
+    workers = run_local_decode(config, items)
+    assert len(workers) == 2
+    for rank, results in enumerate(workers):
+        for ref, got in zip(par_references, results):
+            assert got["images"].shape == ref.images.shape
+            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, rank
+            assert got["bytes_sent"] > 0  # the workers did talk
