@@ -227,6 +227,27 @@ def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, par_references
             assert got["bytes_sent"] > 0  # the workers did talk
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"tensor_parallel_size": 2}], ids=["ulysses2", "tp2"])
+def test_parallel_ranks_take_the_single_rank_cache_decisions(engine, checkpoint, degrees):
+    from ditserve.deployments.local import run_local
+    from ditserve.parallel import ParallelConfig
+
+    # thresholds at which the tiny model takes mixed decisions, so a rank-local metric would diverge
+    db = {"backend": "cache_dit", "config": {"residual_diff_threshold": 0.8, "max_warmup_steps": 1,
+                                             "max_continuous_cached_steps": -1}}
+    tea = {"backend": "tea_cache", "config": {"rel_l1_thresh": 0.3}}
+    requests = [GenerationRequest(**CACHE_BASE, guidance_scale=2.0, cache=db), GenerationRequest(**CACHE_BASE, cache=tea)]
+    references = [engine.generate(r, output_type="np") for r in requests]
+    for ref in references:  # precondition: the metric matters
+        assert all("S" in d and d.count("C") > 1 for d in ref.cache["decisions"].values()), ref.cache
+    config = EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(**degrees))
+    for rank, results in enumerate(run_local(config, requests)):
+        for ref, got in zip(references, results):
+            assert got["cache"]["decisions"] == ref.cache["decisions"], (rank, degrees)
+            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
+
+
 # ---- served ---------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
