@@ -128,7 +128,7 @@ def _apply_cache(adapter: Any, config: EngineConfig, groups: Any) -> None:
 
 
 def _apply_sp(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
-    apply_sequence_parallel(adapter.transformer, groups, adapter.sequence_plan())
+    apply_sequence_parallel(adapter.transformer, groups, adapter.sequence_plan(), adapter.cp_attention)
 
 
 def _apply_cfg(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:

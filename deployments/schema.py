@@ -172,11 +172,13 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
     if default_negative is None and spec.guidance == Guidance.CFG:
         default_negative = ""  # classic CFG pipelines (SD3) encode "" when no negative prompt is given
     negative = req.negative_prompt
-    if negative is None and default_negative is not None and (cfg_scale or 0.0) > 1.0:
+    # classic CFG's threshold is the pipeline's (1 in most, 0 in ZImagePipeline); true CFG's is 1
+    threshold = spec.cfg_threshold if spec.guidance == Guidance.CFG else 1.0
+    if negative is None and default_negative is not None and (cfg_scale or 0.0) > threshold:
         negative = default_negative  # the model's default: CFG unless asked otherwise
-    if negative is not None and (cfg_scale or 0.0) <= 1.0:
+    if negative is not None and (cfg_scale or 0.0) <= threshold:
         raise RequestError(
-            "negative_prompt", f"has no effect unless {cfg_field} > 1 (it is {cfg_scale}) for model {spec.id}"
+            "negative_prompt", f"has no effect unless {cfg_field} > {threshold:g} (it is {cfg_scale}) for model {spec.id}"
         )
     if negative is None and req.true_cfg_scale is not None and req.true_cfg_scale > 1.0:
         raise RequestError("true_cfg_scale", "true CFG needs a negative_prompt (even ' ')")

@@ -178,6 +178,9 @@ class FamilyAdapter:
     #: sequence-parallel split/gather plan (diffusers' ``_cp_plan`` format) for a denoiser class that
     #: has none of its own; ``None``: the class's (``sequence_plan``)
     cp_plan: ClassVar[dict[str, Any] | None] = None
+    #: which attention modules run sequence-parallel (an fnmatch pattern of module names, for
+    #: denoisers that also attend over unsplit sequences); ``None``: every attention module
+    cp_attention: ClassVar[str | None] = None
     #: tensor-parallel plan (diffusers' ``_tp_plan`` format) where the class has none (``tensor_plan``)
     tp_plan: ClassVar[dict[str, Any] | None] = None
     #: text kwargs without a batch dimension (shared by every sample, e.g. FLUX ``txt_ids``)

@@ -380,6 +380,7 @@ MODELS: list[ModelSpec] = [
         guidance=Guidance.CFG,
         num_inference_steps=9,
         guidance_scale=0.0,
+        cfg_threshold=0.0,
         **_image_sizes(16),
         seed_features=_row("✅ ✅ ✅ ❌ ✅ ❌ ✅ ✅ ✅"),
         notes=(

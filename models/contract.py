@@ -21,7 +21,7 @@ class LatentLayout(str, enum.Enum):
     """How the denoiser's latents are laid out."""
 
     PACKED_TOKENS = "packed_tokens"  # (B, seq, C): image latents packed into tokens (e.g. 2x2 patches)
-    IMAGE = "image"  # (B, C, H, W): unpacked image latents, patched inside the denoiser (SD3)
+    SPATIAL = "spatial"  # (B, C, H, W): image latents as the VAE gives them; the denoiser patchifies (SD3, Z-Image)
     VIDEO = "video"  # (B, C, F, H, W)
     AUDIO = "audio"  # (B, C, T)
 
@@ -56,22 +56,30 @@ class CacheBlocks:
     """What the block caches (``features/cache``) need to know about a denoiser class.
 
     Attributes:
-        block_lists: the ``ModuleList`` attributes holding the blocks, in call order. Every block is
-            called by keyword with ``hidden_states`` and ``encoder_hidden_states`` and returns
-            ``(encoder_hidden_states, hidden_states)``; a block that ends the text stream returns
-            ``None`` for it (SD3's last, ``context_pre_only`` block), and so does a skipped range
-            that ends with such a block.
+        block_lists: the ``ModuleList`` attributes holding the blocks, in call order. By default
+            every block is called by keyword with ``hidden_states`` and ``encoder_hidden_states`` and
+            returns ``(encoder_hidden_states, hidden_states)`` (dual stream); a block that ends the
+            text stream returns ``None`` for it (SD3's last, ``context_pre_only`` block), and so does a
+            skipped range that ends with such a block.
         modulated_input: TeaCache's probe: the first block's timestep-modulated image input,
             computed with the block's own modules from the keyword arguments it was called with.
         tea_cache_coefficients: the family's default TeaCache polynomial (highest power first), used
             when neither the request nor the checkpoint gives one.
         layer_config_keys: keys of the denoiser's config.json whose values sum to the block count.
+        positional_args: names of the block's positional parameters, for blocks the model calls
+            positionally (they are bound to these names before the hooks read them).
+        hidden_arg: the block's argument holding the (image) stream.
+        encoder_arg: the argument holding the text stream; ``None``: a single-stream block that
+            takes one sequence and returns it alone (Z-Image).
     """
 
     block_lists: tuple[str, ...]
     modulated_input: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
     tea_cache_coefficients: tuple[float, ...]
     layer_config_keys: tuple[str, ...] = ("num_layers",)
+    positional_args: tuple[str, ...] = ()
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str | None = "encoder_hidden_states"
 
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The blocks of ``transformer`` in call order."""

@@ -24,6 +24,7 @@ _ADAPTERS = {
     "qwen-image": "ditserve.models.qwen_image:QwenImageAdapter",
     "flux": "ditserve.models.flux:FluxAdapter",
     "sd3": "ditserve.models.sd3:SD3Adapter",
+    "z-image": "ditserve.models.z_image:ZImageAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides
@@ -161,7 +162,7 @@ def capabilities(resolved: ResolvedModel) -> Capabilities:
     ref = info.components.get(name)
     config = info.config(name) if ref is not None else {}
     denoiser = cls.denoiser_class()
-    heads = config.get("num_attention_heads")
+    heads = config.get("num_attention_heads", config.get("n_heads"))  # n_heads: Z-Image's name
     return Capabilities(
         family=cls.family,
         adapter=cls,

@@ -76,6 +76,10 @@ class ModelSpec(BaseModel):
     num_inference_steps: int = Field(ge=1, le=200, description="Default denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, description="Default guidance_scale (distilled/CFG).")
     true_cfg_scale: float | None = Field(None, ge=0, description="Default true_cfg_scale (true CFG).")
+    cfg_threshold: float = Field(
+        1.0, ge=0, description="Classic CFG (guidance 'cfg') runs when guidance_scale is above this: 1 in most "
+        "diffusers pipelines, 0 in ZImagePipeline.",
+    )
     default_width: int = Field(gt=0, description="Default width in pixels.")
     default_height: int = Field(gt=0, description="Default height in pixels.")
     size_multiple: int = Field(gt=0, description="Width and height must be multiples of this (VAE scale x patch).")

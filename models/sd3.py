@@ -60,7 +60,7 @@ class SD3Adapter(FamilyAdapter):
         "denoise": ("transformer", "scheduler"),
         "decode": ("vae",),
     }
-    latent_layout = LatentLayout.IMAGE
+    latent_layout = LatentLayout.SPATIAL
     max_sequence_length = 256  # the pipeline's default
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)

@@ -13,6 +13,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def num_heads(transformer_config: dict[str, Any]) -> int | None:
+    """Attention heads from a denoiser's config.json (diffusers' ``num_attention_heads``, or
+    ``n_heads`` as Z-Image names it); ``None`` when it names neither."""
+    for key in ("num_attention_heads", "n_heads"):
+        if transformer_config.get(key) is not None:
+            return int(transformer_config[key])
+    return None
+
+
 def check_parallel(config: ParallelConfig, transformer_config: dict[str, Any], *, model: str,
                    cfg_ok: bool, sp_ok: bool, tp_ok: bool) -> None:
     """Refuse a layout the model cannot run, naming the option.
@@ -22,7 +31,7 @@ def check_parallel(config: ParallelConfig, transformer_config: dict[str, Any], *
         cfg_ok, sp_ok, tp_ok: whether the model supports CFG-, sequence- and tensor parallelism
             (the registry's feature flags; sequence parallel also needs a ``_cp_plan``).
     """
-    heads = int(transformer_config.get("num_attention_heads", 0))
+    heads = num_heads(transformer_config) or 0
     if config.cfg_parallel_size > 1 and not cfg_ok:
         raise ValueError(
             f"cfg_parallel_size={config.cfg_parallel_size}: model {model} has no CFG branches to split "

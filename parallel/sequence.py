@@ -242,9 +242,11 @@ def _is_attention(module: torch.nn.Module) -> bool:
 
 
 def apply_sequence_parallel(transformer: torch.nn.Module, groups: ParallelGroups,
-                            plan: dict[str, Any] | None = None) -> None:
+                            plan: dict[str, Any] | None = None, attention: str | None = None) -> None:
     """Split and gather per ``plan`` (diffusers' ``_cp_plan`` format; default: the class's own);
-    run every attention module under USP."""
+    run every attention module under USP, or only those whose name matches the pattern
+    ``attention`` (for models that also attend over sequences outside the split region, e.g.
+    Z-Image's refiners before its streams are joined)."""
     from diffusers.models._modeling_parallel import ContextParallelOutput
 
     plan = plan or getattr(type(transformer), "_cp_plan", None)
@@ -262,8 +264,8 @@ def apply_sequence_parallel(transformer: torch.nn.Module, groups: ParallelGroups
                 registry.register_hook(_GatherHook(entry.gather_dim, groups.sp), f"{SP_GATHER_HOOK}:{pattern}")
             else:
                 registry.register_hook(_SplitHook(entry, groups.sp), f"{SP_SPLIT_HOOK}:{pattern}")
-    for module in transformer.modules():
-        if _is_attention(module):
+    for name, module in transformer.named_modules():
+        if _is_attention(module) and (attention is None or fnmatch.fnmatchcase(name, attention)):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionHook(groups, state), SP_ATTENTION_HOOK)
 
 

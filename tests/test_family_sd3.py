@@ -120,7 +120,7 @@ def test_adapter_declares_classic_batched_cfg_and_unpacked_latents():
     from ditserve.models.contract import CFGEvaluation, LatentLayout
 
     assert SD3Adapter.cfg_evaluation is CFGEvaluation.BATCHED
-    assert SD3Adapter.latent_layout is LatentLayout.IMAGE
+    assert SD3Adapter.latent_layout is LatentLayout.SPATIAL
 
 
 def test_make_tiny_cli_and_builtin_entry(tmp_path):

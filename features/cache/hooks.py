@@ -76,6 +76,7 @@ class CacheRun:
                  group: Reducer = LOCAL, coefficients: tuple[float, ...] | None = None) -> None:
         self.num_blocks = len(blocks.blocks(transformer))
         self.modulated_input = blocks.modulated_input
+        self.io = blocks
         check_blocks(settings, self.num_blocks)
         if isinstance(settings, TeaCacheSettings):
             coeffs = settings.config.coefficients or coefficients or blocks.tea_cache_coefficients
@@ -88,7 +89,16 @@ class CacheRun:
     def block(self, index: int, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         step = current_step()
         state = self.states.setdefault(step.branch, BranchState())
-        hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        io = self.io
+        if args:
+            if len(args) > len(io.positional_args):  # refuse silently wrong caching
+                raise TypeError(f"{type(module).__name__} called with {len(args)} positional arguments; the "
+                                f"cache knows the names of {len(io.positional_args)} (CacheBlocks.positional_args)")
+            kwargs = {**dict(zip(io.positional_args, args)), **kwargs}
+            args = ()
+        hidden = kwargs[io.hidden_arg]
+        # a single-stream block has no text stream: an empty tensor stands in for it
+        encoder = kwargs[io.encoder_arg] if io.encoder_arg else hidden.new_empty(0)
         first, last = self.policy.skip_range
         if index == 0:
             state.skipping = False
@@ -104,6 +114,8 @@ class CacheRun:
             if index == first:
                 state.range_input = (hidden, encoder)
             out = forward(*args, **kwargs)
+            if io.encoder_arg is None:
+                out = (encoder, out)
             self.stats.blocks_evaluated += 1
             if index == last:
                 # a block that ends the text stream (SD3's last, context_pre_only) returns None for it
@@ -113,7 +125,7 @@ class CacheRun:
                 state.skipping = self.policy.decide(state, step.index, out[1] - state.call_input[0])
         if index == self.num_blocks - 1:
             self._end_call(state, step.branch)
-        return out
+        return out if io.encoder_arg else out[1]
 
     def _end_call(self, state: BranchState, branch: str) -> None:
         self.stats.blocks_total += self.num_blocks
@@ -151,8 +163,6 @@ class _BlockHook(ModelHook):
         run = _active_run()
         if run is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        if args:  # the families here pass everything by keyword; refuse silently wrong caching
-            raise TypeError(f"{type(module).__name__} called with positional arguments; the cache needs keywords")
         return run.block(self.index, module, self.fn_ref.original_forward, args, kwargs)
 
 

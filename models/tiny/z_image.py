@@ -1,0 +1,84 @@
+"""Tiny Z-Image checkpoint: the real classes (``ZImageTransformer2DModel``, Qwen3 text encoder,
+``AutoencoderKL``) at toy sizes, a locally built Qwen2 tokenizer with a Qwen3-style chat template."""
+
+from __future__ import annotations
+
+# Scheduler config of Tongyi-MAI/Z-Image-Turbo (static shift 3, no resolution-dependent shift).
+_Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+# The Qwen3 chat template's layout for one user turn and a generation prompt. With
+# ``enable_thinking=False`` Qwen3 adds an empty think block; the pipeline asks for thinking, so
+# the prompt ends at the assistant header.
+_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def z_image_pipeline(*, n_layers: int = 2, n_heads: int = 4):
+    """A tiny ``ZImagePipeline``. ``n_layers`` / ``n_heads``: main blocks and attention heads
+    (head dim 16; heads divisible by 2 for the parallel tests)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+
+    tokenizer = build_qwen2_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    special = qwen2_special_token_ids(tokenizer)
+    text_hidden = 32
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=text_hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            bos_token_id=special["bos_token_id"],
+            eos_token_id=special["eos_token_id"],
+            pad_token_id=special["pad_token_id"],
+        )
+    )
+    latent_channels = 4
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real (FLUX) VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    head_dim = 16
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=latent_channels,
+        dim=head_dim * n_heads,
+        n_layers=n_layers,
+        n_refiner_layers=1,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        cap_feat_dim=text_hidden,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 128, 128],
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**_Z_IMAGE_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
