@@ -104,8 +104,10 @@ def test_features_are_what_the_adapter_declares(model_id):
     cls = adapter_class(spec.family)
     assert spec.features == cls.verified_features() <= cls.supported_features
     assert not spec.features & NOT_BUILT
-    if Feature.SEQUENCE_PARALLEL in spec.features:
-        assert cls.sequence_plan()  # the class's diffusers _cp_plan or the adapter's cp_plan
+    if Feature.SEQUENCE_PARALLEL in spec.features:  # the plan it runs: the adapter's cp_plan or the class's _cp_plan
+        assert cls.sequence_plan()
+    if Feature.TENSOR_PARALLEL in spec.features:
+        assert cls.tensor_plan()
 
 
 def test_models_command_lists_every_model(capsys):
