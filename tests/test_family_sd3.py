@@ -330,3 +330,24 @@ def test_served_graph_with_cfg_parallel_matches_reference(ray_cluster, tiny_sd3,
             assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
     finally:
         serve.delete("sd3-test")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"tensor_parallel_size": 2}], ids=["ulysses2", "tp2"])
+def test_parallel_ranks_take_the_single_rank_cache_decisions(tiny_sd3, engine, degrees):
+    from ditserve.deployments.local import run_local
+    from ditserve.parallel import ParallelConfig
+
+    base = dict(prompt=PROMPT, size="80x48", num_inference_steps=8, seed=1)
+    db = {"backend": "cache_dit", "config": {"residual_diff_threshold": 0.45, "max_warmup_steps": 1,
+                                             "max_continuous_cached_steps": -1}}
+    requests = [GenerationRequest(**base, guidance_scale=4.0, cache=db),
+                GenerationRequest(**base, guidance_scale=1.0, cache={"backend": "tea_cache", "config": {"rel_l1_thresh": 0.1}})]
+    references = [engine.generate(r, output_type="np") for r in requests]
+    for ref in references:  # precondition: the metric matters (mixed decisions)
+        assert all("S" in d and d.count("C") > 1 for d in ref.cache["decisions"].values()), ref.cache
+    ranks = run_local(EngineConfig(model=str(tiny_sd3), device="cpu", parallel=ParallelConfig(**degrees)), requests)
+    for rank, results in enumerate(ranks):
+        for ref, got in zip(references, results):
+            assert got["cache"]["decisions"] == ref.cache["decisions"], (rank, degrees)
+            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
