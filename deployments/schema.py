@@ -160,13 +160,23 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
     elif spec.guidance == Guidance.DISTILLED:
         guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
         true_cfg_scale = 1.0 if true_cfg_scale is None else true_cfg_scale
+    elif spec.guidance == Guidance.CFG:
+        if true_cfg_scale is not None:
+            raise RequestError("true_cfg_scale", f"model {spec.id} uses classic CFG; use guidance_scale")
+        guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
 
+    # the scale that turns the negative branch on: classic CFG's guidance_scale, else true_cfg_scale
+    cfg_field = "guidance_scale" if spec.guidance == Guidance.CFG else "true_cfg_scale"
+    cfg_scale = guidance_scale if spec.guidance == Guidance.CFG else true_cfg_scale
+    default_negative = spec.default_negative_prompt
+    if default_negative is None and spec.guidance == Guidance.CFG:
+        default_negative = ""  # classic CFG pipelines (SD3) encode "" when no negative prompt is given
     negative = req.negative_prompt
-    if negative is None and spec.default_negative_prompt is not None and (true_cfg_scale or 0.0) > 1.0:
-        negative = spec.default_negative_prompt  # the model's default: true CFG unless asked otherwise
-    if negative is not None and (true_cfg_scale or 0.0) <= 1.0:
+    if negative is None and default_negative is not None and (cfg_scale or 0.0) > 1.0:
+        negative = default_negative  # the model's default: CFG unless asked otherwise
+    if negative is not None and (cfg_scale or 0.0) <= 1.0:
         raise RequestError(
-            "negative_prompt", f"has no effect unless true_cfg_scale > 1 (it is {true_cfg_scale}) for model {spec.id}"
+            "negative_prompt", f"has no effect unless {cfg_field} > 1 (it is {cfg_scale}) for model {spec.id}"
         )
     if negative is None and req.true_cfg_scale is not None and req.true_cfg_scale > 1.0:
         raise RequestError("true_cfg_scale", "true CFG needs a negative_prompt (even ' ')")

@@ -33,6 +33,8 @@ SHIPPED = {"ditserve/demo": "demo/checkpoint"}
 BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("Qwen/Qwen-Image", "ditserve/tiny-qwen-image", "Tiny Qwen-Image (random weights)", "qwen-image"),
     _tiny("black-forest-labs/FLUX.1-dev", "ditserve/tiny-flux", "Tiny FLUX.1 (random weights)", "flux"),
+    _tiny("black-forest-labs/FLUX.2-klein-4B", "ditserve/tiny-flux2-klein", "Tiny FLUX.2-klein (random weights)",
+          "flux2-klein"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

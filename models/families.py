@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 _ADAPTERS = {
     "qwen-image": "ditserve.models.qwen_image:QwenImageAdapter",
     "flux": "ditserve.models.flux:FluxAdapter",
+    "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

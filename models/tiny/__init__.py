@@ -19,8 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux")
-BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux"}
+FAMILIES = ("qwen-image", "flux", "flux2-klein")
+BUILTIN_FAMILY = {
+    "ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-flux2-klein": "flux2-klein",
+}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -185,7 +187,13 @@ def _flux_pipeline():
     )
 
 
-_BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline}
+def _flux2_klein_pipeline():
+    from .flux2_klein import flux2_klein_pipeline
+
+    return flux2_klein_pipeline()
+
+
+_BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "flux2-klein": _flux2_klein_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:

@@ -1,0 +1,126 @@
+"""FLUX.2-klein (family ``flux2-klein``): the runner equals ``Flux2KleinPipeline`` (latents and
+pixels; the step-distilled checkpoint without CFG whatever guidance_scale says, the undistilled one
+with classic CFG); a re-saved checkpoint with other block/head counts loads and runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
+from ditserve.models.tiny import make_tiny
+
+pytestmark = pytest.mark.timeout(600)
+
+PROMPT, SEED, STEPS, WIDTH, HEIGHT = "a red circle on a blue background", 1234, 3, 80, 64
+
+
+def _save(pipe, path, overrides: dict):
+    """Save a tiny pipeline as ``make_tiny`` does, with registry overrides in ditserve.json."""
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "ditserve.json").write_text(json.dumps(overrides))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The make-tiny checkpoint (step-distilled, like klein-4B) and an undistilled one (klein-base:
+    classic CFG, 50 steps, guidance 4.0 by default)."""
+    from ditserve.models.tiny.flux2_klein import flux2_klein_pipeline
+
+    root = tmp_path_factory.mktemp("flux2-klein")
+    distilled = make_tiny("flux2-klein", root / "distilled")
+    torch.manual_seed(1)
+    base = _save(flux2_klein_pipeline(distilled=False), root / "base",
+                 dict(guidance="cfg", guidance_scale=4.0, num_inference_steps=50, default_width=128,
+                      default_height=128, min_size=16, max_size=1024))
+    return {"distilled": distilled, "base": base}
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoints):
+    return {k: Engine(EngineConfig(model=str(p), device="cpu", dtype="float32")) for k, p in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def pipelines(checkpoints):
+    out = {}
+    for k, p in checkpoints.items():
+        pipe = Flux2KleinPipeline.from_pretrained(p, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        out[k] = pipe
+    return out
+
+
+CASES = [
+    # the distilled checkpoint ignores guidance_scale (one call per step), as the pipeline does
+    ("distilled", {}, {}),
+    ("distilled", {"guidance_scale": 4.0, "n": 2}, {"guidance_scale": 4.0, "num_images_per_prompt": 2}),
+    # the undistilled one runs classic CFG (negative "") at guidance_scale > 1, none at 1
+    ("base", {}, {"guidance_scale": 4.0}),
+    ("base", {"guidance_scale": 2.5, "n": 2}, {"guidance_scale": 2.5, "num_images_per_prompt": 2}),
+    ("base", {"guidance_scale": 1.0}, {"guidance_scale": 1.0}),
+]
+
+
+@pytest.mark.parametrize(("kind", "fields", "pipe_kwargs"), CASES)
+def test_runner_matches_diffusers_pipeline(engines, pipelines, kind, fields, pipe_kwargs):
+    engine = engines[kind]
+    ours = engine.generate(
+        GenerationRequest(prompt=PROMPT, size=f"{WIDTH}x{HEIGHT}", num_inference_steps=STEPS, seed=SEED, **fields),
+        output_type="pt",
+    )
+    common = dict(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_inference_steps=STEPS, **pipe_kwargs)
+    pipe = pipelines[kind]
+    ref_latents = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).images
+    ref_images = pipe(generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **common).images
+
+    # the pipeline's "latent" output is the VAE's input (unpacked, batch-norm undone, unpatchified)
+    latents = engine.adapter.final_latents(ours.latents, HEIGHT, WIDTH)
+    assert latents.shape == ref_latents.shape
+    assert (latents - ref_latents).abs().max().item() <= 1e-4
+    assert ours.images.shape == ref_images.shape == (fields.get("n", 1), 3, HEIGHT, WIDTH)
+    assert (ours.images - ref_images).abs().max().item() <= 1e-4
+
+
+def test_cfg_changes_the_base_result_and_is_ignored_when_distilled(engines):
+    req = dict(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=3)
+    base = engines["base"]
+    plain = base.generate(GenerationRequest(guidance_scale=1.0, **req), output_type="pt").latents
+    guided = base.generate(GenerationRequest(guidance_scale=4.0, **req), output_type="pt").latents
+    assert (plain - guided).abs().max().item() > 1e-3
+    distilled = engines["distilled"]
+    a = distilled.generate(GenerationRequest(**req), output_type="pt").latents
+    b = distilled.generate(GenerationRequest(guidance_scale=4.0, **req), output_type="pt").latents
+    assert torch.equal(a, b)
+
+
+def test_request_fields_follow_the_guidance_kind(engines):
+    # distilled (guidance "none"): a negative prompt has no branch to enter
+    with pytest.raises(RequestError) as err:
+        engines["distilled"].resolve(GenerationRequest(prompt="x", negative_prompt="blurry"))
+    assert err.value.field == "negative_prompt"
+    # classic CFG: the default guidance_scale turns CFG on with the empty negative prompt
+    resolved = engines["base"].resolve(GenerationRequest(prompt="x"))
+    assert resolved.params.guidance_scale == 4.0 and resolved.negative_prompt == ""
+    assert resolved.params.num_inference_steps == 50
+    with pytest.raises(RequestError) as err:
+        engines["base"].resolve(GenerationRequest(prompt="x", true_cfg_scale=4.0))
+    assert err.value.field == "true_cfg_scale"
+
+
+def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
+    from ditserve.models.tiny.flux2_klein import flux2_klein_pipeline
+
+    torch.manual_seed(2)
+    path = _save(flux2_klein_pipeline(n_layers=2, n_single_layers=1, n_heads=2), tmp_path / "other", {})
+    engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"))
+    transformer = engine.adapter.transformer
+    assert len(transformer.transformer_blocks) == 2 and len(transformer.single_transformer_blocks) == 1
+    assert transformer.config.num_attention_heads == 2
+    out = engine.generate(GenerationRequest(prompt="x", size="32x48", num_inference_steps=2, seed=0), output_type="np")
+    assert out.images.shape == (1, 48, 32, 3)
+    assert engine.spec.num_inference_steps == 4  # klein-4B's default (step-distilled)
