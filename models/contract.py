@@ -57,7 +57,9 @@ class CacheBlocks:
     Attributes:
         block_lists: the ``ModuleList`` attributes holding the blocks, in call order. Every block is
             called by keyword with ``hidden_states`` and ``encoder_hidden_states`` and returns
-            ``(encoder_hidden_states, hidden_states)``.
+            ``(encoder_hidden_states, hidden_states)``; or, a single-stream block after dual-stream
+            ones, with ``encoder_hidden_states=None`` on the joined ``[text; image]`` sequence,
+            returning that sequence alone (FLUX.2; the hooks split it at the text length).
         modulated_input: TeaCache's probe: the first block's timestep-modulated image input,
             computed with the block's own modules from the keyword arguments it was called with.
         tea_cache_coefficients: the family's default TeaCache polynomial (highest power first), used

@@ -124,3 +124,47 @@ def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
     out = engine.generate(GenerationRequest(prompt="x", size="32x48", num_inference_steps=2, seed=0), output_type="np")
     assert out.images.shape == (1, 48, 32, 3)
     assert engine.spec.num_inference_steps == 4  # klein-4B's default (step-distilled)
+
+
+# ---- caches (double-stream blocks, then single-stream blocks on the joined sequence) -------------
+
+CACHE_STEPS = 8
+CACHE_BASE = dict(prompt=PROMPT, size="80x48", num_inference_steps=CACHE_STEPS, seed=1)
+
+
+def _cached(engine, cache=None, **extra):
+    return engine.generate(GenerationRequest(**CACHE_BASE, **extra, cache=cache), output_type="np")
+
+
+@pytest.mark.parametrize("cache", [
+    {"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
+    {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}},
+], ids=["tea_cache", "cache_dit"])
+@pytest.mark.parametrize("kind", ["distilled", "base"])
+def test_zero_threshold_equals_uncached(engines, kind, cache):
+    engine = engines[kind]
+    plain, cached = _cached(engine), _cached(engine, cache)
+    assert torch.equal(plain.latents, cached.latents)
+    assert cached.cache["calls_cached"] == 0
+    assert cached.cache["blocks_evaluated"] == cached.cache["blocks_total"]
+    if kind == "base":  # CFG: both branches ran through the hooks
+        assert set(cached.cache["decisions"]) == {"cond", "uncond"}
+
+
+def test_block_evaluations_drop_as_configured(engines):
+    engine = engines["distilled"]
+    blocks = 3  # one double-stream + two single-stream blocks
+    plain = _cached(engine)
+    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
+    cases = [
+        ({"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, "CSSSSSSC", 0),  # first/last always run
+        ({"backend": "cache_dit", "config": db}, "CCSSCSSC", 1),
+    ]
+    for cache, pattern, per_skip in cases:
+        out = _cached(engine, cache)
+        stats = out.cache
+        assert stats["decisions"] == {"cond": pattern}, cache
+        skipped = pattern.count("S")
+        assert stats["blocks_total"] == CACHE_STEPS * blocks
+        assert stats["blocks_evaluated"] == (CACHE_STEPS - skipped) * blocks + skipped * per_skip, cache
+        assert not torch.equal(out.latents, plain.latents)  # skipping changed something

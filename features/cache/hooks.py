@@ -83,12 +83,25 @@ class CacheRun:
         else:
             self.policy = DBCachePolicy(settings.config, self.num_blocks, num_steps, group)
         self.states: dict[str, BranchState] = {}
+        self.text_len: dict[str, int] = {}  # per branch: text tokens of the dual-stream blocks' calls
         self.stats = CacheStats(settings.backend)
 
     def block(self, index: int, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         step = current_step()
         state = self.states.setdefault(step.branch, BranchState())
         hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        # A single-stream block called with encoder_hidden_states=None runs on the joined
+        # [text; image] sequence and returns it alone (FLUX.2): split it at the text length of this
+        # call's dual-stream blocks, so both streams keep their own residuals, and join it on return.
+        joined = encoder is None
+        if joined:
+            if step.branch not in self.text_len:
+                raise TypeError(f"{type(module).__name__}: a joined single-stream block needs a dual-stream "
+                                "block before it in the same call (to learn the text length)")
+            n = self.text_len[step.branch]
+            encoder, hidden = hidden[:, :n], hidden[:, n:]
+        else:
+            self.text_len[step.branch] = encoder.shape[1]
         first, last = self.policy.skip_range
         if index == 0:
             state.skipping = False
@@ -104,6 +117,8 @@ class CacheRun:
             if index == first:
                 state.range_input = (hidden, encoder)
             out = forward(*args, **kwargs)
+            if joined:
+                out = (out[:, :n], out[:, n:])
             self.stats.blocks_evaluated += 1
             if index == last:
                 self.policy.stored(state, step.index, (out[1] - state.range_input[0], out[0] - state.range_input[1]))
@@ -111,7 +126,7 @@ class CacheRun:
                 state.skipping = self.policy.decide(state, step.index, out[1] - state.call_input[0])
         if index == self.num_blocks - 1:
             self._end_call(state, step.branch)
-        return out
+        return torch.cat(out, dim=1) if joined else out
 
     def _end_call(self, state: BranchState, branch: str) -> None:
         self.stats.blocks_total += self.num_blocks
