@@ -64,10 +64,10 @@ class Flux2KleinAdapter(FlowMatchImageAdapter):
     text_encoder_out_layers = (9, 18, 27)  # the pipeline's default
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # Verified in tests/test_family_flux2_klein.py (SP and TP from the class's diffusers
-    # _cp_plan / _tp_plan; CFG-parallel for undistilled checkpoints running CFG).
+    # _cp_plan / _tp_plan; CFG-parallel for undistilled checkpoints running CFG; exact VAE patch parallel).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
     })
     # TeaCache polynomial: identity (no published fit for FLUX.2 is known; the rel-L1 distance of the
     # modulated input is used as is). Blocks: the double-stream list, then the single-stream list,
