@@ -244,3 +244,52 @@ def test_vae_patch_parallel_decode_matches_one_worker(checkpoints, engines):
             assert got["images"].shape == ref.shape
             assert float(abs(got["images"] - ref).max()) <= 1e-4
             assert got["bytes_sent"] > 0  # the workers did talk (halos, norms, K/V, bands)
+
+
+def test_packed_tensor_parallel_shards_keep_a_slice_of_every_block(checkpoints):
+    from diffusers import Flux2Transformer2DModel
+
+    from ditserve.parallel import Group
+    from ditserve.parallel.tensor import ColumnParallelLinear, load_tensor_parallel_transformer
+
+    path = checkpoints["base"] / "transformer"
+    full = Flux2Transformer2DModel.from_pretrained(path)
+    fused = full.single_transformer_blocks[0].attn.to_qkv_mlp_proj  # Q | K | V | gate | up
+    swiglu = full.transformer_blocks[0].ff.linear_in  # gate | up (proportions [1, 1])
+    for rank in range(2):
+        shard = load_tensor_parallel_transformer(Flux2Transformer2DModel, path, torch.float32, Group((0, 1), rank, None))
+        for name, linear, blocks in (
+            ("single_transformer_blocks.0.attn.to_qkv_mlp_proj", fused, fused._tp_packed_col_blocks),
+            ("transformer_blocks.0.ff.linear_in", swiglu, [swiglu.out_features // 2] * 2),
+        ):
+            local = shard.get_submodule(name)
+            assert isinstance(local, ColumnParallelLinear)
+            parts, offset = [], 0
+            for block in blocks:
+                half = block // 2
+                parts.append(linear.weight[offset + rank * half: offset + (rank + 1) * half])
+                offset += block
+            assert torch.equal(local.weight, torch.cat(parts))
+
+
+def test_served_graph_with_cfg_parallel_matches_reference(ray_cluster, checkpoints, par_references):
+    import numpy as np
+    from ray import serve
+
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({
+        "engine": {"model": str(checkpoints["base"]), "device": "cpu", "parallel": {"cfg_parallel_size": 2}},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 60,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+    })
+    handle = serve.run(build_app(cfg), name="flux2-klein-test", route_prefix=None)
+    try:
+        for req, ref in zip(PAR_REQUESTS, par_references):
+            got = handle.generate.remote(req, "np", True).result()
+            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
+    finally:
+        serve.delete("flux2-klein-test")
