@@ -35,6 +35,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("black-forest-labs/FLUX.1-dev", "ditserve/tiny-flux", "Tiny FLUX.1 (random weights)", "flux"),
     _tiny("stabilityai/stable-diffusion-3.5-large", "ditserve/tiny-sd3", "Tiny Stable Diffusion 3.5 (random weights)", "sd3"),
     _tiny("Tongyi-MAI/Z-Image-Turbo", "ditserve/tiny-z-image", "Tiny Z-Image (random weights)", "z-image"),
+    _tiny("black-forest-labs/FLUX.2-klein-4B", "ditserve/tiny-flux2-klein", "Tiny FLUX.2-klein (random weights)",
+          "flux2-klein"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

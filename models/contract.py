@@ -60,7 +60,9 @@ class CacheBlocks:
             every block is called by keyword with ``hidden_states`` and ``encoder_hidden_states`` and
             returns ``(encoder_hidden_states, hidden_states)`` (dual stream); a block that ends the
             text stream returns ``None`` for it (SD3's last, ``context_pre_only`` block), and so does a
-            skipped range that ends with such a block.
+            skipped range that ends with such a block; a single-stream block after dual-stream ones
+            may be called with ``encoder_hidden_states=None`` on the joined ``[text; image]``
+            sequence, returning that sequence alone (FLUX.2; the hooks split it at the text length).
         modulated_input: TeaCache's probe: the first block's timestep-modulated image input,
             computed with the block's own modules from the keyword arguments it was called with.
         tea_cache_coefficients: the family's default TeaCache polynomial (highest power first), used

@@ -25,6 +25,7 @@ _ADAPTERS = {
     "flux": "ditserve.models.flux:FluxAdapter",
     "sd3": "ditserve.models.sd3:SD3Adapter",
     "z-image": "ditserve.models.z_image:ZImageAdapter",
+    "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

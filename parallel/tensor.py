@@ -2,8 +2,9 @@
 
 Why ours: diffusers' TP goes through DTensor device meshes that need an accelerator per rank; this
 runs on gloo and NCCL alike. What to shard comes from the class's diffusers ``_tp_plan``
-("colwise", "rowwise", or packed row-wise for FLUX's single-stream ``proj_out``, whose input is two
-column-sharded streams side by side). Column-sharded Q/K/V keep whole heads per rank (the
+("colwise", "rowwise", or packed: column-wise for fused projections whose outputs are several
+blocks, e.g. FLUX.2's Q|K|V|gate|up, each sharded alike; row-wise for FLUX's single-stream
+``proj_out``, whose input is two column-sharded streams side by side). Column-sharded Q/K/V keep whole heads per rank (the
 processors reshape by head_dim, so they see H/T heads); each block half ends in one row-sharded
 linear and one all-reduce.
 
@@ -55,20 +56,43 @@ class RowParallelLinear(torch.nn.Module):
 
 
 def _style(entry: object) -> str:
-    return entry if isinstance(entry, str) else "packed_rowwise"
+    if isinstance(entry, str):
+        return entry
+    return "packed_colwise" if type(entry).__name__ == "PackedColwiseParallel" else "packed_rowwise"
 
 
-def _column_ranges(style: str, linear: torch.nn.Linear, rank: int, size: int) -> list[tuple[int, int]]:
-    """The input-column ranges a row-sharded linear keeps on ``rank`` (one per packed block)."""
-    blocks = getattr(linear, "_tp_packed_row_blocks", None) if style == "packed_rowwise" else None
+def _packed_blocks(entry: object, linear: torch.nn.Linear, style: str) -> list[int] | None:
+    """Block sizes of a packed style: the entry's own ``blocks`` (proportions of the sharded
+    dimension), else the ``_tp_packed_col_blocks`` / ``_tp_packed_row_blocks`` sizes the model's
+    ``__init__`` stored on the Linear (``None``: not packed)."""
+    if not style.startswith("packed_"):
+        return None
+    total = linear.out_features if style == "packed_colwise" else linear.in_features
+    blocks = getattr(entry, "blocks", None)
+    if blocks:
+        unit, rest = divmod(total, sum(blocks))
+        if rest:
+            raise ValueError(f"packed blocks {blocks} do not divide the {total} features of a sharded linear")
+        return [b * unit for b in blocks]
+    return getattr(linear, "_tp_packed_col_blocks" if style == "packed_colwise" else "_tp_packed_row_blocks", None)
+
+
+def _ranges(blocks: list[int], rank: int, size: int, what: str) -> list[tuple[int, int]]:
+    """The index ranges ``rank`` keeps along a sharded dimension: its slice of every packed block."""
     ranges, offset = [], 0
-    for block in blocks or [linear.in_features]:
+    for block in blocks:
         if block % size:
-            raise ValueError(f"tensor_parallel_size={size} must divide the {block} input features of a sharded linear")
+            raise ValueError(f"tensor_parallel_size={size} must divide the {block} {what} of a sharded linear")
         shard = block // size
         ranges.append((offset + rank * shard, offset + (rank + 1) * shard))
         offset += block
     return ranges
+
+
+def _column_ranges(style: str, linear: torch.nn.Linear, rank: int, size: int, entry: object = None) -> list[tuple[int, int]]:
+    """The input-column ranges a row-sharded linear keeps on ``rank`` (one per packed block)."""
+    blocks = _packed_blocks(entry, linear, style)
+    return _ranges(blocks or [linear.in_features], rank, size, "input features")
 
 
 def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch.dtype, group: Group,
@@ -95,19 +119,20 @@ def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch
             raise ValueError(f"_tp_plan entry for {name} is not a Linear")
         style = _style(entry)
         has_bias = module.bias is not None
-        if style == "colwise":
-            if module.out_features % size:
+        if style in ("colwise", "packed_colwise"):
+            blocks = _packed_blocks(entry, module, style) or [module.out_features]
+            if any(b % size for b in blocks):
                 raise ValueError(
                     f"tensor_parallel_size={size} must divide the {module.out_features} outputs of {name}"
+                    + (f" in each packed block {blocks}" if len(blocks) > 1 else "")
                 )
-            part = module.out_features // size
-            keep = [(rank * part, (rank + 1) * part)]
-            shard = ColumnParallelLinear(module.in_features, part, has_bias)
+            keep = _ranges(blocks, rank, size, "outputs")  # this rank's slice of every packed block
+            shard = ColumnParallelLinear(module.in_features, sum(b - a for a, b in keep), has_bias)
             slices[f"{name}.weight"] = (0, keep)
             if has_bias:
                 slices[f"{name}.bias"] = (0, keep)
         else:
-            keep = _column_ranges(style, module, rank, size)
+            keep = _column_ranges(style, module, rank, size, entry)
             shard = RowParallelLinear(sum(b - a for a, b in keep), module.out_features, has_bias, group)
             slices[f"{name}.weight"] = (1, keep)
         parent_name, _, child = name.rpartition(".")

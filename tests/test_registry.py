@@ -38,6 +38,8 @@ VERIFIED_ADDITIONS = {
                                      Feature.VAE_PATCH_PARALLEL},
     "Qwen/Qwen-Image": {Feature.VAE_PATCH_PARALLEL},
     "Qwen/Qwen-Image-2512": {Feature.VAE_PATCH_PARALLEL},
+    "black-forest-labs/FLUX.2-klein-4B": {Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL,
+                                          Feature.VAE_PATCH_PARALLEL},
 }
 COLUMNS = {
     "TeaCache": Feature.TEA_CACHE,

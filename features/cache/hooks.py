@@ -84,6 +84,7 @@ class CacheRun:
         else:
             self.policy = DBCachePolicy(settings.config, self.num_blocks, num_steps, group)
         self.states: dict[str, BranchState] = {}
+        self.text_len: dict[str, int] = {}  # per branch: text tokens of the dual-stream blocks' calls
         self.stats = CacheStats(settings.backend)
 
     def block(self, index: int, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -97,8 +98,20 @@ class CacheRun:
             kwargs = {**dict(zip(io.positional_args, args)), **kwargs}
             args = ()
         hidden = kwargs[io.hidden_arg]
-        # a single-stream block has no text stream: an empty tensor stands in for it
-        encoder = kwargs[io.encoder_arg] if io.encoder_arg else hidden.new_empty(0)
+        # a single-stream block with no text argument (Z-Image): an empty tensor stands in for it
+        encoder = kwargs.get(io.encoder_arg) if io.encoder_arg else hidden.new_empty(0)
+        # A single-stream block called with encoder_hidden_states=None runs on the joined
+        # [text; image] sequence and returns it alone (FLUX.2): split it at the text length of this
+        # call's dual-stream blocks, so both streams keep their own residuals, and join it on return.
+        joined = encoder is None
+        if joined:
+            if step.branch not in self.text_len:
+                raise TypeError(f"{type(module).__name__}: a joined single-stream block needs a dual-stream "
+                                "block before it in the same call (to learn the text length)")
+            n = self.text_len[step.branch]
+            encoder, hidden = hidden[:, :n], hidden[:, n:]
+        elif io.encoder_arg:
+            self.text_len[step.branch] = encoder.shape[1]
         first, last = self.policy.skip_range
         if index == 0:
             state.skipping = False
@@ -116,6 +129,8 @@ class CacheRun:
             out = forward(*args, **kwargs)
             if io.encoder_arg is None:
                 out = (encoder, out)
+            elif joined:
+                out = (out[:, :n], out[:, n:])
             self.stats.blocks_evaluated += 1
             if index == last:
                 # a block that ends the text stream (SD3's last, context_pre_only) returns None for it
@@ -125,7 +140,9 @@ class CacheRun:
                 state.skipping = self.policy.decide(state, step.index, out[1] - state.call_input[0])
         if index == self.num_blocks - 1:
             self._end_call(state, step.branch)
-        return out if io.encoder_arg else out[1]
+        if io.encoder_arg is None:
+            return out[1]
+        return torch.cat(out, dim=1) if joined else out
 
     def _end_call(self, state: BranchState, branch: str) -> None:
         self.stats.blocks_total += self.num_blocks

@@ -19,9 +19,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux", "sd3", "z-image")
+FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
-                  "ditserve/tiny-z-image": "z-image"}
+                  "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -198,8 +198,14 @@ def _z_image_pipeline():
     return z_image_pipeline()
 
 
+def _flux2_klein_pipeline():
+    from .flux2_klein import flux2_klein_pipeline
+
+    return flux2_klein_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
-             "z-image": _z_image_pipeline}
+             "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:

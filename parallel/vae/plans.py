@@ -11,6 +11,9 @@ AutoencoderKL               exact: halo convs, GroupNorm stats reduced,         
 AutoencoderKLQwenImage      exact: halo causal convs (and their frame cache),    approximate (overlap 1/4,
                             RMS norm is per position over channels (local),      linear blend)
                             mid-block attention with gathered K/V
+AutoencoderKLFlux2          exact: the AutoencoderKL decoder (halo convs,        approximate (overlap 1/4,
+                            GroupNorm stats reduced, gathered K/V); its latent   linear blend)
+                            batch-norm is undone by the adapter before decode
 ==========================  ===================================================  ==========================
 
 A plan names only what differs between classes (which attention modules see the whole image,
@@ -87,6 +90,11 @@ VAE_PLANS: dict[str, VaePlan] = {
         _qwen_attention, False, _qwen_tiles,
         "halo causal convs (frame cache included); RMS norm is per position (local); mid-block attention "
         "over gathered K/V", _qwen_frames,
+    ),
+    "AutoencoderKLFlux2": VaePlan(
+        _kl_attention, True, _kl_tiles,
+        "AutoencoderKL's decoder: halo convs; GroupNorm statistics reduced over the group; mid-block attention "
+        "over gathered K/V",
     ),
 }
 

@@ -1,0 +1,99 @@
+"""Tiny FLUX.2-klein checkpoint: the real classes (``Flux2Transformer2DModel``, ``Qwen3ForCausalLM``,
+``AutoencoderKLFlux2``) at toy sizes, a locally built Qwen2 tokenizer with a Qwen3-style chat
+template. The text encoder has 27 (tiny) layers because the pipeline stacks hidden states 9, 18
+and 27."""
+
+from __future__ import annotations
+
+# Scheduler config of black-forest-labs/FLUX.2-klein-4B (the shift itself comes from the
+# pipeline's empirical mu).
+_FLUX2_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+
+# The Qwen3 chat template's layout for one user turn and a generation prompt; with
+# ``enable_thinking=False`` (as the pipeline asks) Qwen3 adds an empty think block.
+_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def flux2_klein_pipeline(*, distilled: bool = True, n_layers: int = 1, n_single_layers: int = 2, n_heads: int = 4):
+    """A tiny ``Flux2KleinPipeline``.
+
+    Args:
+        distilled: ``is_distilled`` of the pipeline (klein-4B: True, no CFG; klein-base: False).
+        n_layers, n_single_layers: double- and single-stream blocks.
+        n_heads: attention heads (head dim 16; divisible by 2 for the parallel tests).
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+
+    tokenizer = build_qwen2_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    special = qwen2_special_token_ids(tokenizer)
+    text_hidden = 16
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            hidden_size=text_hidden,
+            intermediate_size=32,
+            num_hidden_layers=27,  # the pipeline reads hidden states 9, 18 and 27
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            bos_token_id=special["bos_token_id"],
+            eos_token_id=special["eos_token_id"],
+            pad_token_id=special["pad_token_id"],
+        )
+    )
+    latent_channels = 4
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    # non-trivial batch-norm statistics, so the decode's de-normalisation is exercised
+    g = torch.Generator().manual_seed(0)
+    vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=g))
+    vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=latent_channels * 4,
+        num_layers=n_layers,
+        num_single_layers=n_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=n_heads,
+        joint_attention_dim=3 * text_hidden,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=distilled,
+    )
