@@ -223,10 +223,16 @@ def test_tensor_parallel_degree_the_heads_do_not_allow_is_refused(checkpoints):
 
 # ---- VAE patch parallel (AutoencoderKLFlux2: exact) -------------------------------------------------
 
-def test_vae_patch_parallel_decode_matches_one_worker(checkpoints, engines):
+@pytest.mark.parametrize("tiled", [False, True], ids=["exact", "tiled"])
+def test_vae_patch_parallel_decode_matches_one_worker(checkpoints, engines, tiled):
+    """Exact mode: M=2 workers equal one worker's plain decode; tiled: M=2 workers equal one
+    worker's tiled decode."""
     from ditserve.deployments.local import run_local_decode
 
+    tiling = {"vae_use_tiling": True, "vae_tile_size": 32} if tiled else {}
     engine = engines["distilled"]
+    if tiled:
+        engine = Engine(EngineConfig(model=str(checkpoints["distilled"]), device="cpu", vae=tiling))
     # 80x48: split by columns (10 latent columns); 48x96 with n=2: by rows, a batch
     items = []
     for size, n, seed in (("80x48", 1, 1), ("48x96", 2, 2)):
@@ -236,14 +242,15 @@ def test_vae_patch_parallel_decode_matches_one_worker(checkpoints, engines):
         latents = torch.randn(n, tokens, channels, generator=torch.Generator().manual_seed(seed))
         items.append((GenerationRequest(prompt="x", size=size, n=n, seed=seed), latents))
     refs = [engine.postprocess(engine.decode(engine.resolve(r), lat), output_type="np") for r, lat in items]
-    config = EngineConfig(model=str(checkpoints["distilled"]), device="cpu", vae={"vae_patch_parallel_size": 2})
+    config = EngineConfig(model=str(checkpoints["distilled"]), device="cpu",
+                          vae={"vae_patch_parallel_size": 2, **tiling})
     workers = run_local_decode(config, items)
     assert len(workers) == 2
     for results in workers:
         for ref, got in zip(refs, results):
             assert got["images"].shape == ref.shape
             assert float(abs(got["images"] - ref).max()) <= 1e-4
-            assert got["bytes_sent"] > 0  # the workers did talk (halos, norms, K/V, bands)
+            assert got["bytes_sent"] > 0  # the workers did talk (halos, norms, K/V, bands / tiles)
 
 
 def test_packed_tensor_parallel_shards_keep_a_slice_of_every_block(checkpoints):
@@ -293,3 +300,23 @@ def test_served_graph_with_cfg_parallel_matches_reference(ray_cluster, checkpoin
             assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
     finally:
         serve.delete("flux2-klein-test")
+
+
+def test_cache_under_ulysses_takes_the_single_rank_decisions(checkpoints, engines):
+    """The joined single-stream blocks split at the local text length on every rank; decisions
+    are reduced over the group, so every rank caches as one rank does."""
+    from ditserve.deployments.local import run_local
+    from ditserve.parallel import ParallelConfig
+
+    caches = [{"backend": "cache_dit", "config": {"residual_diff_threshold": 1.0, "max_warmup_steps": 1,
+                                                  "max_continuous_cached_steps": -1}},
+              {"backend": "tea_cache", "config": {"rel_l1_thresh": 0.3}}]
+    requests = [GenerationRequest(**CACHE_BASE, cache=c) for c in caches]
+    references = [engines["base"].generate(r, output_type="np") for r in requests]
+    for ref in references:  # precondition: the metric matters (mixed decisions)
+        assert all("S" in d and d.count("C") > 1 for d in ref.cache["decisions"].values()), ref.cache
+    config = EngineConfig(model=str(checkpoints["base"]), device="cpu", parallel=ParallelConfig(ulysses_degree=2))
+    for rank, results in enumerate(run_local(config, requests)):
+        for ref, got in zip(references, results):
+            assert got["cache"]["decisions"] == ref.cache["decisions"], rank
+            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, rank
