@@ -1,7 +1,8 @@
 """Reference runner vs the plain diffusers pipeline on the same checkpoint: wall time per
 denoising step and end to end (prompt to decoded image), and the max abs difference of the images.
 
-    python benchmarks/reference_runner.py [--family qwen-image|flux] [--size 64] [--steps 4] [--threads 1]
+    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein] [--size 64]
+        [--steps 4] [--threads 1]
 
 Prints one JSON object. The baseline is the diffusers pipeline in the same run; with tiny
 checkpoints (built into a temp folder) the numbers show the overhead of our loop, not model speed.
@@ -19,12 +20,22 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from diffusers import FluxPipeline, QwenImagePipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    Flux2KleinPipeline,
+    FluxPipeline,
+    QwenImagePipeline,
+    StableDiffusion3Pipeline,
+    ZImagePipeline,
+)
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from ditserve.models.tiny import make_tiny  # noqa: E402
 
-PIPELINES = {"qwen-image": QwenImagePipeline, "flux": FluxPipeline}
+PIPELINES = {"qwen-image": QwenImagePipeline, "flux": FluxPipeline, "z-image": ZImagePipeline,
+             "sd3": StableDiffusion3Pipeline, "flux2-klein": Flux2KleinPipeline}
+# families whose pipeline default guidance differs from the model's registry default: the pipeline
+# is called with the guidance our runner resolves, so both compute the same thing
+EXPLICIT_GUIDANCE = {"z-image", "sd3", "flux2-klein"}
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
@@ -43,10 +54,13 @@ def bench(family: str, path: str, size: int, steps: int, repeats: int) -> dict:
     pipe = PIPELINES[family].from_pretrained(path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     req = GenerationRequest(prompt=prompt, size=f"{size}x{size}", num_inference_steps=steps, seed=seed)
+    extra = {}
+    if family in EXPLICIT_GUIDANCE:
+        extra["guidance_scale"] = engine.resolve(req).params.guidance_scale
     ours_s, ours = _time(lambda: engine.generate(req, output_type="pt"), repeats)
     ref_s, ref = _time(
         lambda: pipe(prompt=prompt, width=size, height=size, num_inference_steps=steps,
-                     generator=torch.Generator("cpu").manual_seed(seed), output_type="pt").images,
+                     generator=torch.Generator("cpu").manual_seed(seed), output_type="pt", **extra).images,
         repeats,
     )
     return {
