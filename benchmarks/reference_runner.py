@@ -55,8 +55,9 @@ def bench(family: str, path: str, size: int, steps: int, repeats: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     req = GenerationRequest(prompt=prompt, size=f"{size}x{size}", num_inference_steps=steps, seed=seed)
     extra = {}
-    if family in EXPLICIT_GUIDANCE:
-        extra["guidance_scale"] = engine.resolve(req).params.guidance_scale
+    guidance = engine.resolve(req).params.guidance_scale
+    if family in EXPLICIT_GUIDANCE and guidance is not None:
+        extra["guidance_scale"] = guidance
     ours_s, ours = _time(lambda: engine.generate(req, output_type="pt"), repeats)
     ref_s, ref = _time(
         lambda: pipe(prompt=prompt, width=size, height=size, num_inference_steps=steps,
