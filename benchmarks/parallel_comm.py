@@ -220,15 +220,11 @@ def tiny_checkpoint(family: str, root: str) -> str:
     if family != "flux2-klein":
         return str(make_tiny(family, out))
     import torch
-    from ditserve.models.builtin import _TINY_DEFAULTS
     from ditserve.models.tiny.flux2_klein import flux2_klein_pipeline
 
-    torch.manual_seed(0)
+    make_tiny(family, out, spec_overrides=dict(guidance="cfg", guidance_scale=4.0))  # writes ditserve.json
+    torch.manual_seed(0)  # then the undistilled pipeline over the distilled one's files
     flux2_klein_pipeline(distilled=False).save_pretrained(out, safe_serialization=True)
-    overrides = {k: v for k, v in _TINY_DEFAULTS.items() if k != "builtin"}
-    overrides.update(guidance="cfg", guidance_scale=4.0)
-    with open(os.path.join(out, "ditserve.json"), "w") as f:
-        json.dump(overrides, f)
     return out
 
 
