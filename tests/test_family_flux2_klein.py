@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from layouts import layout_ids, run_and_compare
 import torch
 from diffusers import Flux2KleinPipeline
 
@@ -192,24 +193,12 @@ def par_references(engines):
     return [engines["base"].generate(r, output_type="np") for r in PAR_REQUESTS]
 
 
-@pytest.mark.parametrize("degrees", LAYOUTS, ids=lambda d: "_".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
 def test_layout_matches_single_rank(checkpoints, par_references, degrees):
-    from ditserve.deployments.local import run_local
-    from ditserve.parallel import ParallelConfig
-
-    config = EngineConfig(model=str(checkpoints["base"]), device="cpu", parallel=ParallelConfig(**degrees))
-    ranks = run_local(config, PAR_REQUESTS)
-    assert len(ranks) == config.parallel.world_size
-    for rank, results in enumerate(ranks):
-        for ref, got in zip(par_references, results):
-            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
-            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, (rank, degrees)
-    for results in ranks[1:]:
-        for a, b in zip(ranks[0], results):
-            assert torch.equal(a["latents"], b["latents"])
+    ranks = run_and_compare(str(checkpoints["base"]), degrees, PAR_REQUESTS, par_references)
     # the ranks did talk (SP all-to-all / ring, TP all-reduce, CFG gather) on the CFG request
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees
-    if config.parallel.sp_degree > 1 or config.parallel.tensor_parallel_size > 1:
+    if degrees.get("tensor_parallel_size", 1) > 1:
         assert all(r["bytes_sent"] > 0 for r in ranks[0])
 
 

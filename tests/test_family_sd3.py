@@ -5,6 +5,7 @@ CFG resolve as the pipeline decides."""
 from __future__ import annotations
 
 import pytest
+from layouts import layout_ids, run_and_compare
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -199,23 +200,9 @@ def par_references(engine):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("degrees", PAR_LAYOUTS, ids=lambda d: "_".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("degrees", PAR_LAYOUTS, ids=layout_ids)
 def test_layout_matches_single_rank(tiny_sd3, par_references, degrees):
-    from ditserve.deployments.local import run_local
-    from ditserve.parallel import ParallelConfig
-
-    config = EngineConfig(model=str(tiny_sd3), device="cpu", parallel=ParallelConfig(**degrees))
-    ranks = run_local(config, PAR_REQUESTS)
-    assert len(ranks) == config.parallel.world_size
-    for rank, results in enumerate(ranks):
-        for ref, got in zip(par_references, results):
-            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
-            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, (rank, degrees)
-    for results in ranks[1:]:
-        for a, b in zip(ranks[0], results):
-            assert torch.equal(a["latents"], b["latents"])
-    if config.parallel.sp_degree > 1:
-        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+    run_and_compare(str(tiny_sd3), degrees, PAR_REQUESTS, par_references)
 
 
 @pytest.mark.parametrize(("degrees", "message"), [

@@ -5,6 +5,7 @@ guidance_scale > 0); a checkpoint with another layer/head count loads and runs."
 from __future__ import annotations
 
 import pytest
+from layouts import layout_ids, run_and_compare
 import torch
 from diffusers import ZImagePipeline
 
@@ -165,23 +166,9 @@ def par_references(engine):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("degrees", PAR_LAYOUTS, ids=lambda d: "_".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("degrees", PAR_LAYOUTS, ids=layout_ids)
 def test_layout_matches_single_rank(checkpoint, par_references, degrees):
-    from ditserve.deployments.local import run_local
-    from ditserve.parallel import ParallelConfig
-
-    config = EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(**degrees))
-    ranks = run_local(config, PAR_REQUESTS)
-    assert len(ranks) == config.parallel.world_size
-    for rank, results in enumerate(ranks):
-        for ref, got in zip(par_references, results):
-            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
-            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, (rank, degrees)
-    for results in ranks[1:]:
-        for a, b in zip(ranks[0], results):
-            assert torch.equal(a["latents"], b["latents"])
-    if config.parallel.sp_degree > 1:
-        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+    run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
 
 
 def test_long_negative_prompt_matches_the_pipeline(engine, pipeline):

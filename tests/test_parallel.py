@@ -4,6 +4,7 @@ and images; layouts a model cannot run are refused at start-up naming the option
 from __future__ import annotations
 
 import pytest
+from layouts import layout_ids, run_and_compare
 import torch
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -47,21 +48,9 @@ def references(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("family", ["qwen-image", "flux"])
-@pytest.mark.parametrize("degrees", LAYOUTS, ids=lambda d: "_".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
 def test_layout_matches_single_rank(tiny_checkpoints, references, family, degrees):
-    config = EngineConfig(model=str(tiny_checkpoints[family]), device="cpu", parallel=ParallelConfig(**degrees))
-    ranks = run_local(config, REQUESTS[family])
-    assert len(ranks) == config.parallel.world_size
-    for rank, results in enumerate(ranks):
-        for ref, got in zip(references[family], results):
-            assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
-            assert float(abs(got["images"] - ref.images).max()) <= 1e-4, (rank, degrees)
-    # every rank ends with bit-identical latents (collective decisions may rely on it)
-    for results in ranks[1:]:
-        for a, b in zip(ranks[0], results):
-            assert torch.equal(a["latents"], b["latents"])
-    if config.parallel.sp_degree > 1:
-        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+    run_and_compare(str(tiny_checkpoints[family]), degrees, REQUESTS[family], references[family])
 
 
 def test_layout_groups_follow_the_documented_order():
