@@ -120,6 +120,7 @@ def _flux_pipeline():
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from .tokenizer_builders import build_clip_tokenizer, build_t5_tokenizer, clip_special_token_ids
+    from .parts import tiny_kl_vae, tiny_t5
 
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
@@ -135,34 +136,10 @@ def _flux_pipeline():
             **clip_special_token_ids(clip_tok),
         )
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            vocab_size=len(t5_tok),
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
+    t5 = tiny_t5(len(t5_tok), 32, 8)
     latent_channels = 4
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_kl_vae(AutoencoderKL, latent_channels, scaling_factor=0.3611, shift_factor=0.1159,  # FLUX's
+                      use_quant_conv=False, use_post_quant_conv=False)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=latent_channels * 4,

@@ -42,37 +42,17 @@ def flux2_klein_pipeline(*, distilled: bool = True, n_layers: int = 1, n_single_
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+    from .parts import tiny_kl_vae, tiny_qwen3_config
 
     tokenizer = build_qwen2_tokenizer()
     tokenizer.chat_template = _CHAT_TEMPLATE
     special = qwen2_special_token_ids(tokenizer)
     text_hidden = 16
     text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            hidden_size=text_hidden,
-            intermediate_size=32,
-            num_hidden_layers=27,  # the pipeline reads hidden states 9, 18 and 27
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=1024,
-            bos_token_id=special["bos_token_id"],
-            eos_token_id=special["eos_token_id"],
-            pad_token_id=special["pad_token_id"],
-        )
+        tiny_qwen3_config(tokenizer, text_hidden, 32, 27, 8)  # the pipeline reads hidden states 9, 18 and 27
     )
     latent_channels = 4
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
+    vae = tiny_kl_vae(AutoencoderKLFlux2, latent_channels)
     # non-trivial batch-norm statistics, so the decode's de-normalisation is exercised
     g = torch.Generator().manual_seed(0)
     vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=g))

@@ -19,6 +19,7 @@ def sd3_pipeline(num_layers: int = 2, num_attention_heads: int = 4):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from .tokenizer_builders import build_clip_tokenizer, build_t5_tokenizer, clip_special_token_ids
+    from .parts import tiny_kl_vae, tiny_t5
 
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
@@ -39,34 +40,10 @@ def sd3_pipeline(num_layers: int = 2, num_attention_heads: int = 4):
 
     clip_l, clip_g = clip(32, 32), clip(32, 32)  # the pipeline pads CLIP-L+G (64 wide) to T5's width
     t5_width = 64
-    t5 = T5EncoderModel(
-        T5Config(
-            d_model=t5_width,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            vocab_size=len(t5_tok),
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
+    t5 = tiny_t5(len(t5_tok), t5_width, 16)
     latent_channels = 4
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        scaling_factor=1.5305,  # SD3.5's
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_kl_vae(AutoencoderKL, latent_channels, scaling_factor=1.5305, shift_factor=0.0609,  # SD3.5's
+                      use_quant_conv=False, use_post_quant_conv=False)
     head_dim = 16
     transformer = SD3Transformer2DModel(
         sample_size=32,

@@ -26,41 +26,18 @@ def z_image_pipeline(*, n_layers: int = 2, n_heads: int = 4):
     from transformers import Qwen3Config, Qwen3Model
 
     from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+    from .parts import tiny_kl_vae, tiny_qwen3_config
 
     tokenizer = build_qwen2_tokenizer()
     tokenizer.chat_template = _CHAT_TEMPLATE
     special = qwen2_special_token_ids(tokenizer)
     text_hidden = 32
     text_encoder = Qwen3Model(
-        Qwen3Config(
-            hidden_size=text_hidden,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=1024,
-            bos_token_id=special["bos_token_id"],
-            eos_token_id=special["eos_token_id"],
-            pad_token_id=special["pad_token_id"],
-        )
+        tiny_qwen3_config(tokenizer, text_hidden, 64, 2, 16)
     )
     latent_channels = 4
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(16, 16, 16, 16),  # four levels: scale 8, as the real (FLUX) VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_kl_vae(AutoencoderKL, latent_channels, scaling_factor=0.3611, shift_factor=0.1159,  # FLUX's
+                      use_quant_conv=False, use_post_quant_conv=False)
     head_dim = 16
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),
