@@ -278,8 +278,9 @@ class FamilyAdapter:
 
     @classmethod
     def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
-        """Spatial down-sampling of the checkpoint's VAE, from its config (no weights needed)."""
-        raise NotImplementedError
+        """Spatial down-sampling of the checkpoint's VAE, from its config (no weights needed); the
+        default is the ``AutoencoderKL`` family's (one halving per level after the first)."""
+        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
 
     @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
@@ -312,10 +313,18 @@ class FamilyAdapter:
 
     # ---- encode -------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def encode_prompt(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
     ) -> TextConditioning:
         """Encode prompts (and negative prompts when CFG is on) into denoiser kwargs."""
+        self._require(*self.stage_components["encode"])
+        negative = self.encode_text_kwargs(negative_prompts, num_images_per_prompt) if negative_prompts is not None else None
+        return TextConditioning(self.encode_text_kwargs(prompts, num_images_per_prompt), negative,
+                                batch_size=len(prompts))
+
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
+        """One batch of texts -> the denoiser's text kwargs (the family's pipeline helpers)."""
         raise NotImplementedError
 
     def text_shape_key(self, text: str) -> Hashable:

@@ -59,28 +59,15 @@ class FluxAdapter(FlowMatchImageAdapter):
         (498.65, -283.78, 55.86, -3.82, 0.264), layer_config_keys=("num_layers", "num_single_layers"),
     )
 
-    @classmethod
-    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
-        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
-
-    @torch.inference_mode()
-    def encode_prompt(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
-    ) -> TextConditioning:
-        self._require("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
-            embeds, pooled, text_ids = self.pipe.encode_prompt(
-                prompt=list(texts),
-                prompt_2=None,
-                device=self.device,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=self.max_sequence_length,
-            )
-            return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
-
-        negative = encode(negative_prompts) if negative_prompts is not None else None
-        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=list(texts),
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
 
     def _latents_and_kwargs(
         self, prepared: tuple[torch.Tensor, torch.Tensor], params: SamplingParams, cond: TextConditioning

@@ -90,28 +90,15 @@ class Flux2KleinAdapter(FlowMatchImageAdapter):
     def distilled(self) -> bool:
         return is_distilled(self.info)
 
-    @classmethod
-    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
-        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
-
-    @torch.inference_mode()
-    def encode_prompt(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
-    ) -> TextConditioning:
-        self._require("text_encoder", "tokenizer")
-
-        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
-            embeds, text_ids = self.pipe.encode_prompt(
-                prompt=list(texts),
-                device=self.device,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=self.max_sequence_length,
-                text_encoder_out_layers=self.text_encoder_out_layers,
-            )
-            return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
-
-        negative = encode(negative_prompts) if negative_prompts is not None else None
-        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
+        embeds, text_ids = self.pipe.encode_prompt(
+            prompt=list(texts),
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+        )
+        return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
 
     def _latents_and_kwargs(
         self, prepared: tuple[torch.Tensor, torch.Tensor], params: SamplingParams, cond: TextConditioning

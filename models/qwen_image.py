@@ -62,23 +62,14 @@ class QwenImageAdapter(FlowMatchImageAdapter):
         # so a batch gives each text exactly what it gets alone.
         return len(self.pipe.tokenizer(self.pipe.prompt_template_encode.format(text)).input_ids)
 
-    @torch.inference_mode()
-    def encode_prompt(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
-    ) -> TextConditioning:
-        self._require("text_encoder", "tokenizer")
-
-        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
-            embeds, mask = self.pipe.encode_prompt(
-                prompt=list(texts),
-                device=self.device,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=self.max_sequence_length,
-            )
-            return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
-
-        negative = encode(negative_prompts) if negative_prompts is not None else None
-        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=list(texts),
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
     def _latents_and_kwargs(
         self, prepared: torch.Tensor, params: SamplingParams, cond: TextConditioning

@@ -112,37 +112,24 @@ class SD3Adapter(FamilyAdapter):
         return pipe
 
     @classmethod
-    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
-        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
-
-    @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
         """The VAE scale times the transformer's patch size (its patch grid must be whole)."""
         return cls.vae_scale_from_config(info) * int(info.config("transformer").get("patch_size", 2))
 
     # ---- encode -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def encode_prompt(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
-    ) -> TextConditioning:
-        self._require("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-
-        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
-            # prompt_2 / prompt_3 default to the prompt, as in the pipeline
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=list(texts),
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-        negative = encode(negative_prompts) if negative_prompts is not None else None
-        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
+        # prompt_2 / prompt_3 default to the prompt, as in the pipeline
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(texts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     # ---- prepare ------------------------------------------------------------------------------
 

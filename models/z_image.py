@@ -121,31 +121,18 @@ class ZImageAdapter(FamilyAdapter):
         return pipe
 
     @classmethod
-    def vae_scale_from_config(cls, info: CheckpointInfo) -> int:
-        return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
-
-    @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
         return cls.vae_scale_from_config(info) * cls.latent_patch
 
     # ---- encode -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def encode_prompt(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images_per_prompt: int
-    ) -> TextConditioning:
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
         """Each text's caption sequence, zero-padded to the batch's longest as ``cap_feats``
         (B, L, D), with its true length in ``cap_lens`` (B,): the transformer gets each sequence
         unpadded, as from the pipeline."""
-        self._require("text_encoder", "tokenizer")
-
-        def encode(texts: Sequence[str]) -> dict[str, torch.Tensor | None]:
-            embeds = self.pipe._encode_prompt(list(texts), device=self.device, max_sequence_length=self.max_sequence_length)
-            embeds = [e for e in embeds for _ in range(num_images_per_prompt)]
-            return self._padded(embeds)
-
-        negative = encode(negative_prompts) if negative_prompts is not None else None
-        return TextConditioning(encode(prompts), negative, batch_size=len(prompts))
+        embeds = self.pipe._encode_prompt(list(texts), device=self.device, max_sequence_length=self.max_sequence_length)
+        embeds = [e for e in embeds for _ in range(num_images_per_prompt)]
+        return self._padded(embeds)
 
     @staticmethod
     def _padded(embeds: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
