@@ -46,6 +46,8 @@ class FeatureEntry:
         apply: attaches it to a loaded adapter (``None``: nothing to attach after loading).
         remove: detaches it.
         conflicts: features it cannot be combined with (checked at start-up).
+        attached: whether ``attach`` applies it (default: ``enabled``); the cache's hooks go on
+            every model that has cache support, idle until a request asks for a cache.
     """
 
     name: str
@@ -56,6 +58,7 @@ class FeatureEntry:
     apply: Callable[[Any, EngineConfig, Any], None] | None = None
     remove: Callable[[Any], None] | None = None
     conflicts: tuple[str, ...] = ()
+    attached: Callable[[EngineConfig, Support], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +149,16 @@ def _apply_vae(adapter: Any, config: EngineConfig, group: Any) -> None:
     apply_vae_parallel(adapter.components["vae"], config.vae, group, adapter.vae_scale_factor)
 
 
+def _has_cache(config: EngineConfig, caps: Support) -> bool:
+    return caps.num_blocks is not None and bool({Feature.TEA_CACHE, Feature.CACHE_DIT} & caps.features)
+
+
 FEATURES: tuple[FeatureEntry, ...] = (
     FeatureEntry("tensor_parallel", "denoise", 0, lambda c: c.parallel.tensor_parallel_size > 1, _check_parallel),
     # the cache hooks are always attached where the model has them (idle until a request asks),
     # so a request may turn a cache on even when the deployment has no default
     FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
-                 lambda a: remove_cache(a.transformer, a.cache_blocks)),
+                 lambda a: remove_cache(a.transformer, a.cache_blocks), attached=_has_cache),
     FeatureEntry("sequence_parallel", "denoise", 20, lambda c: c.parallel.sp_degree > 1, _check_parallel,
                  _apply_sp, lambda a: remove_sequence_parallel(a.transformer)),
     FeatureEntry("cfg_parallel", "denoise", 30, lambda c: c.parallel.cfg_parallel_size > 1, _check_parallel,
@@ -184,12 +191,6 @@ def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "deno
     return caps
 
 
-def _always_attached(entry: FeatureEntry, config: EngineConfig, caps: Support) -> bool:
-    if entry.name == "cache":  # idle hooks on every model that has cache support
-        return caps.num_blocks is not None and bool({Feature.TEA_CACHE, Feature.CACHE_DIT} & caps.features)
-    return entry.enabled(config)
-
-
 def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Support) -> list[str]:
     """Apply the table's entries for ``stage`` in order; returns the names applied.
 
@@ -198,7 +199,8 @@ def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Su
     """
     applied = []
     for entry in sorted((e for e in FEATURES if e.stage == stage), key=lambda e: e.order):
-        if entry.apply is not None and _always_attached(entry, config, caps):
+        on = entry.attached(config, caps) if entry.attached is not None else entry.enabled(config)
+        if entry.apply is not None and on:
             entry.apply(adapter, config, groups)
             applied.append(entry.name)
     return applied

@@ -10,7 +10,6 @@ the served graph composes the deployments that run the same objects. ``ParallelE
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -123,7 +122,7 @@ class Engine:
         self.config = config
         self.resolved = resolve_model(config.model)
         self.spec: ModelSpec = self.resolved.spec
-        caps = check_support(config, stages)
+        self.caps = caps = check_support(config, stages)
         if "denoise" in stages and config.parallel.world_size > 1 and groups is None:
             raise ValueError(f"{config.parallel.describe()} needs process groups (run it with an executor: "
                              "ParallelEngine, ditserve generate, or the served DiT)")
@@ -139,10 +138,10 @@ class Engine:
             self.spec.id, self.spec.family, self.resolved.path, list(stages), self.adapter.device, self.adapter.dtype,
         )
 
-    @functools.cached_property
+    @property
     def num_blocks(self) -> int | None:
         """Transformer blocks (read once from the config; every request's cache check uses it)."""
-        return check_support(self.config, (), None).num_blocks
+        return self.caps.num_blocks
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""

@@ -48,14 +48,14 @@ class ParallelEngine:
     def __init__(self, config: EngineConfig, *, request_timeout_s: float | None = None) -> None:
         self.config = config
         self.caps = check_support(config)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, caps=self.caps)
         self.spec = self.encoder.spec
         self.request_timeout_s = request_timeout_s
         dit_config = config.model_copy(update={"vae": VaeConfig()})
         self.dit = _executor("dit", config.parallel.world_size, dit_config, ["denoise"]) \
-            if config.parallel.world_size > 1 else Denoiser(dit_config)
+            if config.parallel.world_size > 1 else Denoiser(dit_config, caps=self.caps)
         self.vae = _executor("vae", config.vae.vae_patch_parallel_size, config, ["decode"]) \
-            if config.vae.parallel else Decoder(config)
+            if config.vae.parallel else Decoder(config, caps=self.caps)
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),

@@ -14,7 +14,7 @@ from ditserve.features.cache import CacheSettings
 from ditserve.models import ModelSpec, resolve_model
 from ditserve.parallel.vae import VaeConfig
 
-from .attach import check_support
+from .attach import check_support, model_support
 from .engine import EngineConfig
 from .schema import GenerationRequest, ResolvedRequest, validate_request
 
@@ -54,5 +54,5 @@ def describe_served_model(config: EngineConfig) -> ServedModel:
     """Resolve ``config.model``, refuse what it cannot run (``check_support``: every start-up
     refusal) and read what validation needs from its checkpoint (builder side)."""
     resolved = resolve_model(config.model)
-    caps = check_support(config, caps=None)
+    caps = check_support(config, caps=model_support(resolved))
     return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache())
