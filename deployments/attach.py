@@ -21,11 +21,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ditserve.features.cache import apply_cache, check_blocks, remove_cache
+from ditserve.features.lora import LoraStore
 from ditserve.models import Capabilities, Feature, ResolvedModel, capabilities
 from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelGroups, check_parallel
 from ditserve.parallel.cfg import CFGParallel
 from ditserve.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
+from ditserve.parallel.tensor import TensorParallelLora
 from ditserve.parallel.vae import apply_vae_parallel, check_vae_config, remove_vae_parallel
 
 if TYPE_CHECKING:
@@ -118,6 +120,16 @@ def _check_cache(caps: Support, config: EngineConfig) -> None:
     check_blocks(default, caps.num_blocks)
 
 
+def _check_lora(caps: Support, config: EngineConfig) -> None:
+    from pathlib import Path
+
+    if Feature.LORA not in caps.features:
+        raise ValueError(f"lora_dir={config.lora.lora_dir}: model {caps.model} does not support LoRA")
+    if not Path(config.lora.lora_dir).is_dir():
+        raise ValueError(f"lora_dir={config.lora.lora_dir} is not a folder (adapters are its subfolders and "
+                         ".safetensors files)")
+
+
 def _check_vae(caps: Support, config: EngineConfig) -> None:
     check_vae_config(config.vae, caps.vae_class or "?", model=caps.model, vae_scale=caps.vae_scale,
                      default_size=caps.default_size)
@@ -128,6 +140,19 @@ def _check_vae(caps: Support, config: EngineConfig) -> None:
 
 def _apply_cache(adapter: Any, config: EngineConfig, groups: Any) -> None:
     apply_cache(adapter.transformer, adapter.cache_blocks)
+
+
+def _apply_lora(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
+    # every rank of the world agrees on each request's loads: the branch group (sp x tp) times cfg
+    adapter.lora_store = LoraStore(
+        adapter.transformer, config.lora, adapter.pipeline_class, adapter.device, adapter.dtype,
+        sharder=TensorParallelLora() if groups.tp.size > 1 else None, reducers=(groups.branch, groups.cfg),
+    )
+
+
+def _remove_lora(adapter: Any) -> None:
+    adapter.lora_store.remove()
+    adapter.lora_store = None
 
 
 def _apply_sp(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
@@ -159,6 +184,9 @@ FEATURES: tuple[FeatureEntry, ...] = (
     # so a request may turn a cache on even when the deployment has no default
     FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
                  lambda a: remove_cache(a.transformer, a.cache_blocks), attached=_has_cache),
+    # hooks on the linears (leaves): orthogonal to the block-level cache and SP hooks
+    FeatureEntry("lora", "denoise", 15, lambda c: c.lora.lora_dir is not None, _check_lora, _apply_lora,
+                 _remove_lora),
     FeatureEntry("sequence_parallel", "denoise", 20, lambda c: c.parallel.sp_degree > 1, _check_parallel,
                  _apply_sp, lambda a: remove_sequence_parallel(a.transformer)),
     FeatureEntry("cfg_parallel", "denoise", 30, lambda c: c.parallel.cfg_parallel_size > 1, _check_parallel,

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ditserve.features.cache import CacheBackend, CacheKnobs, CacheSettings, parse_cache_settings
+from ditserve.features.lora import LoraConfig
 from ditserve.models import STAGES, FamilyAdapter, ModelSpec, RequestContext, StepCallback, TextConditioning, resolve_model
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.parallel import ParallelConfig, ParallelGroups
@@ -47,6 +48,7 @@ class EngineConfig(BaseModel):
     )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="DiT parallel degrees.")
     vae: VaeConfig = Field(default_factory=VaeConfig, description="VAE patch parallelism, tiling and slicing.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters served per request.")
     # The deployment's default cache, as two options (DESIGN.md's names); together they are one
     # member of the cache union (features/cache/config.py), validated through it below.
     cache_backend: CacheBackend | None = Field(
@@ -92,6 +94,8 @@ class GenerationResult:
         timings: seconds per stage: encode, prepare, denoise, decode, postprocess.
         latents: final latents (for equivalence checks and the served path's hand-off).
         cache: cache statistics (``CacheStats.as_dict``) when the request ran with a cache.
+        lora: what the DiT's adapter store did for the request (``adapters``, ``loads``, ``hits``, ...),
+            when it ran with LoRA.
     """
 
     images: Any
@@ -101,6 +105,7 @@ class GenerationResult:
     timings: dict[str, float]
     latents: torch.Tensor | None = None
     cache: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
 
 
 class Engine:
@@ -146,7 +151,7 @@ class Engine:
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
         return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                num_blocks=self.num_blocks, vae=self.config.vae)
+                                num_blocks=self.num_blocks, vae=self.config.vae, lora=self.config.lora)
 
     # ---- one stage at a time (tests, tools) -----------------------------------------------------
 
@@ -183,6 +188,6 @@ class Engine:
             images = self.decoder.images(resolved, denoised.latents)
         with timer.stage("postprocess"):
             out = self.postprocess(images, output_type)
-        timings, cache = merge_reports(denoised.reports)
+        timings, cache, lora = merge_reports(denoised.reports)
         timings.update(timer.timings)
-        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timings, denoised.latents, cache)
+        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timings, denoised.latents, cache, lora)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from .schema import RequestError
 from .worker import RankWorker, RequestAborted, Target
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ def _rank_main(rank: int, world: int, calls: Connection, control: Connection, en
             calls.send_bytes(pickle.dumps(("ok", result)))
         except RequestAborted as exc:
             calls.send_bytes(pickle.dumps(("aborted", str(exc))))
+        except RequestError as exc:  # the request's fault (e.g. a LoRA that does not fit): the caller's 4xx
+            calls.send_bytes(pickle.dumps(("request_error", exc)))
         except BaseException:
             calls.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     worker.shutdown()
@@ -189,6 +192,10 @@ class LocalExecutor(Executor):
             for rank in ranks:
                 self._calls[rank].send((data, reply_rank is None or rank == reply_rank))
             results, errors, aborted = self._collect(ranks, method, deadline)
+        refused = [e for e in errors if isinstance(e, RequestError)]
+        if refused and len(refused) == len(errors):
+            raise refused[0]  # every failing rank refused the request itself: the group is fine
+        errors = [e if isinstance(e, str) else f"{e}" for e in errors]
         if errors:
             raise WorkerError(f"{method} failed on " + "\n".join(errors))
         if aborted:
@@ -198,7 +205,7 @@ class LocalExecutor(Executor):
 
     def _collect(self, ranks: list[int], method: str, deadline: float | None) -> tuple[dict, list[str], bool]:
         results: dict[int, Any] = {}
-        errors: list[str] = []
+        errors: list[str | RequestError] = []
         aborted = False
         pending = {self._calls[r]: r for r in ranks}
         start = time.monotonic()
@@ -228,6 +235,8 @@ class LocalExecutor(Executor):
                     results[rank] = value
                 elif status == "aborted":
                     aborted = True
+                elif status == "request_error":
+                    errors.append(value)
                 else:
                     errors.append(f"rank {rank}:\n{value}")
         return results, errors, aborted

@@ -325,7 +325,8 @@ async def _answer(backend: HttpBackend, req: ImagesRequest) -> JSONResponse:
         return JSONResponse(resp.model_dump(mode="json"), headers={"x-request-id": resp.request_id})
     except RequestError as exc:
         status = exc.status
-        return error_response(exc.status, str(exc), exc.field)
+        # from the fields: a stage's refusal arrives wrapped by Ray, whose str() is a traceback
+        return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
     except BackPressureError as exc:
         status = 429
         return error_response(429, f"server busy, retry later ({exc})", kind="rate_limit_error")

@@ -75,7 +75,7 @@ class ParallelEngine:
             decoded = self.vae.decode(resolved, denoised, return_latents=True)
         else:
             decoded = self.vae.call_all("decode", resolved, denoised, True, timeout_s=self.request_timeout_s)
-        timings, cache = merge_reports(decoded.reports)
+        timings, cache, lora = merge_reports(decoded.reports)
         timer = Timer()
         with timer.stage("postprocess"):
             images = decoded.images
@@ -86,7 +86,7 @@ class ParallelEngine:
             elif output_type == "np":
                 images = images.astype("float32") / 255.0
         timings.update(timer.timings)
-        return GenerationResult(images, request_id, self.spec.id, resolved.seed, timings, decoded.latents, cache)
+        return GenerationResult(images, request_id, self.spec.id, resolved.seed, timings, decoded.latents, cache, lora)
 
 
 # ---- every rank's result (tests, benchmarks) ---------------------------------------------------------
@@ -100,7 +100,8 @@ def _generate_on_rank(worker: Any, requests: list[dict]) -> list[dict]:
         sent_before = groups.bytes_sent()
         result = engine.generate(GenerationRequest.model_validate(fields), output_type="np")
         results.append({"latents": result.latents.cpu(), "images": result.images, "timings": result.timings,
-                        "bytes_sent": groups.bytes_sent() - sent_before, "cache": result.cache})
+                        "bytes_sent": groups.bytes_sent() - sent_before, "cache": result.cache,
+                        "lora": result.lora})
     return results
 
 
@@ -110,7 +111,8 @@ def run_local(config: EngineConfig, requests: Sequence[GenerationRequest]) -> li
 
     Returns:
         Per rank, per request: ``latents``, ``images`` (float arrays), ``timings``, ``bytes_sent``
-        (by this rank's collectives, per request), ``cache`` (this rank's cache statistics or None).
+        (by this rank's collectives, per request), ``cache`` (this rank's cache statistics or None),
+        ``lora`` (this rank's adapter-store report or None).
     """
     config = config.model_copy(update={"vae": VaeConfig()})
     executor = _executor("dit", config.parallel.world_size, config, STAGES)

@@ -27,6 +27,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .executor import Executor, RequestTimeoutError, WorkerError, _name
+from .schema import RequestError
 from .worker import RankWorker, RequestAborted, Target
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ class RayExecutor(Executor):
                 cause = getattr(result, "cause", None) or result
                 if isinstance(cause, RequestAborted):
                     raise RequestTimeoutError(f"{method}: aborted") from None
+                if isinstance(cause, RequestError):  # the request's fault; the group is fine
+                    raise cause from None
                 raise WorkerError(f"{method} failed on rank {rank}: {result}") from result
         return results if reply_rank is None else results[reply_rank]
 

@@ -38,7 +38,7 @@ from .stages import Decoded, merge_reports
 
 logger = logging.getLogger("ray.serve")
 
-STAGES = ("encode", "prepare", "denoise", "decode", "postprocess")
+STAGES = ("encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -91,10 +91,10 @@ class Router:
         resolved = self.served.validate(req)
         decoded = await self._compose(resolved, return_latents)
         # each stage reported its own timings and statistics; they are merged here, once
-        timings, cache = merge_reports(decoded.reports)
+        timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
         return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings,
-                                                decoded.latents, cache)
+                                                decoded.latents, cache, lora)
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         """Close the request's timings (``queue``: time not spent computing) and record its metrics."""

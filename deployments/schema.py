@@ -12,11 +12,12 @@ import dataclasses
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from ditserve.features.cache import CacheConfigError, CacheRequest, CacheSettings, cache_error, check_blocks, merge_cache
+from ditserve.features.lora import LoraConfig, LoraError, adapter_path, list_adapters
 from ditserve.models import Feature, Guidance, ModelSpec, SamplingParams
 from ditserve.parallel.vae import VaeConfig, size_error
 
@@ -42,8 +43,18 @@ class LoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=256, description="Name of an adapter the deployment serves.")
-    scale: float = Field(1.0, ge=-4.0, le=4.0, description="Strength of the adapter.")
+    name: str = Field(min_length=1, max_length=256, description="Name of an adapter the deployment serves "
+                      "(a subfolder or .safetensors file of its lora_dir; GET /v1/models lists them).")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="Strength of the adapter (diffusers' adapter weight).")
+
+
+# One adapter, or several combined (a weighted sum). The tags name the two forms so that an error
+# inside one is reported at the path the user wrote (``lora.scale``, ``lora.1.name``).
+LoraField = Annotated[
+    Annotated[LoraRequest, Tag("one")] | Annotated[list[LoraRequest], Tag("many")],
+    Discriminator(lambda v: "many" if isinstance(v, list | tuple) else "one"),
+]
+_UNION_TAGS = {"one", "many"}
 
 
 class GenerationRequest(BaseModel):
@@ -62,7 +73,10 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100, description="Guidance (distilled embedding or CFG).")
     true_cfg_scale: float | None = Field(None, ge=0, le=100, description="True CFG scale (with negative_prompt).")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the initial noise, as in diffusers.")
-    lora: LoraRequest | None = Field(None, description="LoRA adapter to apply.")
+    lora: LoraField | None = Field(
+        None, description="LoRA adapter(s) for this request: {'name': ..., 'scale': 1.0} or a list of them "
+        "(combined as a weighted sum; at most the deployment's max_loras_per_request).",
+    )
     cache: CacheRequest | None = Field(
         None, description="Cache for this request: {'backend': 'tea_cache'|'cache_dit', 'config': {...}}, "
         "{'backend': 'none'}, or {'config': {...}} merged over the deployment's; default: the deployment's "
@@ -104,6 +118,8 @@ def field_error(err: Mapping[str, Any]) -> RequestError:
         # inside the cache union: named as the user wrote it (no union tag), e.g. cache.config.<knob>
         exc = cache_error([{**err, "loc": loc[1:]}], field="cache.config", backend_field="cache.backend")
         return RequestError(exc.field, exc.message)
+    if loc[:1] == ("lora",):
+        loc = tuple(p for p in loc if p not in _UNION_TAGS)
     field = ".".join(str(p) for p in loc) or "body"
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
@@ -120,8 +136,13 @@ class ResolvedRequest:
     negative_prompt: str | None  # None when the request runs no negative branch
     params: SamplingParams
     seed: int
-    lora: LoraRequest | None
+    lora: tuple[LoraRequest, ...] = ()  # the adapters, in the order given
     cache: CacheSettings | None = None  # the deployment's cache merged with the request's
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """(name, scale) of each adapter."""
+        return tuple((lora.name, lora.scale) for lora in self.lora)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -192,16 +213,46 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
         num_images_per_prompt=req.n,
     )
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    return ResolvedRequest(spec.id, req.prompt, negative, params, seed, req.lora)
+    lora = req.lora if isinstance(req.lora, list) else [req.lora] if req.lora is not None else []
+    return ResolvedRequest(spec.id, req.prompt, negative, params, seed, tuple(lora))
 
 
-def select_model(req: GenerationRequest, served: Mapping[str, ModelSpec], default: str) -> ModelSpec:
-    """The spec of the model ``req`` asks for among the ``served`` ones (404 naming ``model``)."""
+def select_model(req: GenerationRequest, served: Mapping[str, ModelSpec], default: str,
+                 adapters: Mapping[str, Any] | None = None) -> ModelSpec:
+    """The spec of the model ``req`` asks for among the ``served`` ones (404 naming ``model``); a
+    LoRA adapter's name selects its base model (the first served one)."""
     name = req.model or default
     spec = served.get(name)
+    if spec is None and adapters and name in adapters:
+        spec = served[default]
     if spec is None:
-        raise RequestError("model", f"unknown model {name!r}; served: {', '.join(sorted(served))}", status=404)
+        known = sorted(served) + sorted(adapters or ())
+        raise RequestError("model", f"unknown model {name!r}; served: {', '.join(known)}", status=404)
     return spec
+
+
+def resolve_lora(req: GenerationRequest, resolved: ResolvedRequest, config: LoraConfig | None,
+                 adapters: Mapping[str, Any] | None = None) -> tuple[LoraRequest, ...]:
+    """The request's adapters, checked against the deployment's ``lora_dir``: ``model`` naming an
+    adapter adds it at scale 1 (so an OpenAI client can pick one), then the ``lora`` field's."""
+    many = isinstance(req.lora, list)
+    items = [(f"lora.{i}.name" if many else "lora.name", lora) for i, lora in enumerate(resolved.lora)]
+    if adapters and req.model in adapters:
+        items.insert(0, ("model", LoraRequest(name=req.model)))
+    if not items:
+        return ()
+    loras = [lora for _, lora in items]
+    names = [lora.name for lora in loras]
+    if len(set(names)) != len(names):
+        raise RequestError("lora", f"adapters {names} name one adapter twice; give each once with its scale")
+    if config is not None and len(loras) > config.max_loras_per_request:
+        raise RequestError("lora", f"{len(loras)} adapters exceed max_loras_per_request={config.max_loras_per_request}")
+    for field, lora in items:
+        try:
+            adapter_path(config.lora_dir if config is not None else None, lora.name, field=field)
+        except LoraError as exc:
+            raise RequestError(exc.field, exc.message, exc.status) from None
+    return tuple(loras)
 
 
 def resolve_cache(
@@ -234,6 +285,7 @@ def validate_request(
     cache_default: CacheSettings | None = None,
     num_blocks: int | None = None,
     vae: VaeConfig | None = None,
+    lora: LoraConfig | None = None,
 ) -> ResolvedRequest:
     """Everything the edge checks: the model is served, the fields fit it, options are available.
 
@@ -241,11 +293,12 @@ def validate_request(
         cache_default: the deployment's cache (``cache_backend``/``cache_config``).
         num_blocks: the model's transformer block count (``None``: the caches do not know the class).
         vae: the deployment's VAE options (the size must split over its patch-parallel workers).
+        lora: the deployment's LoRA options (``lora_dir`` is listed for the adapter names).
     """
-    spec = select_model(req, served, default)
+    adapters = list_adapters(lora.lora_dir) if lora is not None else {}
+    spec = select_model(req, served, default, adapters)
     resolved = resolve_request(req, spec)
-    if resolved.lora is not None:
-        raise RequestError("lora", f"adapter {resolved.lora.name!r} is not available: no LoRA adapters are served")
+    resolved = dataclasses.replace(resolved, lora=resolve_lora(req, resolved, lora, adapters))
     if vae is not None:
         # the registry's size multiple is the VAE scale x the 2x2 latent packing (Engine checks it
         # against the checkpoint at start-up), so no model files are needed here

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from ditserve.features.cache import CacheSettings
+from ditserve.features.lora import LoraConfig
 from ditserve.models import ModelSpec, resolve_model
 from ditserve.parallel.vae import VaeConfig
 
@@ -28,12 +29,14 @@ class ServedModel:
         num_blocks: transformer blocks, for the cache checks (``None``: a class the caches do not know).
         vae: the deployment's VAE options (a size must split over its patch-parallel workers).
         cache_default: the deployment's cache (``cache_backend``/``cache_config``), merged with a request's.
+        lora: the deployment's LoRA options (its ``lora_dir`` names the adapters a request may ask for).
     """
 
     spec: ModelSpec
     num_blocks: int | None
     vae: VaeConfig
     cache_default: CacheSettings | None = None
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     @property
     def id(self) -> str:
@@ -47,7 +50,7 @@ class ServedModel:
     def validate(self, req: GenerationRequest) -> ResolvedRequest:
         """Check ``req`` against this model and fill its defaults (raises ``RequestError``)."""
         return validate_request(req, self.specs, self.spec.id, cache_default=self.cache_default,
-                                num_blocks=self.num_blocks, vae=self.vae)
+                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora)
 
 
 def describe_served_model(config: EngineConfig) -> ServedModel:
@@ -55,4 +58,4 @@ def describe_served_model(config: EngineConfig) -> ServedModel:
     refusal) and read what validation needs from its checkpoint (builder side)."""
     resolved = resolve_model(config.model)
     caps = check_support(config, caps=model_support(resolved))
-    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache())
+    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora)

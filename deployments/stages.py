@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ditserve.features.cache import cache_run
+from ditserve.features.lora import LoraError, LoraStore
 from ditserve.models import (
     FamilyAdapter,
     ModelSpec,
@@ -44,7 +45,7 @@ from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
 from .attach import Support, attach, check_support
-from .schema import ResolvedRequest
+from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ class StageReport:
         timings: seconds by name (``encode``; ``prepare`` and ``denoise``; ``decode``).
         cache: cache statistics of the denoiser (``CacheStats.as_dict``), when the request ran one.
         bytes_sent: bytes this rank handed to collectives for the request (benchmarks).
+        lora: the adapters of the request and what the DiT's store did for them (loads, hits, ...).
     """
 
     stage: str
     timings: dict[str, float]
     cache: dict[str, Any] | None = None
     bytes_sent: int = 0
+    lora: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -100,15 +103,17 @@ class Decoded:
     latents: torch.Tensor | None = None
 
 
-def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """All stages' timings in one dict, and the denoiser's cache statistics."""
+def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dict[str, Any] | None,
+                                                            dict[str, Any] | None]:
+    """All stages' timings in one dict, and the denoiser's cache and LoRA statistics."""
     timings: dict[str, float] = {}
-    cache = None
+    cache = lora = None
     for report in reports:
         for name, seconds in report.timings.items():
             timings[name] = timings.get(name, 0.0) + seconds
         cache = report.cache or cache
-    return timings, cache
+        lora = report.lora or lora
+    return timings, cache, lora
 
 
 class Timer:
@@ -229,7 +234,8 @@ class Denoiser(_Stage):
         generator = torch.Generator("cpu").manual_seed(req.seed)
         ctx = RequestContext(id=request_id, seed=req.seed, num_inference_steps=req.params.num_inference_steps)
         on_step = self._step_callback(callback)
-        with request_context(ctx):
+        store = self.adapter.lora_store
+        with request_context(ctx), self._lora(store, req, timer) as lora:
             with timer.stage("prepare"):
                 state = self.adapter.prepare(req.params, cond, generator)
             steps = req.params.num_inference_steps
@@ -238,8 +244,28 @@ class Denoiser(_Stage):
                                                    steps, self.groups.branch, self.spec.tea_cache_coefficients) as run:
                 latents = self.adapter.denoise(state, cond, callback=on_step)
         report = StageReport("denoise", timer.timings, run.stats.as_dict() if run is not None else None,
-                             self.groups.bytes_sent() - sent_before)
+                             self.groups.bytes_sent() - sent_before, lora)
         return Denoised(latents.cpu(), (*encoded.reports, report))
+
+    @contextlib.contextmanager
+    def _lora(self, store: LoraStore | None, req: ResolvedRequest, timer: Timer) -> Iterator[dict[str, Any] | None]:
+        """The request's adapters active around its loop (every rank loads and agrees first);
+        yields the store's report for the request, ``None`` without LoRA."""
+        if not req.lora:
+            yield None
+            return
+        if store is None:  # validated at the edge; a direct caller may still ask
+            raise RequestError("lora", f"model {self.spec.id} is served without lora_dir: no adapters")
+        before = dataclasses.replace(store.stats)
+        try:
+            with timer.stage("lora_load"):
+                run = store.prepare(req.loras)
+        except LoraError as exc:
+            raise RequestError(exc.field, exc.message, exc.status) from None
+        after = store.stats
+        with store.activated(run):
+            yield {"adapters": run.names, "loads": after.loads - before.loads, "hits": after.hits - before.hits,
+                   "restores": after.restores - before.restores, "evictions": after.evictions - before.evictions}
 
     def _step_callback(self, callback: StepCallback | None) -> StepCallback | None:
         if self.aborted is None:

@@ -201,6 +201,9 @@ class FamilyAdapter:
         self.dtype = dtype
         self.components = components
         self.cfg_strategy: CFGStrategy = serial_cfg
+        # the DiT's LoRA adapters (features.lora.LoraStore), set by the feature table when the
+        # deployment serves a lora_dir; the adapter itself never reads it
+        self.lora_store: Any = None
         self.pipe = self._helper_pipeline()
 
     def _helper_pipeline(self) -> Any:

@@ -69,7 +69,7 @@ class SD3Adapter(FamilyAdapter):
     # Not declared: LoRA and layerwise offload (not implemented in the project yet), FP8.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LORA,
     })
     # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
     # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.

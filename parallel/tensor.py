@@ -128,13 +128,16 @@ def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch
                 )
             keep = _ranges(blocks, rank, size, "outputs")  # this rank's slice of every packed block
             shard = ColumnParallelLinear(module.in_features, sum(b - a for a, b in keep), has_bias)
+            shard.tp_style, shard.tp_ranges = "colwise", keep
             slices[f"{name}.weight"] = (0, keep)
             if has_bias:
                 slices[f"{name}.bias"] = (0, keep)
         else:
             keep = _column_ranges(style, module, rank, size, entry)
             shard = RowParallelLinear(sum(b - a for a, b in keep), module.out_features, has_bias, group)
+            shard.tp_style, shard.tp_ranges = "rowwise", keep
             slices[f"{name}.weight"] = (1, keep)
+        shard.tp_full = (module.in_features, module.out_features)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, shard)
 
@@ -155,3 +158,28 @@ def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _take(tensor: torch.Tensor, ranges: list[tuple[int, int]], dim: int) -> torch.Tensor:
+    parts = [tensor.narrow(dim, a, b - a) for a, b in ranges]
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone()
+
+
+class TensorParallelLora:
+    """How a LoRA adapter follows this rank's shard of a linear (``features.lora.Sharder``): a
+    column-sharded linear keeps its slice of ``B``'s rows (the outputs it computes); a row-sharded one
+    its slice of ``A``'s columns, and the rank-r intermediate ``x @ A.T`` is summed over the group
+    before ``B`` (r values per token: small next to the linear's own all-reduce). Whole linears
+    (not in the plan) take the adapter as it is. Reads the shard's ``tp_style``/``tp_ranges``/``tp_full``,
+    set at load, so any shard class that keeps them works (e.g. quantized ones)."""
+
+    def full_features(self, module: torch.nn.Module) -> tuple[int, int]:
+        return getattr(module, "tp_full", (module.in_features, module.out_features))
+
+    def shard(self, module: torch.nn.Module, a: torch.Tensor, b: torch.Tensor):
+        style = getattr(module, "tp_style", None)
+        if style == "colwise":
+            return a, _take(b, module.tp_ranges, 0), None
+        if style == "rowwise":
+            return _take(a, module.tp_ranges, 1), b, module.group.all_reduce
+        return a, b, None

@@ -92,7 +92,7 @@ def test_feature_flags_match_the_seed_table():
     assert checked == len(SEED_IDS)
 
 
-NOT_BUILT = {Feature.LORA, Feature.FP8, Feature.LAYERWISE_OFFLOAD}  # no implementation exists yet
+NOT_BUILT = {Feature.FP8, Feature.LAYERWISE_OFFLOAD}  # no implementation exists yet
 
 
 @pytest.mark.parametrize("model_id", SEED_IDS)
@@ -123,12 +123,14 @@ def test_models_command_lists_every_model(capsys):
     header = out.splitlines()[0]
     assert header.index("FEATURES") < header.index("SEED")
     features_cell, seed_cell = qwen_row.split()[-2:]
-    assert "lora" not in features_cell and "tea_cache" in features_cell
+    assert "lora" in features_cell and "tea_cache" in features_cell
     assert "lora" in seed_cell and "fp8" in seed_cell
 
 
 def test_a_checkpoint_narrows_features_but_cannot_add_one():
     # ``features`` in a checkpoint's ditserve.json (e.g. a step-distilled checkpoint: no CFG to split)
     spec = get_spec("Qwen/Qwen-Image").model_copy(
-        update={"feature_limit": frozenset({Feature.SEQUENCE_PARALLEL, Feature.LORA})})
+        update={"feature_limit": frozenset({Feature.SEQUENCE_PARALLEL})})
     assert spec.features == {Feature.SEQUENCE_PARALLEL}
+    unbuilt = next(s for s in list_specs() if s.family not in implemented_families())
+    assert unbuilt.model_copy(update={"feature_limit": frozenset({Feature.SEQUENCE_PARALLEL})}).features == frozenset()
