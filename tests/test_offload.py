@@ -48,27 +48,23 @@ def _equal(a, b) -> None:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_offloaded_output_equals_resident_on_every_family(family, tmp_path):
-    resident = _engine(family)
-    plain, cached = (resident.generate(_request(family, cache=c), output_type="np") for c in (None, DB_SKIP))
-    # model-level: every stage's modules wait on the host and come back for the stage's call
-    engine = _engine(family, MODEL)
-    _equal(engine.generate(_request(family), output_type="np"), plain)
-    offloads = model_offload_of([engine.adapter.components[n] for n in ("transformer", "vae")])
-    assert len(offloads) == 2 and all(o.onloads >= 1 and not o.weights.materialized for o in offloads)
-    # layerwise, groups of two blocks from the disk tier, with and without a cache
-    config = OffloadConfig(enable_layerwise_offload=True, offload_blocks_per_group=2, offload_device="disk",
-                           offload_disk_dir=str(tmp_path))
+    plain = _engine(family).generate(_request(family), output_type="np")
+    # model-level for the text encoder and VAE, layerwise for the DiT: groups of two blocks from the
+    # disk tier (model-level DiT: the TP 2 layout below)
+    config = OffloadConfig(enable_cpu_offload=True, enable_layerwise_offload=True, offload_blocks_per_group=2,
+                           offload_device="disk", offload_disk_dir=str(tmp_path))
     engine = _engine(family, config)
-    offload = layerwise_offload_of(engine.adapter.transformer)
     _equal(engine.generate(_request(family), output_type="np"), plain)
+    offloads = model_offload_of([engine.adapter.components[n] for n in engine.adapter.stage_components["decode"]])
+    assert len(offloads) == 1 and offloads[0].onloads == 1 and not offloads[0].weights.materialized
+    offload = layerwise_offload_of(engine.adapter.transformer)
     assert 0 < offload.max_blocks_materialized <= 2 * config.offload_blocks_per_group
     assert offload.blocks_materialized == 0  # none between requests
-    out = engine.generate(_request(family, cache=DB_SKIP), output_type="np")
-    _equal(out, cached)
-    assert out.cache == cached.cache
 
 
-def test_at_most_two_groups_are_on_the_device_during_a_forward():
+def test_two_groups_at_most_during_a_forward_and_skipped_blocks_are_never_onloaded():
+    req = _request("flux", cache=DB_SKIP, num_inference_steps=3)
+    resident = _engine("flux").generate(req, output_type="np")
     engine = _engine("flux", LAYERWISE)  # 3 blocks, groups of 1
     offload = layerwise_offload_of(engine.adapter.transformer)
     seen = []
@@ -76,17 +72,13 @@ def test_at_most_two_groups_are_on_the_device_during_a_forward():
         block.register_forward_pre_hook(lambda m, a: seen.append(offload.blocks_materialized))
     engine.generate(_request("flux"), output_type="np")
     assert seen and max(seen) == 2  # the current group and the prefetched next one
-    assert offload.blocks_materialized == 0 and offload.device_bytes() == 0
+    assert offload.blocks_materialized == 0 and offload.device_bytes() == 0  # none between requests
     assert offload.max_blocks_materialized == 2
-
-
-def test_a_block_the_cache_skips_is_never_onloaded():
-    engine = _engine("flux", LAYERWISE)
-    offload = layerwise_offload_of(engine.adapter.transformer)
-    req = _request("flux", cache=DB_SKIP, num_inference_steps=3)
     before = offload.onloads
-    stats = engine.generate(req, output_type="np").cache
-    assert stats["calls_cached"] > 0 and stats["blocks_evaluated"] < stats["blocks_total"]
+    out = engine.generate(req, output_type="np")
+    _equal(out, resident)
+    stats = out.cache
+    assert stats == resident.cache and stats["calls_cached"] > 0 and stats["blocks_evaluated"] < stats["blocks_total"]
     # every block computed was onloaded once (prefetched or on demand); none of the skipped ones
     assert offload.onloads - before == stats["blocks_evaluated"]
 
@@ -132,6 +124,38 @@ def test_layerwise_moves_every_tensor_of_a_block_whatever_its_dtype(tmp_path):
     assert not list(tmp_path.iterdir())  # the disk tier's files went with the feature
 
 
+class _TwinRank:
+    """Rank 0 of a two-rank sequence-parallel group whose rank 1 is a twin in this process: its
+    all-gather returns this rank's chunk and the twin's chunk of the same tensor, in order."""
+
+    size, rank = 2, 0
+
+    def __init__(self) -> None:
+        self.twin: list[torch.Tensor] = []
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor, self.twin.pop(0)]
+
+
+def test_sharded_host_copy_keeps_half_of_every_block_and_gathers_it_back():
+    x = torch.ones(1, 4)
+    expected = _Stack(3)(x)
+    config = OffloadConfig(enable_layerwise_offload=True, offload_shard_host_copy=True)
+    ref = _Stack(3)
+    full = apply_layerwise_offload(ref, list(ref.blocks), "cpu", config.model_copy(update={"offload_shard_host_copy": False}))
+    group = _TwinRank()
+    stack = _Stack(3)
+    offload = apply_layerwise_offload(stack, list(stack.blocks), "cpu", config, gather=group)
+    assert offload.host_bytes() * 2 <= full.host_bytes() + 2 * 3 * 2  # half, up to one padding byte per tensor
+    twin = _Stack(3)
+    rank1 = _TwinRank()
+    rank1.rank = 1
+    twin_units = apply_layerwise_offload(twin, list(twin.blocks), "cpu", config, gather=rank1).units
+    for unit in twin_units:  # rank 1's chunks, in the order rank 0 onloads them
+        group.twin += unit.tier.get()
+    assert torch.equal(stack(x), expected) and not group.twin
+
+
 def test_stages_sharing_a_device_take_turns(tmp_path):
     # two stages (say a text encoder and a VAE) on one fake device, each asked by several requests at
     # once: while one computes, the other's weights are never on the device
@@ -165,14 +189,15 @@ def test_stages_sharing_a_device_take_turns(tmp_path):
 
 @pytest.mark.parametrize(("degrees", "offload"), [
     ({"ulysses_degree": 2}, OffloadConfig(enable_layerwise_offload=True, offload_shard_host_copy=True)),
-    ({"tensor_parallel_size": 2}, OffloadConfig(enable_layerwise_offload=True, enable_cpu_offload=True)),
-], ids=["ulysses2_sharded_host_copy", "tp2_layerwise_and_model"])
+    ({"tensor_parallel_size": 2}, MODEL),  # each rank offloads its own shards
+], ids=["ulysses2_layerwise_sharded_host_copy", "tp2_model_level"])
 def test_offload_under_parallel_layouts_matches_single_rank(degrees, offload):
-    requests = [_request("qwen-image"), _request("qwen-image", cache=DB_SKIP)]
-    resident = _engine("qwen-image")
-    references = [resident.generate(r, output_type="np") for r in requests]
-    ranks = run_and_compare("ditserve/tiny-qwen-image", degrees, requests, references, offload=offload)
-    assert ranks[0][1]["cache"] == references[1].cache
+    # with a cache that skips: every rank takes the same decisions, so sharded gathers stay in step
+    request = _request("qwen-image", cache=DB_SKIP, num_inference_steps=3)
+    reference = _engine("qwen-image").generate(request, output_type="np")
+    assert reference.cache["calls_cached"] > 0
+    ranks = run_and_compare("ditserve/tiny-qwen-image", degrees, [request], [reference], offload=offload)
+    assert all(results[0]["cache"] == reference.cache for results in ranks)
 
 
 def test_start_up_refuses_what_does_not_compose():
