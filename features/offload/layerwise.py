@@ -43,6 +43,7 @@ class LayerwiseOffload:
         units: one ``Weights`` per group of ``offload_blocks_per_group`` blocks, in call order.
         onloads: groups moved to the device so far (prefetched or onloaded on demand).
         max_blocks_materialized: the most blocks on the device at one time so far.
+        max_device_bytes: the most block bytes on the device at one time so far.
     """
 
     def __init__(self, transformer: torch.nn.Module, blocks: Sequence[torch.nn.Module], device: torch.device,
@@ -65,6 +66,7 @@ class LayerwiseOffload:
         self.current: int | None = None
         self.onloads = 0
         self.max_blocks_materialized = 0
+        self.max_device_bytes = 0
         self._lock = threading.RLock()  # one call at a time moves this transformer's blocks
 
     @property
@@ -101,6 +103,7 @@ class LayerwiseOffload:
             self.units[nxt].prefetch(self.stream)
             self.onloads += 1
         self.max_blocks_materialized = max(self.max_blocks_materialized, self.blocks_materialized)
+        self.max_device_bytes = max(self.max_device_bytes, self.device_bytes())
 
     def _may_skip_group(self, k: int, current: int) -> bool:
         if self.skip_hint is None:

@@ -92,6 +92,11 @@ def _from_bytes(flat: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> to
 class HostTier:
     """Where the tensors of one unit wait (their full bytes, or this rank's share of them)."""
 
+    def prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+        """One tensor as the tier keeps it, taken before the unit's own tensor is dropped (so a
+        model is never held twice in host memory, only one tensor at a time)."""
+        return tensor.detach()  # a new tensor on the same storage: it outlives the parameter's swap
+
     def put(self, tensors: Sequence[torch.Tensor]) -> None:
         raise NotImplementedError
 
@@ -112,13 +117,17 @@ class MemoryTier(HostTier):
         self.pin = pin
         self.tensors: list[torch.Tensor] = []
 
+    def prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+        # a tensor already on the host is kept as it is (the unit's own becomes a placeholder, and
+        # every onload makes a new device copy); pinning copies
+        host = tensor.detach().to("cpu")
+        return host.pin_memory() if self.pin else host
+
     def put(self, tensors: Sequence[torch.Tensor]) -> None:
-        # a copy: the unit's own tensors become placeholders, and the host copy must not alias them
-        out = []
-        for t in tensors:
-            host = t.detach().to("cpu", copy=True)
-            out.append(host.pin_memory() if self.pin else host)
-        self.tensors = out
+        self.tensors = list(tensors)
+
+    def close(self) -> None:
+        self.tensors = []
 
     def get(self) -> list[torch.Tensor]:
         return self.tensors
@@ -181,8 +190,11 @@ class Weights:
         self._pending: list[torch.Tensor] | None = None  # prefetched, not yet swapped in
         self._event: torch.cuda.Event | None = None
         with _plain_tensors():
-            self.tier.put([self._host_part(s.get()) for s in self.slots])
-            self._set_placeholders()
+            parts = []
+            for slot in self.slots:
+                parts.append(self.tier.prepare(self._host_part(slot.get())))
+                slot.set(torch.empty(0, dtype=slot.dtype, device=self.device))
+            self.tier.put(parts)
 
     # ---- host side ------------------------------------------------------------------------------
 
@@ -262,7 +274,15 @@ class Weights:
 
     def close(self) -> None:
         """Restore the tensors on the device for good and release the tier (feature removal)."""
-        self.onload()
+        if not self.resident and self.shard is None and isinstance(self.tier, MemoryTier) and \
+                self.device.type == "cpu":
+            with _plain_tensors():  # the host copy is on the device already: hand it back, no copy
+                for slot, host in zip(self.slots, self.tier.get()):
+                    slot.set(host)
+            self._pending = self._event = None
+            self.resident = True
+        else:
+            self.onload()
         self.tier.close()
 
 
