@@ -12,7 +12,8 @@ Order matters where hooks wrap hooks: a hook registered later wraps the earlier 
 layerwise offload's block hooks go on first (inside the cache's: a block the cache skips is never
 onloaded), then the cache hooks, then sequence parallelism, whose split of block 0's inputs then
 runs first and the cache sees this rank's shard. A feature may also give a ``scope``, entered
-around each call of its stage (``stage_scope``): model-level offload onloads there. Tensor parallelism is cut while loading (each rank reads
+around each call of its stage (``stage_scope``): model-level offload onloads there.
+Tensor parallelism is cut while loading (each rank reads
 only its shards), so its entry only checks; the adapter is loaded with its loader.
 """
 
@@ -208,7 +209,8 @@ def offloaded_components(config: EngineConfig, stages: Sequence[str], adapter_cl
 def _model_offload_row(stage: str, order: int) -> FeatureEntry:
     def on(config: EngineConfig) -> bool:
         # the DiT under layerwise offload: its blocks move layer by layer, the rest stays
-        return config.offload.enable_cpu_offload and not (stage == "denoise" and config.offload.enable_layerwise_offload)
+        o = config.offload
+        return o.enable_cpu_offload and not (stage == "denoise" and o.enable_layerwise_offload)
 
     return FeatureEntry(
         f"cpu_offload.{stage}", stage, order, on, _check_offload,
