@@ -137,9 +137,9 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 
 
 def _engine_config(args: argparse.Namespace):
-    """``EngineConfig`` from its flags, with ``parallel`` and ``vae`` from theirs."""
+    """``EngineConfig`` from its flags, with ``parallel``, ``vae`` and ``offload`` from theirs."""
     f = _flags()
-    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args))
+    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args), offload=f.offload.build(args))
 
 
 def _stage(args: argparse.Namespace, stage: _StageFlags):
@@ -179,6 +179,7 @@ class _Flags:
     engine: FlagSet
     parallel: FlagSet
     vae: FlagSet
+    offload: FlagSet
     app: FlagSet
     stages: tuple[_StageFlags, ...]
     request: FlagSet
@@ -187,12 +188,13 @@ class _Flags:
 @functools.cache
 def _flags() -> _Flags:
     """Every config flag, generated from the config models (``flags.py``): a new field of
-    ``ParallelConfig``, ``VaeConfig``, ``EngineConfig`` or ``AppConfig`` gets its flag by itself."""
+    ``ParallelConfig``, ``VaeConfig``, ``OffloadConfig``, ``EngineConfig`` or ``AppConfig`` gets its flag by itself."""
     from ditserve.deployments import (
         AppConfig,
         AutoscalingOptions,
         EngineConfig,
         GenerationRequest,
+        OffloadConfig,
         ParallelConfig,
         VaeConfig,
     )
@@ -213,9 +215,10 @@ def _flags() -> _Flags:
                     base=default.autoscaling),
         ))
     return _Flags(
-        engine=FlagSet(EngineConfig, exclude=("parallel", "vae")),
+        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload")),
         parallel=FlagSet(ParallelConfig),
         vae=FlagSet(VaeConfig),
+        offload=FlagSet(OffloadConfig),
         app=FlagSet(AppConfig, exclude=nested),
         stages=tuple(stages),
         request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache")),
@@ -224,7 +227,7 @@ def _flags() -> _Flags:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     f = _flags()
-    for flags in (f.engine, f.parallel, f.vae):
+    for flags in (f.engine, f.parallel, f.vae, f.offload):
         flags.add_to(p)
 
 

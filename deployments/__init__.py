@@ -22,6 +22,7 @@ from ditserve.models import (
     list_specs,
 )
 from ditserve.models.tiny import FAMILIES as TINY_FAMILIES
+from ditserve.features.offload import OffloadConfig
 from ditserve.models.tiny import make_tiny
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.vae import VaeConfig
@@ -56,6 +57,7 @@ __all__ = [
     "GenerationResult",
     "LoraRequest",
     "ModelNotFoundError",
+    "OffloadConfig",
     "ParallelConfig",
     "ParallelEngine",
     "RequestError",

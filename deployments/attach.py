@@ -9,19 +9,33 @@ reverse. It lives in ``deployments/`` because it joins ``parallel/`` and ``featu
 not import each other.
 
 Order matters where hooks wrap hooks: a hook registered later wraps the earlier ones, so the
-cache hooks go on before sequence parallelism, whose split of block 0's inputs then runs first
-and the cache sees this rank's shard. Tensor parallelism is cut while loading (each rank reads
+layerwise offload's block hooks go on first (inside the cache's: a block the cache skips is never
+onloaded), then the cache hooks, then sequence parallelism, whose split of block 0's inputs then
+runs first and the cache sees this rank's shard. A feature may also give a ``scope``, entered
+around each call of its stage (``stage_scope``): model-level offload onloads there.
+Tensor parallelism is cut while loading (each rank reads
 only its shards), so its entry only checks; the adapter is loaded with its loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ditserve.features.cache import apply_cache, check_blocks, remove_cache
+import torch
+
+from ditserve.features.cache import apply_cache, check_blocks, may_skip, remove_cache
 from ditserve.features.lora import LoraStore
+from ditserve.features.offload import (
+    apply_layerwise_offload,
+    apply_model_offload,
+    device_lease,
+    offload_session,
+    remove_layerwise_offload,
+    remove_model_offload,
+)
 from ditserve.models import Capabilities, Feature, ResolvedModel, capabilities
 from ditserve.models.loading import read_checkpoint
 from ditserve.parallel import ParallelGroups, check_parallel
@@ -50,6 +64,8 @@ class FeatureEntry:
         conflicts: features it cannot be combined with (checked at start-up).
         attached: whether ``attach`` applies it (default: ``enabled``); the cache's hooks go on
             every model that has cache support, idle until a request asks for a cache.
+        scope: ``scope(adapter, config)``: a context entered around each call of the stage while
+            the feature is attached (``stage_scope``).
     """
 
     name: str
@@ -61,6 +77,7 @@ class FeatureEntry:
     remove: Callable[[Any], None] | None = None
     conflicts: tuple[str, ...] = ()
     attached: Callable[[EngineConfig, Support], bool] | None = None
+    scope: Callable[[Any, EngineConfig], contextlib.AbstractContextManager] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +152,29 @@ def _check_vae(caps: Support, config: EngineConfig) -> None:
                      default_size=caps.default_size)
 
 
+def _check_offload(caps: Support, config: EngineConfig) -> None:
+    o = config.offload
+    if o.enable_layerwise_offload and (Feature.LAYERWISE_OFFLOAD not in caps.features or caps.num_blocks is None):
+        raise ValueError(f"enable_layerwise_offload=True: model {caps.model} does not support layerwise offload "
+                         "(use enable_cpu_offload=True, model-level offload, which every model supports)")
+    if not o.enable_layerwise_offload:
+        for name, value, default in (("offload_blocks_per_group", o.offload_blocks_per_group, 1),
+                                     ("offload_device", o.offload_device, "cpu"),
+                                     ("offload_disk_dir", o.offload_disk_dir, None),
+                                     ("offload_shard_host_copy", o.offload_shard_host_copy, False)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} applies to layerwise offload only: set "
+                                 "enable_layerwise_offload=True, or leave it at its default")
+        return
+    if o.offload_disk_dir is not None and o.offload_device != "disk":
+        raise ValueError(f"offload_disk_dir={o.offload_disk_dir!r} needs offload_device='disk' "
+                         f"(offload_device={o.offload_device!r})")
+    if o.offload_shard_host_copy and config.parallel.sp_degree < 2:
+        raise ValueError("offload_shard_host_copy=True shards the host copy over the sequence-parallel group, "
+                         f"but {config.parallel.describe()} has none: set ulysses_degree or ring_degree > 1, or "
+                         "offload_shard_host_copy=False")
+
+
 # ---- apply / remove ----------------------------------------------------------------------------------
 
 
@@ -174,12 +214,62 @@ def _apply_vae(adapter: Any, config: EngineConfig, group: Any) -> None:
     apply_vae_parallel(adapter.components["vae"], config.vae, group, adapter.vae_scale_factor)
 
 
+def _stage_modules(adapter: Any, stage: str) -> list[torch.nn.Module]:
+    """The torch modules ``stage`` loaded (text encoders; denoisers; the VAE)."""
+    names = adapter.stage_components[stage]
+    return [m for n in names if isinstance(m := adapter.components.get(n), torch.nn.Module)]
+
+
+def offloaded_components(config: EngineConfig, stages: Sequence[str], adapter_cls: Any) -> tuple[str, ...]:
+    """Components the offload rows place themselves: loaded onto the host, not the device (a DiT
+    larger than the GPU never has to fit on it)."""
+    o = config.offload
+    out: list[str] = []
+    for stage in stages:
+        if o.enable_cpu_offload or (stage == "denoise" and o.enable_layerwise_offload):
+            out += [n for n in adapter_cls.stage_components[stage] if n in adapter_cls.component_types]
+    return tuple(out)
+
+
+def _model_offload_row(stage: str, order: int) -> FeatureEntry:
+    def on(config: EngineConfig) -> bool:
+        # the DiT under layerwise offload: its blocks move layer by layer, the rest stays
+        o = config.offload
+        return o.enable_cpu_offload and not (stage == "denoise" and o.enable_layerwise_offload)
+
+    return FeatureEntry(
+        f"cpu_offload.{stage}", stage, order, on, _check_offload,
+        lambda adapter, config, groups: apply_model_offload(_stage_modules(adapter, stage), adapter.device),
+        lambda adapter: remove_model_offload(_stage_modules(adapter, stage)),
+        scope=lambda adapter, config: offload_session(_stage_modules(adapter, stage)),
+    )
+
+
+def _apply_layerwise(adapter: Any, config: EngineConfig, groups: Any) -> None:
+    sp = groups.sp if groups is not None and config.offload.offload_shard_host_copy else None
+    apply_layerwise_offload(adapter.transformer, adapter.cache_blocks.blocks(adapter.transformer), adapter.device,
+                            config.offload, gather=sp, skip_hint=may_skip)
+
+
+@contextlib.contextmanager
+def _layerwise_scope(adapter: Any, config: EngineConfig) -> Iterator[None]:
+    # with model-level offload also on (encoder, VAE), the DiT takes its turn on the GPU too
+    with device_lease(adapter.device).hold() if config.offload.enable_cpu_offload else contextlib.nullcontext():
+        yield
+
+
 def _has_cache(config: EngineConfig, caps: Support) -> bool:
     return caps.num_blocks is not None and bool({Feature.TEA_CACHE, Feature.CACHE_DIT} & caps.features)
 
 
 FEATURES: tuple[FeatureEntry, ...] = (
+    _model_offload_row("encode", 0),
     FeatureEntry("tensor_parallel", "denoise", 0, lambda c: c.parallel.tensor_parallel_size > 1, _check_parallel),
+    # each rank offloads the blocks it holds (its tensor-parallel shards); before the cache, so its
+    # block hooks sit inside the cache's (a skipped block is never onloaded)
+    FeatureEntry("layerwise_offload", "denoise", 5, lambda c: c.offload.enable_layerwise_offload, _check_offload,
+                 _apply_layerwise, lambda a: remove_layerwise_offload(a.transformer), scope=_layerwise_scope),
+    _model_offload_row("denoise", 6),
     # the cache hooks are always attached where the model has them (idle until a request asks),
     # so a request may turn a cache on even when the deployment has no default
     FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
@@ -193,6 +283,7 @@ FEATURES: tuple[FeatureEntry, ...] = (
                  _apply_cfg, _remove_cfg),
     FeatureEntry("vae_parallel", "decode", 0, lambda c: True, _check_vae, _apply_vae,
                  lambda a: remove_vae_parallel(a.components["vae"])),
+    _model_offload_row("decode", 10),
 )
 
 
@@ -232,6 +323,18 @@ def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Su
             entry.apply(adapter, config, groups)
             applied.append(entry.name)
     return applied
+
+
+@contextlib.contextmanager
+def stage_scope(adapter: Any, config: EngineConfig, names: Sequence[str]) -> Iterator[None]:
+    """Enter the scopes of the attached features ``names`` (in table order) around one call of a stage."""
+    by_name = {e.name: e for e in FEATURES}
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            scope = by_name[name].scope
+            if scope is not None:
+                stack.enter_context(scope(adapter, config))
+        yield
 
 
 def detach(adapter: Any, names: Sequence[str]) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ditserve.features.cache import CacheBackend, CacheKnobs, CacheSettings, parse_cache_settings
 from ditserve.features.lora import LoraConfig
+from ditserve.features.offload import OffloadConfig
 from ditserve.models import STAGES, FamilyAdapter, ModelSpec, RequestContext, StepCallback, TextConditioning, resolve_model
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.parallel import ParallelConfig, ParallelGroups
@@ -49,6 +50,8 @@ class EngineConfig(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="DiT parallel degrees.")
     vae: VaeConfig = Field(default_factory=VaeConfig, description="VAE patch parallelism, tiling and slicing.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters served per request.")
+    offload: OffloadConfig = Field(default_factory=OffloadConfig,
+                                   description="CPU offload: model-level and layerwise (features/offload).")
     # The deployment's default cache, as two options (DESIGN.md's names); together they are one
     # member of the cache union (features/cache/config.py), validated through it below.
     cache_backend: CacheBackend | None = Field(

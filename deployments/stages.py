@@ -44,7 +44,7 @@ from ditserve.parallel import ParallelGroups, build_groups, transformer_loader
 from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
-from .attach import Support, attach, check_support
+from .attach import Support, attach, check_support, offloaded_components, stage_scope
 from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
 
@@ -145,6 +145,7 @@ def load_adapter(config: Any, stages: Sequence[str], groups: ParallelGroups | No
     adapter = cls.from_pretrained(
         resolved.path, stages=stages, device=config.torch_device(), dtype=config.torch_dtype(),
         loaders={"transformer": loader} if loader else None,
+        host_components=offloaded_components(config, stages, cls),
     )
     if adapter.size_multiple != spec.size_multiple:
         raise ValueError(
@@ -169,6 +170,10 @@ class _Stage:
                                                self.resolved)
         self.features = attach(self.adapter, config, groups, self.stage, self.caps)
 
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Around each call of the stage: what its features need there (model-level offload onloads)."""
+        return stage_scope(self.adapter, self.config, self.features)
+
 
 class Encoder(_Stage):
     """Tokenizer(s) and text encoder(s): prompts -> conditioning. Batches the texts of several
@@ -186,7 +191,7 @@ class Encoder(_Stage):
         for text in texts:
             by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
         encoded: dict[str, dict[str, torch.Tensor | None]] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), self.scope():
             for group in by_shape.values():
                 encoded.update(zip(group, self.adapter.encode_texts(group)))
         out = []
@@ -235,7 +240,7 @@ class Denoiser(_Stage):
         ctx = RequestContext(id=request_id, seed=req.seed, num_inference_steps=req.params.num_inference_steps)
         on_step = self._step_callback(callback)
         store = self.adapter.lora_store
-        with request_context(ctx), self._lora(store, req, timer) as lora:
+        with request_context(ctx), self.scope(), self._lora(store, req, timer) as lora:
             with timer.stage("prepare"):
                 state = self.adapter.prepare(req.params, cond, generator)
             steps = req.params.num_inference_steps
@@ -294,7 +299,7 @@ class Decoder(_Stage):
     def images(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [-1, 1]."""
         latents = latents.to(self.adapter.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.scope():
             return self.adapter.decode(latents, req.params.height, req.params.width)
 
     def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:

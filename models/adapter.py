@@ -225,6 +225,7 @@ class FamilyAdapter:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         loaders: dict[str, ComponentLoader] | None = None,
+        host_components: Sequence[str] = (),
     ) -> FamilyAdapter:
         """Load the components ``stages`` need from a diffusers-format folder.
 
@@ -235,6 +236,8 @@ class FamilyAdapter:
             dtype: dtype of the modules' floating point weights.
             loaders: component name -> a loader used instead of the class's ``from_pretrained``
                 (e.g. a tensor-parallel loader that reads only this rank's shards).
+            host_components: components left on the CPU after loading: an offload feature places
+                their weights itself (a model larger than the device never has to fit on it).
         """
         unknown = set(stages) - set(STAGES)
         if unknown:
@@ -245,7 +248,8 @@ class FamilyAdapter:
             for name in cls.stage_components[stage]:
                 if name not in components:
                     module = load_component(info, name, cls.component_types[name], dtype=dtype, loader=(loaders or {}).get(name))
-                    components[name] = module.to(device) if isinstance(module, torch.nn.Module) else module
+                    on_device = isinstance(module, torch.nn.Module) and name not in host_components
+                    components[name] = module.to(device) if on_device else module
         return cls(components, info, device=device, dtype=dtype)
 
     # ---- declarations read without weights ----------------------------------------------------

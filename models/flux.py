@@ -51,7 +51,7 @@ class FluxAdapter(FlowMatchImageAdapter):
     # exact VAE patch parallel decode (tests/test_vae_parallel.py).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
     })
     # TeaCache polynomial: TeaCache's published fit for FLUX.1-dev.
     cache_blocks = CacheBlocks(

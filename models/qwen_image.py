@@ -48,7 +48,7 @@ class QwenImageAdapter(FlowMatchImageAdapter):
     # exact VAE patch parallel decode (tests/test_vae_parallel.py).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
     })
     # TeaCache polynomial: vLLM-Omni's published fit for Qwen-Image.
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (-450.0, 280.0, -45.0, 3.2, -0.02))

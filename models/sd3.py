@@ -66,10 +66,10 @@ class SD3Adapter(FamilyAdapter):
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)
     # Verified in tests/test_family_sd3.py: caches (threshold 0 equals uncached, evaluations drop);
     # Ulysses/Ring/CFG/TP layouts equal one rank; exact VAE patch parallel decode equals one worker.
-    # Not declared: LoRA and layerwise offload (not implemented in the project yet), FP8.
+    # Layerwise offload equals resident (tests/test_offload.py). Not declared: LoRA (not implemented yet), FP8.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
     })
     # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
     # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.

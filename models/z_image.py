@@ -60,7 +60,7 @@ class ZImageAdapter(FamilyAdapter):
     # one rank; exact VAE patch parallel decode (AutoencoderKL's plan) over 2 workers equals one.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
     })
     # Sequence parallel (the class has no _cp_plan): the model joins image and caption tokens into
     # one sequence inside its forward, so the split is at the first main block's input (each rank

@@ -15,10 +15,14 @@ def layout_ids(degrees: dict) -> str:
     return "_".join(f"{k.split('_')[0]}{v}" for k, v in degrees.items())
 
 
-def run_and_compare(model: str, degrees: dict, requests: list, references: list, **options) -> list[list[dict]]:
-    """Run ``requests`` on the layout ``degrees`` (and further ``EngineConfig`` ``options``) and
-    assert it equals ``references``; returns every rank's results for further checks."""
-    config = EngineConfig(model=model, device="cpu", parallel=ParallelConfig(**degrees), **options)
+def run_and_compare(model: str, degrees: dict, requests: list, references: list, **engine) -> list[list[dict]]:
+    """Run ``requests`` on the layout ``degrees`` and assert it equals ``references``; returns
+    every rank's results for further checks.
+
+    Args:
+        engine: further ``EngineConfig`` fields of the layout (e.g. ``offload``).
+    """
+    config = EngineConfig(model=model, device="cpu", parallel=ParallelConfig(**degrees), **engine)
     ranks = run_local(config, requests)
     assert len(ranks) == config.parallel.world_size
     for rank, results in enumerate(ranks):

@@ -115,12 +115,12 @@ def _actions(command: str) -> dict:
 
 
 @pytest.mark.parametrize("command", ["run", "config", "generate"])
-def test_every_parallel_and_vae_field_has_its_flag(command):
+def test_every_parallel_vae_and_offload_field_has_its_flag(command):
     # flags are generated from the config fields: a new field gets its flag, named and documented by it
-    from ditserve.deployments import ParallelConfig, VaeConfig
+    from ditserve.deployments import OffloadConfig, ParallelConfig, VaeConfig
 
     actions = _actions(command)
-    for model in (ParallelConfig, VaeConfig):
+    for model in (ParallelConfig, VaeConfig, OffloadConfig):
         for name, info in model.model_fields.items():
             action = actions["--" + name.replace("_", "-")]
             assert action.help.replace("%%", "%").startswith(info.description), name

@@ -27,7 +27,7 @@ from .config import (
     merge_cache,
     parse_cache_settings,
 )
-from .hooks import CacheRun, CacheStats, apply_cache, cache_run, check_blocks, has_cache, remove_cache
+from .hooks import CacheRun, CacheStats, apply_cache, cache_run, check_blocks, has_cache, may_skip, remove_cache
 from .policies import TaylorSeer, steps_mask
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "cache_run",
     "check_blocks",
     "has_cache",
+    "may_skip",
     "merge_cache",
     "parse_cache_settings",
     "remove_cache",

@@ -171,6 +171,27 @@ def check_blocks(settings: CacheSettings, num_blocks: int, field: str = "cache_c
         )
 
 
+def may_skip(index: int, current: int) -> bool:
+    """Whether block ``index`` may be skipped in the active transformer call, seen from the hook of
+    block ``current`` (``True`` while the call's skip decision is still to come). For the layerwise
+    offload (``features/offload``): a block that may be skipped is not prefetched."""
+    run = _active_run()
+    if run is None:
+        return False
+    first, last = run.policy.skip_range
+    if not first <= index <= last:
+        return False
+    decide_after = run.policy.decide_after
+    if decide_after is not None and current <= decide_after:
+        return True  # DBCache decides after block decide_after has computed
+    try:
+        branch = current_step().branch
+    except RuntimeError:
+        return False
+    state = run.states.get(branch)
+    return bool(state is not None and state.skipping)
+
+
 class _BlockHook(ModelHook):
     def __init__(self, index: int) -> None:
         super().__init__()
