@@ -228,3 +228,14 @@ def test_names_are_confined_to_lora_dir(tmp_path, lora_dir):
     (root / ".hidden").mkdir()
     (root / "notes.txt").write_text("x")
     assert list(list_adapters(root)) == ["inside"]
+
+
+def test_lora_under_layerwise_offload_equals_resident(engines, tiny_flux, lora_dir):
+    """The adapters' hooks sit on linears inside offloaded blocks: same numbers as resident."""
+    from ditserve.features.offload import OffloadConfig
+
+    offloaded = Engine(EngineConfig(model=str(tiny_flux), device="cpu", dtype="float32",
+                                    lora=LoraConfig(lora_dir=str(lora_dir)),
+                                    offload=OffloadConfig(enable_layerwise_offload=True)))
+    lora = [{"name": "fx", "scale": 0.7}, {"name": "fy", "scale": 0.5}]
+    assert torch.equal(_latents(offloaded, lora=lora), _latents(engines["flux"], lora=lora))
