@@ -23,6 +23,7 @@ from ditserve.models import (
 )
 from ditserve.models.tiny import FAMILIES as TINY_FAMILIES
 from ditserve.models.tiny import make_tiny
+from ditserve.features.lora import LoraConfig
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.vae import VaeConfig
 
@@ -54,6 +55,7 @@ __all__ = [
     "FamilyNotImplementedError",
     "GenerationRequest",
     "GenerationResult",
+    "LoraConfig",
     "LoraRequest",
     "ModelNotFoundError",
     "ParallelConfig",
