@@ -149,10 +149,13 @@ class DiT(_GroupCoordinator):
     "model" is only a token (the adapter's name): the ranks' ``LoraStore`` does the real loading,
     inside the request, with an LRU of the same capacity, so what Serve believes this replica holds
     (and reports to every caller's router) is what its ranks hold. ``denoise`` touches the token of
-    each of the request's adapters, in the request's order, once the ranks have answered: both LRUs
-    then see the same adapters in the same order (one request at a time), and an adapter that failed
-    to load is never advertised. Serve evicts its least recently used token exactly when the store
-    evicts that adapter from the device; the token holds nothing, so the eviction frees nothing here.
+    each of the request's adapters, in the request's order, once the ranks have answered: for every
+    request that succeeds both LRUs see the same adapters in the same order (one request at a time),
+    so Serve evicts its least recently used token when the store evicts that adapter from the device
+    (the token holds nothing: Serve's eviction frees nothing here), and an adapter that failed to load
+    is never advertised. A failed request may still have touched the store's order (its good
+    adapters); the cost of that drift is at most one misrouted request that reloads an adapter.
+    Serve routes on the device LRU only: the ranks' CPU tier (``max_cpu_loras``) is a faster reload.
     """
 
     stage, method = "denoise", "denoise"
