@@ -65,7 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         engine = ParallelEngine(config) if parallel else Engine(config)
         resolved = engine.resolve(request)
     except RequestError as exc:
-        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        print(f"error: {_flag_of(exc.field)}: {exc.message}", file=sys.stderr)
         return 2
     request = request.model_copy(update={"seed": resolved.seed})  # every rank draws the same noise
     bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr,
@@ -84,7 +84,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"layout={config.parallel.describe()}; {config.vae.describe()}")
     print(f"timings: {timings}  total={sum(result.timings.values()):.3f}s")
     _print_cache(result.cache)
+    _print_lora(result.lora)
     return 0
+
+
+def _flag_of(field: str) -> str:
+    """The flag of a request field an error names (``lora.0.name`` is given by ``--lora``)."""
+    if field.startswith("lora"):
+        return "--lora" if field == "lora" else f"--lora ({field})"
+    return "--" + field.replace("_", "-")
+
+
+def _print_lora(stats: dict | None) -> None:
+    if stats:
+        counts = " ".join(f"{k}={stats[k]}" for k in ("loads", "hits", "restores", "evictions"))
+        print(f"lora: {', '.join(stats['adapters'])} ({counts})")
 
 
 def _print_cache(stats: dict | None) -> None:
@@ -94,8 +108,30 @@ def _print_cache(stats: dict | None) -> None:
 
 
 def _request_fields(args: argparse.Namespace) -> dict:
-    """The request fields given as flags (``--prompt``, ``--size``, ...)."""
-    return _flags().request.values(args)
+    """The request fields given as flags (``--prompt``, ``--size``, ..., ``--lora``)."""
+    fields = _flags().request.values(args)
+    if getattr(args, "lora", None):
+        fields["lora"] = lora_field(args.lora)
+    return fields
+
+
+def lora_field(values: list[str]) -> dict | list[dict]:
+    """``--lora NAME[:SCALE]`` (repeatable) as the request's ``lora`` field: one adapter, or a list.
+
+    Raises:
+        ValueError: a value not of the form NAME or NAME:SCALE, naming ``--lora``.
+    """
+    out = []
+    for value in values:
+        name, sep, scale = value.rpartition(":") if ":" in value else (value, "", "")
+        try:
+            if not name or (sep and not scale):
+                raise ValueError
+            out.append({"name": name, "scale": float(scale) if sep else 1.0})
+        except ValueError:
+            raise ValueError(f"--lora: {value!r} is not NAME or NAME:SCALE (SCALE a number, default 1), "
+                             "e.g. --lora my-style:0.8") from None
+    return out[0] if len(out) == 1 else out
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
@@ -123,6 +159,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     print(f"model={reply['model']} seed={reply['seed']} request_id={reply['request_id']}")
     print(f"timings: {timings}")
     _print_cache(reply.get("cache"))
+    _print_lora(reply.get("lora"))
     return 0
 
 
@@ -137,9 +174,10 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 
 
 def _engine_config(args: argparse.Namespace):
-    """``EngineConfig`` from its flags, with ``parallel``, ``vae`` and ``offload`` from theirs."""
+    """``EngineConfig`` from its flags, with ``parallel``, ``vae``, ``offload`` and ``lora`` from theirs."""
     f = _flags()
-    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args), offload=f.offload.build(args))
+    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args), offload=f.offload.build(args),
+                          lora=f.lora.build(args))
 
 
 def _stage(args: argparse.Namespace, stage: _StageFlags):
@@ -180,6 +218,7 @@ class _Flags:
     parallel: FlagSet
     vae: FlagSet
     offload: FlagSet
+    lora: FlagSet
     app: FlagSet
     stages: tuple[_StageFlags, ...]
     request: FlagSet
@@ -188,12 +227,14 @@ class _Flags:
 @functools.cache
 def _flags() -> _Flags:
     """Every config flag, generated from the config models (``flags.py``): a new field of
-    ``ParallelConfig``, ``VaeConfig``, ``OffloadConfig``, ``EngineConfig`` or ``AppConfig`` gets its flag by itself."""
+    ``ParallelConfig``, ``VaeConfig``, ``OffloadConfig``, ``LoraConfig``, ``EngineConfig`` or ``AppConfig`` gets its
+    flag by itself."""
     from ditserve.deployments import (
         AppConfig,
         AutoscalingOptions,
         EngineConfig,
         GenerationRequest,
+        LoraConfig,
         OffloadConfig,
         ParallelConfig,
         VaeConfig,
@@ -215,10 +256,11 @@ def _flags() -> _Flags:
                     base=default.autoscaling),
         ))
     return _Flags(
-        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload")),
+        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload", "lora")),
         parallel=FlagSet(ParallelConfig),
         vae=FlagSet(VaeConfig),
         offload=FlagSet(OffloadConfig),
+        lora=FlagSet(LoraConfig),
         app=FlagSet(AppConfig, exclude=nested),
         stages=tuple(stages),
         request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache")),
@@ -227,7 +269,7 @@ def _flags() -> _Flags:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     f = _flags()
-    for flags in (f.engine, f.parallel, f.vae, f.offload):
+    for flags in (f.engine, f.parallel, f.vae, f.offload, f.lora):
         flags.add_to(p)
 
 
@@ -269,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate in this process (the reference runner), or via --server")
     p.add_argument("--server", help="URL of a running server (e.g. http://127.0.0.1:8000); default: in process")
     _flags().request.add_to(p)
+    p.add_argument("--lora", action="append", metavar="NAME[:SCALE]",
+                   help="a LoRA adapter of --lora-dir (or of the server's) at SCALE (default 1); repeat to combine "
+                   "several (a weighted sum)")
     _add_engine_options(p)
     p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")
     p.set_defaults(func=_cmd_generate)

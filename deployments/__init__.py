@@ -22,8 +22,9 @@ from ditserve.models import (
     list_specs,
 )
 from ditserve.models.tiny import FAMILIES as TINY_FAMILIES
-from ditserve.features.offload import OffloadConfig
 from ditserve.models.tiny import make_tiny
+from ditserve.features.lora import LoraConfig
+from ditserve.features.offload import OffloadConfig
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.vae import VaeConfig
 
@@ -55,6 +56,7 @@ __all__ = [
     "FamilyNotImplementedError",
     "GenerationRequest",
     "GenerationResult",
+    "LoraConfig",
     "LoraRequest",
     "ModelNotFoundError",
     "OffloadConfig",

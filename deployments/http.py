@@ -94,16 +94,23 @@ class ImagesResponse(_Response):
         "postprocess, total."
     )
     cache: dict[str, Any] | None = Field(description="Cache statistics when the request ran with a cache.")
+    lora: dict[str, Any] | None = Field(
+        None, description="With LoRA: the adapters applied ('adapters') and what the DiT replica did for them "
+        "('loads' from lora_dir, 'hits' already loaded, 'restores' from CPU memory, 'evictions').",
+    )
     usage: ImagesUsage = Field(description="What the request consumed.")
 
 
 class ModelCard(_Response):
     """One served model, as OpenAI lists them."""
 
-    id: str = Field(description="Model id (the request's model field).")
+    id: str = Field(description="Model id (the request's model field; an adapter's name selects it at scale 1).")
     object: Literal["model"] = "model"
-    created: int = Field(description="Unix time the deployment started.")
+    created: int = Field(description="Unix time the deployment started (an adapter: its file's modification time).")
     owned_by: str = Field("ditserve", description="Owner.")
+    root: str | None = Field(None, description="The base model this one runs on (itself for a base model).")
+    parent: str | None = Field(None, description="A LoRA adapter's base model (vLLM's convention); null for a base "
+                               "model.")
 
 
 class ModelList(_Response):
@@ -184,7 +191,7 @@ def images_response(req: ImagesRequest, result: GenerationResult, data: Sequence
     return ImagesResponse(
         created=int(time.time()), data=list(data), model=result.model, output_format=req.output_format,
         size=f"{size[0]}x{size[1]}", seed=result.seed, request_id=result.request_id,
-        timings={k: round(v, 6) for k, v in result.timings.items()}, cache=result.cache,
+        timings={k: round(v, 6) for k, v in result.timings.items()}, cache=result.cache, lora=result.lora,
         usage=ImagesUsage(images=len(data), num_inference_steps=steps),
     )
 

@@ -1,7 +1,11 @@
-"""The Router's Prometheus metrics (``ray.serve.metrics``; Ray prefixes the names with ``ray_``).
+"""The app's Prometheus metrics (``ray.serve.metrics``; Ray prefixes the names with ``ray_`` and tags
+each with the ``deployment``, ``replica`` and ``application`` that recorded it).
 
-One object per Router replica: seconds per stage and per request, requests by outcome, and the
-cache's computed/skipped transformer calls and blocks. The README's "Observability" lists them.
+``RouterMetrics``, one object per Router replica: seconds per stage and per request, requests by
+outcome, and the cache's computed/skipped transformer calls and blocks. ``DitMetrics``, one per DiT
+replica: what its ranks' LoRA store did (adapters loaded from ``lora_dir``, hits, restores from
+CPU memory, evictions), so the ``replica`` tag shows how well multiplexed routing keeps adapters
+where they are loaded. The README's "Observability" lists them.
 """
 
 from __future__ import annotations
@@ -62,3 +66,29 @@ class RouterMetrics:
                 self.cache_calls.inc(calls, tags={**tags, "outcome": outcome})
             if blocks:
                 self.cache_blocks.inc(blocks, tags={**tags, "outcome": outcome})
+
+
+#: the counters of a DiT replica's LoRA store, by the ``Denoised`` report's keys
+LORA_EVENTS = {
+    "loads": "Adapters read from lora_dir onto a DiT replica's ranks.",
+    "hits": "Adapters a request found already on the DiT replica's device.",
+    "restores": "Adapters moved back onto the device from the replica's CPU memory (no file read).",
+    "evictions": "Adapters moved off the device to make room (least recently used first).",
+}
+
+
+class DitMetrics:
+    """What a DiT replica records per request: ``ditserve_lora_<event>_total`` (tag ``model``) for
+    each of ``LORA_EVENTS``, from the rank-0 store's report (every rank of a group does the same)."""
+
+    def __init__(self) -> None:
+        self.lora = {event: Counter(f"ditserve_lora_{event}_total", description=description, tag_keys=("model",))
+                     for event, description in LORA_EVENTS.items()}
+
+    def lora_report(self, model: str, report: Mapping[str, Any] | None) -> None:
+        """One request's LoRA report (``{"adapters", "loads", "hits", "restores", "evictions"}``)."""
+        if not report:
+            return
+        for event, counter in self.lora.items():
+            if report.get(event):
+                counter.inc(report[event], tags={"model": model})

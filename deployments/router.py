@@ -6,6 +6,11 @@ summary to validate against. Composition is one method (``_compose``): the stage
 through the object store once, replica to replica. HTTP goes through Serve's FastAPI ingress
 (routes, models and errors in ``http.py``); metrics are in ``metrics.py``. Python callers use
 ``handle.generate.remote(GenerationRequest(...))``.
+
+A request with LoRA adapters goes to the DiT with its first adapter as Serve's
+``multiplexed_model_id``: Serve prefers a DiT replica that already holds it (``serving.DiT``).
+``GET /v1/models`` lists the base model and, read from ``lora_dir`` at each call (adapters dropped
+in appear without a restart), each adapter as a model whose ``parent`` is the base model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from fastapi import FastAPI
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+
+from ditserve.features.lora import list_adapters
 
 from .config import AppConfig
 from .engine import GenerationResult
@@ -82,7 +89,10 @@ class Router:
     async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
         """TextEncoder -> DiT -> VAE for one resolved request; only the last reply is awaited."""
         encoded = self.encoder.encode.remote(resolved)
-        denoised = self.dit.denoise.remote(resolved, encoded)
+        # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
+        # follow it: a client that combines adapters tends to combine the same ones)
+        dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
+        denoised = dit.denoise.remote(resolved, encoded)
         return await self.vae.decode.remote(resolved, denoised, return_latents)
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
@@ -141,7 +151,15 @@ class Router:
         return images_response(req, result, data, (width, height), steps)
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=m, created=self.created) for m in self.served.specs])
+        """The served models, then each adapter of ``lora_dir`` (read now) with the base as parent."""
+        cards = [ModelCard(id=m, created=self.created, root=m) for m in self.served.specs]
+        for name, path in list_adapters(self.served.lora.lora_dir).items():
+            try:
+                created = int(path.stat().st_mtime)
+            except OSError:  # removed while listing
+                continue
+            cards.append(ModelCard(id=name, created=created, root=self.served.id, parent=self.served.id))
+        return ModelList(data=cards)
 
     def failed(self, status: int) -> None:
         self.metrics.failed(self.served.id, status)

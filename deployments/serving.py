@@ -6,10 +6,16 @@ coordinators: each reserves one placement group (bundle 0 for itself, one bundle
 starts a ``RayExecutor`` in it whose ranks run a ``Denoiser`` or a ``Decoder``; a request is one
 ``call_all`` (the whole loop runs in the ranks), answered by rank 0 alone, with the deployment's
 ``request_timeout_s`` as its deadline.
+
+LoRA across replicas: the Router sends a request with adapters to the DiT with the first adapter's
+name as Serve's ``multiplexed_model_id``, and each DiT replica registers the adapters it served
+with Serve's model multiplexing (``DiT.adapter``), so Serve routes the next request for an adapter
+to a replica that holds it (see ``DiT`` for how the two LRUs stay the same).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
@@ -17,6 +23,7 @@ import ray
 from ray import serve
 
 from .config import AppConfig, StageOptions
+from .metrics import DitMetrics
 from .ray_executor import RayExecutor
 from .schema import ResolvedRequest
 from .stages import Decoded, Denoised, Encoded, Encoder
@@ -125,9 +132,31 @@ class _GroupCoordinator:
         }
 
 
+def _lora_store_state(worker: Any) -> dict[str, Any] | None:
+    """Runs in a DiT rank (``RankWorker``): its LoRA store's counters and what it holds."""
+    store = getattr(worker.stage.adapter, "lora_store", None)
+    if store is None:
+        return None
+    return {**store.stats.as_dict(), "on_device": list(store.on_device), "on_cpu": list(store.on_cpu)}
+
+
 @serve.deployment(name="DiT")
 class DiT(_GroupCoordinator):
-    """Coordinator of one DiT worker group (one torch.distributed world); one request at a time."""
+    """Coordinator of one DiT worker group (one torch.distributed world); one request at a time.
+
+    LoRA and Serve's model multiplexing: ``adapter`` is a ``@serve.multiplexed`` method, made in
+    ``__init__`` because its capacity is the deployment's ``lora.max_loras_per_replica``. Its
+    "model" is only a token (the adapter's name): the ranks' ``LoraStore`` does the real loading,
+    inside the request, with an LRU of the same capacity, so what Serve believes this replica holds
+    (and reports to every caller's router) is what its ranks hold. ``denoise`` touches the token of
+    each of the request's adapters, in the request's order, once the ranks have answered: for every
+    request that succeeds both LRUs see the same adapters in the same order (one request at a time),
+    so Serve evicts its least recently used token when the store evicts that adapter from the device
+    (the token holds nothing: Serve's eviction frees nothing here), and an adapter that failed to load
+    is never advertised. A failed request may still have touched the store's order (its good
+    adapters); the cost of that drift is at most one misrouted request that reloads an adapter.
+    Serve routes on the device LRU only: the ranks' CPU tier (``max_cpu_loras``) is a faster reload.
+    """
 
     stage, method = "denoise", "denoise"
 
@@ -137,9 +166,33 @@ class DiT(_GroupCoordinator):
 
     def __init__(self, cfg: AppConfig, gpu: bool) -> None:
         super().__init__(cfg, gpu, cfg.dit_world_size, cfg.dit)
+        self.metrics = DitMetrics()
+        self.lora_requests: collections.Counter[str] = collections.Counter()  # served requests per adapter
+
+        # a fresh function per replica: Serve keeps the LRU on the decorated function object
+        async def adapter(model_id: str) -> str:
+            return model_id
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.engine.lora.max_loras_per_replica)(adapter)
 
     async def denoise(self, req: ResolvedRequest, encoded: Encoded) -> Denoised:
-        return await self._call(req, encoded, _request_id())
+        denoised = await self._call(req, encoded, _request_id())
+        if req.lora:
+            for lora in req.lora:
+                await self.adapter(lora.name)
+                self.lora_requests[lora.name] += 1
+            report = next((r.lora for r in reversed(denoised.reports) if r.stage == "denoise"), None)
+            self.metrics.lora_report(req.model, report)
+        return denoised
+
+    async def lora_stats(self) -> dict[str, Any]:
+        """This replica's adapters: rank 0's store counters (``loads``, ``hits``, ``restores``,
+        ``evictions``, ``load_s``) and what it holds (``on_device``, ``on_cpu``), the requests it
+        served per adapter (``requests``) and the ``replica_id`` (tests, operators:
+        ``handle.broadcast("lora_stats")`` asks every replica)."""
+        state = await self.executor.call_all_async(_lora_store_state, timeout_s=self.health_check_timeout_s)
+        return {"replica_id": serve.get_replica_context().replica_id.unique_id,
+                "requests": dict(self.lora_requests), **(state or {})}
 
 
 @serve.deployment(name="VAE")

@@ -154,3 +154,59 @@ def test_dit_and_vae_take_one_request_at_a_time():
         with pytest.raises(ValidationError, match=rf"{stage}.max_ongoing_requests is fixed at 1 because"):
             AppConfig.model_validate({stage: {"max_ongoing_requests": 1}})
     assert "--dit-max-ongoing-requests" not in _actions("run") and "--encoder-max-ongoing-requests" in _actions("run")
+
+
+def test_lora_flags_reach_the_app_config(capsys, tmp_path):
+    import yaml
+
+    assert main(["config", "--lora-dir", str(tmp_path), "--max-loras-per-replica", "2", "--max-loras-per-request", "2",
+                 "--max-cpu-loras", "0"]) == 0
+    lora = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["engine"]["lora"]
+    assert lora == {"lora_dir": str(tmp_path), "max_loras_per_request": 2, "max_loras_per_replica": 2,
+                    "max_cpu_loras": 0}
+    assert main(["config", "--max-cpu-loras", "-1"]) == 2
+    assert "--max-cpu-loras: Input should be greater than or equal to 0" in capsys.readouterr().err
+    for command in ("run", "generate"):
+        assert {"--lora-dir", "--max-loras-per-request", "--max-loras-per-replica", "--max-cpu-loras"} <= set(
+            _actions(command))
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (["a"], {"name": "a", "scale": 1.0}),
+    (["a:0.5"], {"name": "a", "scale": 0.5}),
+    (["a:-1", "b"], [{"name": "a", "scale": -1.0}, {"name": "b", "scale": 1.0}]),
+])
+def test_lora_flag_builds_the_request_field(values, expected):
+    from ditserve.cluster.cli import lora_field
+
+    assert lora_field(values) == expected
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lora", "a:strong"], "--lora: 'a:strong' is not NAME or NAME:SCALE"),
+    (["--lora", ":1"], "--lora: ':1' is not NAME or NAME:SCALE"),
+    (["--lora", "a:"], "--lora: 'a:' is not NAME or NAME:SCALE"),
+    (["--lora", "a:9"], "--lora (lora.scale): Input should be less than or equal to 4"),
+    (["--lora", "a", "--lora", "b:5"], "--lora (lora.1.scale): Input should be less than or equal to 4"),
+])
+def test_bad_lora_flag_exits_2_naming_it(tmp_path, capsys, args, message):
+    assert main(["generate", "--prompt", "x", *args, "--output", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_lora_adapters(tmp_path, tiny_qwen, capsys):
+    from diffusers import QwenImagePipeline
+    from lora_files import save_peft_lora
+
+    loras = tmp_path / "loras"
+    save_peft_lora(QwenImagePipeline, tiny_qwen, loras / "x", seed=3)
+    save_peft_lora(QwenImagePipeline, tiny_qwen, loras / "y", seed=4, rank=2)
+    args = ["generate", "--model", str(tiny_qwen), "--prompt", "a cat", "--size", "64x64", "--num-inference-steps", "2",
+            "--seed", "3", "--lora-dir", str(loras)]
+    assert main([*args, "--lora", "x:0.8", "--lora", "y", "--output", str(tmp_path / "a.png")]) == 0
+    assert "lora: x, y (loads=2 hits=0 restores=0 evictions=0)" in capsys.readouterr().out
+    assert main([*args, "--output", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+    assert main([*args, "--lora", "nope", "--output", str(tmp_path / "c.png")]) == 2
+    assert "--lora (lora.name): unknown adapter 'nope'; known adapters: x, y" in capsys.readouterr().err

@@ -151,7 +151,7 @@ def test_models_and_health(http):
     assert http("GET", "/health")[1] == {"status": "ok"}
     status, models, _ = http("GET", "/v1/models")
     assert status == 200 and models == {"object": "list", "data": [
-        {"id": "m", "object": "model", "created": 1, "owned_by": "ditserve"}]}
+        {"id": "m", "object": "model", "created": 1, "owned_by": "ditserve", "root": None, "parent": None}]}
 
 
 def test_openapi_documents_routes_with_our_models(http):
@@ -164,7 +164,7 @@ def test_openapi_documents_routes_with_our_models(http):
     assert set(schemas["ImagesRequest"]["properties"]) == set(GenerationRequest.model_fields) | {
         "response_format", "output_format", "output_compression", "user"}
     assert set(schemas["ImagesResponse"]["properties"]) == {
-        "created", "data", "model", "output_format", "size", "seed", "request_id", "timings", "cache", "usage"}
+        "created", "data", "model", "output_format", "size", "seed", "request_id", "timings", "cache", "lora", "usage"}
     for code in ("400", "413", "422", "429", "503"):  # our error shape, not FastAPI's HTTPValidationError
         assert post["responses"][code]["content"]["application/json"]["schema"]["$ref"] == \
             "#/components/schemas/ErrorResponse"

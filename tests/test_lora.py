@@ -216,6 +216,7 @@ def test_lora_dir_must_exist_and_the_model_support_lora(tiny_flux, tmp_path):
         Engine(EngineConfig(model=str(tiny_flux), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path / "none"))))
     with pytest.raises(ValueError, match="max_loras_per_request=5 exceeds max_loras_per_replica=4"):
         LoraConfig(max_loras_per_request=5, max_loras_per_replica=4)
+    assert LoraConfig(max_loras_per_replica=2).max_loras_per_request == 2  # the default follows the capacity
 
 
 def test_names_are_confined_to_lora_dir(tmp_path, lora_dir):

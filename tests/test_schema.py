@@ -121,3 +121,14 @@ def test_default_negative_prompt_turns_true_cfg_on_unless_asked_off():
     own = resolve_request(GenerationRequest(prompt="a cat", negative_prompt="blurry"), spec)
     assert own.negative_prompt == "blurry"
     assert resolve_request(GenerationRequest(prompt="a cat"), QWEN).negative_prompt is None
+
+
+def test_lora_without_lora_dir_names_the_adapter_field():
+    from ditserve.deployments import LoraConfig
+    from ditserve.deployments.schema import validate_request
+
+    for lora, field in (({"name": "x"}, "lora.name"), ([{"name": "a"}, {"name": "x"}], "lora.0.name")):
+        with pytest.raises(RequestError, match="no LoRA adapters are served") as info:
+            validate_request(GenerationRequest.parse({"prompt": "a cat", "lora": lora}), {QWEN.id: QWEN}, QWEN.id,
+                             lora=LoraConfig())
+        assert (info.value.field, info.value.status) == (field, 422)

@@ -1,5 +1,12 @@
 """The served graph (Router -> TextEncoder -> DiT -> VAE) on a 2-node Ray cluster: same images as
-the in-process reference runner, over HTTP and handles, with placement as configured."""
+the in-process reference runner, over HTTP and handles, with placement as configured.
+
+The app serves LoRA adapters with two DiT replicas (one app for every served test: each deploy
+costs seconds): Serve's model multiplexing sends each adapter's requests to the replica that loaded
+it, so it is loaded once per replica, not once per request; ``/v1/models`` lists the adapters of
+``lora_dir`` (also ones added while serving) with the base model as parent; ``model: "<adapter>"``
+works from a plain OpenAI body; bad adapters over HTTP are 4xx naming the field, and the app keeps
+answering."""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import shutil
 import urllib.error
 import urllib.request
 
@@ -14,6 +22,8 @@ import numpy as np
 import pytest
 import ray
 import torch
+from diffusers import FluxPipeline, QwenImagePipeline
+from lora_files import save_peft_lora
 from PIL import Image
 from ray import serve
 
@@ -26,21 +36,38 @@ pytestmark = pytest.mark.timeout(600)
 APP = "serving-test"
 
 
-def make_app_config(model: str, **overrides) -> AppConfig:
-    """Text encoder pinned to node A (CPU only); DiT and VAE ranks take a (logical) GPU on node B."""
+def make_app_config(model: str, lora_dir: str, **overrides) -> AppConfig:
+    """Text encoder pinned to node A (CPU only); two DiT replicas and the VAE, whose ranks take a
+    (logical) GPU each on node B; LoRA adapters from ``lora_dir``, two per replica."""
     base = dict(
-        engine={"model": model, "device": "cpu", "dtype": "float32"},
+        engine={"model": model, "device": "cpu", "dtype": "float32",
+                "lora": {"lora_dir": lora_dir, "max_loras_per_replica": 2, "max_loras_per_request": 2}},
         accelerator="gpu",
         distributed_timeout_s=60,
         text_encoder={"num_cpus": 0.1, "num_gpus": 0, "custom_resources": {"node_a": 0.01}, "max_ongoing_requests": 16},
+        dit={"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
     )
     return AppConfig.model_validate({**base, **overrides})
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_qwen):
-    handle = serve.run(build_app(make_app_config(str(tiny_qwen))), name=APP, route_prefix="/")
-    yield {"handle": handle, "url": ray_cluster["url"], "model": str(tiny_qwen)}
+def lora_dir(tmp_path_factory, tiny_qwen, tiny_flux):
+    """Adapters X and Y of the served model, one of another family, and bad entries."""
+    root = tmp_path_factory.mktemp("served-loras")
+    save_peft_lora(QwenImagePipeline, tiny_qwen, root / "x", seed=3)
+    save_peft_lora(QwenImagePipeline, tiny_qwen, root / "y", seed=4, rank=2, alpha=1)
+    save_peft_lora(FluxPipeline, tiny_flux, root / "flux-style", seed=1)
+    (root / "binary").mkdir()
+    torch.save({"x": torch.zeros(1)}, root / "binary" / "adapter.bin")
+    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_qwen, lora_dir):
+    handle = serve.run(build_app(make_app_config(str(tiny_qwen), str(lora_dir))), name=APP, route_prefix="/")
+    yield {"handle": handle, "url": ray_cluster["url"], "model": str(tiny_qwen),
+           "dit": serve.get_deployment_handle("DiT", APP)}
     serve.delete(APP)
 
 
@@ -151,10 +178,11 @@ def test_placement_dit_group_on_one_node_encoder_on_its_own(served, ray_cluster)
         assert stage["backend"] == "gloo"
     pgs = [pg for pg in ray.util.placement_group_table().values()
            if pg["state"] == "CREATED" and f"{APP}#DiT" in pg["name"]]
-    assert len(pgs) == 1
-    assert pgs[0]["strategy"] == "STRICT_PACK" and len(pgs[0]["bundles"]) == 2  # coordinator + 1 rank
-    assert len(set(pgs[0]["bundles_to_node_id"].values())) == 1
-    assert pgs[0]["bundles"][1].get("GPU") == 1.0
+    assert len(pgs) == 2  # one per DiT replica
+    for pg in pgs:
+        assert pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 2  # coordinator + 1 rank
+        assert len(set(pg["bundles_to_node_id"].values())) == 1
+        assert pg["bundles"][1].get("GPU") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -167,7 +195,8 @@ def test_placement_dit_group_on_one_node_encoder_on_its_own(served, ray_cluster)
         (dict(REQ, model="nope/nope"), 404, "model", "unknown model 'nope/nope'"),
         (dict(REQ, response_format="url"), 422, "response_format", "b64_json"),
         (dict(REQ, output_compression=50), 422, "output_compression", "jpeg and webp only"),
-        (dict(REQ, lora={"name": "x"}), 422, "lora", "no LoRA adapters are served"),
+        (dict(REQ, lora={"name": "nope"}), 404, "lora.name", "unknown adapter 'nope'; known adapters: binary, "
+         "corrupt, flux-style, x, y"),
         (dict(REQ, cache={"backend": "tea_cache", "config": {"rel_l1_thresh": -1}}), 422, "cache.config.rel_l1_thresh",
          "greater than or equal to 0"),
         (dict(REQ, cache={"backend": "cache_dit", "config": {"Fn_compute_blocks": 2}}), 422,
@@ -193,7 +222,8 @@ def test_http_jpeg_and_webp(served):
 def test_models_health_and_unknown_routes(served):
     with urllib.request.urlopen(served["url"] + "/v1/models") as resp:
         models = json.loads(resp.read())
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [served["model"]]
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [served["model"], "binary", "corrupt", "flux-style", "x", "y"]
     with urllib.request.urlopen(served["url"] + "/health") as resp:
         assert json.loads(resp.read()) == {"status": "ok"}
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -248,3 +278,93 @@ def test_http_request_id_is_honoured_and_echoed(served):
     assert status == 200, body
     assert body["request_id"] == "my-req-2" and headers.get("x-request-id") == "my-req-2"
     assert body["usage"] == {"images": 1, "num_inference_steps": 4} and body["cache"] is None
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+
+LORA_REQ = dict(REQ, num_inference_steps=2)
+
+
+def _reply_pixels(reply: dict) -> np.ndarray:
+    return _pixels(reply["data"][0]["b64_json"])
+
+
+def _models(url: str) -> list[dict]:
+    with urllib.request.urlopen(url + "/v1/models") as resp:
+        return json.loads(resp.read())["data"]
+
+
+def test_alternating_adapters_load_once_per_replica_that_serves_them(served):
+    replies = []
+    for name in ["x", "y"] * 4:
+        status, reply, _ = _post(served["url"], dict(LORA_REQ, lora={"name": name}))
+        assert status == 200, reply
+        assert reply["lora"]["adapters"] == [name]
+        replies.append(reply)
+    # every X request drew the same image (whichever replica), and Y another one
+    for i, reply in enumerate(replies):
+        assert np.array_equal(_reply_pixels(reply), _reply_pixels(replies[i % 2]))
+    assert not np.array_equal(_reply_pixels(replies[0]), _reply_pixels(replies[1]))
+
+    stats = served["dit"].broadcast("lora_stats").results()
+    assert len({s["replica_id"] for s in stats}) == 2
+    # multiplexing: all requests for an adapter went to one replica (the one Serve knew held it) ...
+    for name in ("x", "y"):
+        assert sum(1 for s in stats if s["requests"].get(name)) == 1, stats
+    for s in stats:
+        served_here = set(s["requests"])
+        # ... which loaded it once from lora_dir and hit it for every later request
+        assert s["loads"] == len(served_here) and s["restores"] == 0 and s["evictions"] == 0, stats
+        assert s["hits"] == sum(s["requests"].values()) - s["loads"], stats
+        assert set(s["on_device"]) == served_here, stats
+
+
+def test_models_list_adapters_read_at_request_time(served, lora_dir):
+    base = served["model"]
+    cards = {c["id"]: c for c in _models(served["url"])}
+    assert cards[base]["parent"] is None and cards[base]["root"] == base
+    assert set(cards) == {base, "x", "y", "flux-style", "binary", "corrupt"}
+    for name in ("x", "y", "flux-style"):
+        assert cards[name]["parent"] == cards[name]["root"] == base and cards[name]["object"] == "model"
+    shutil.copytree(lora_dir / "x", lora_dir / "z")  # dropped in while serving
+    try:
+        assert "z" in {c["id"] for c in _models(served["url"])}
+        status, reply, _ = _post(served["url"], dict(LORA_REQ, lora={"name": "z", "scale": 0.5}))
+        assert status == 200 and reply["lora"]["adapters"] == ["z"], reply
+    finally:
+        shutil.rmtree(lora_dir / "z")
+    assert "z" not in {c["id"] for c in _models(served["url"])}
+
+
+def test_openai_body_selects_an_adapter_by_model(served):
+    # what the openai client sends for images.generate(model="x", prompt=..., size=..., n=1)
+    status, reply, _ = _post(served["url"], {"model": "x", "prompt": LORA_REQ["prompt"], "size": "64x48", "n": 1,
+                                          "response_format": "b64_json"})
+    assert status == 200, reply
+    assert reply["model"] == served["model"] and reply["lora"]["adapters"] == ["x"]
+    fields = dict(LORA_REQ, seed=reply["seed"], num_inference_steps=reply["usage"]["num_inference_steps"])
+    status, same, _ = _post(served["url"], dict(fields, lora={"name": "x", "scale": 1.0}))
+    assert status == 200 and np.array_equal(_reply_pixels(same), _reply_pixels(reply))
+    status, base, _ = _post(served["url"], fields)
+    assert status == 200 and base["lora"] is None and not np.array_equal(_reply_pixels(base), _reply_pixels(reply))
+
+
+@pytest.mark.parametrize(("lora", "status", "param", "message"), [
+    ({"name": "nope"}, 404, "lora.name", "unknown adapter 'nope'; known adapters: binary, corrupt, flux-style, x, y"),
+    ({"name": "../x"}, 422, "lora.name", "not an adapter name"),
+    ({"name": "/etc/passwd"}, 422, "lora.name", "not an adapter name"),
+    ({"name": "binary"}, 422, "lora.name", "only .safetensors adapters are loaded"),
+    ({"name": "corrupt"}, 422, "lora.name", "not a readable safetensors file"),
+    ({"name": "flux-style"}, 422, "lora.name", "does not fit this model"),
+    ([{"name": "x"}, {"name": "y"}, {"name": "x", "scale": 0.5}], 422, "lora", "name one adapter twice"),
+    ([{"name": "x"}, {"name": "y"}, {"name": "corrupt"}], 422, "lora", "exceed max_loras_per_request=2"),
+    ({"name": "x", "scale": 4.5}, 422, "lora.scale", "less than or equal to 4"),
+], ids=["unknown", "dotdot", "absolute", "bin", "corrupt", "other-family", "twice", "too-many", "scale"])
+def test_bad_adapters_are_4xx_naming_the_field_and_the_app_keeps_serving(served, lora, status, param, message):
+    code, reply, _ = _post(served["url"], dict(LORA_REQ, lora=lora))
+    assert code == status, reply
+    assert reply["error"]["param"] == param and message in reply["error"]["message"], reply
+    assert reply["error"]["type"] == "invalid_request_error"
+    pair = [{"name": "x", "scale": 0.7}, {"name": "y", "scale": 0.5}]
+    code, good, _ = _post(served["url"], dict(LORA_REQ, lora=pair))
+    assert code == 200 and good["lora"]["adapters"] == ["x", "y"], good

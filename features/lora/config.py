@@ -28,7 +28,10 @@ class LoraConfig(BaseModel):
         None, description="Folder of LoRA adapters: each subfolder or .safetensors file in it is an adapter named "
         "by its folder/file stem (none: requests with `lora` are refused). Must be readable by every DiT rank.",
     )
-    max_loras_per_request: int = Field(4, ge=1, le=16, description="Most adapters one request may combine.")
+    max_loras_per_request: int = Field(
+        4, ge=1, le=16, description="Most adapters one request may combine (default 4, or max_loras_per_replica "
+        "when that is smaller).",
+    )
     max_loras_per_replica: int = Field(
         8, ge=1, description="Adapters each DiT rank keeps on its device (least recently used evicted first).",
     )
@@ -39,6 +42,9 @@ class LoraConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits(self) -> LoraConfig:
+        if "max_loras_per_request" not in self.model_fields_set and self.max_loras_per_request > self.max_loras_per_replica:
+            # the default follows a smaller replica capacity instead of refusing it
+            object.__setattr__(self, "max_loras_per_request", self.max_loras_per_replica)
         if self.max_loras_per_request > self.max_loras_per_replica:
             raise ValueError(f"max_loras_per_request={self.max_loras_per_request} exceeds "
                              f"max_loras_per_replica={self.max_loras_per_replica}: one request's adapters must fit "
