@@ -172,7 +172,7 @@ def test_capabilities_read_without_weights(tiny_qwen, tiny_flux):
     assert qwen.has_cp_plan and qwen.has_tp_plan
     assert qwen.num_blocks == qwen.transformer_config["num_layers"]
     assert qwen.num_heads == qwen.transformer_config["num_attention_heads"]
-    assert Feature.LORA not in qwen.supported_features and Feature.TEA_CACHE in qwen.supported_features
+    assert {Feature.LORA, Feature.TEA_CACHE} <= qwen.supported_features
     flux = capabilities(resolve_model(tiny_flux))
     assert Guidance.DISTILLED in flux.guidance
     assert flux.num_blocks == flux.transformer_config["num_layers"] + flux.transformer_config["num_single_layers"]
