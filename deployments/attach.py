@@ -247,8 +247,24 @@ def _model_offload_row(stage: str, order: int) -> FeatureEntry:
 
 def _apply_layerwise(adapter: Any, config: EngineConfig, groups: Any) -> None:
     sp = groups.sp if groups is not None and config.offload.offload_shard_host_copy else None
-    apply_layerwise_offload(adapter.transformer, adapter.cache_blocks.blocks(adapter.transformer), adapter.device,
-                            config.offload, gather=sp, skip_hint=may_skip)
+    blocks = adapter.cache_blocks
+    offload = apply_layerwise_offload(adapter.transformer, blocks.blocks(adapter.transformer), adapter.device,
+                                      config.offload, gather=sp, skip_hint=may_skip)
+    # TeaCache's probe reads block 0's modulation weights before block 0 runs (the cache's hook sits
+    # outside the offload's): this adapter's probe onloads block 0's group first (not the next one:
+    # the whole call may be skipped)
+    probe = blocks.modulated_input
+
+    def onloading_probe(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+        offload.enter(0, prefetch=False)
+        return probe(block, kwargs)
+
+    adapter.cache_blocks = dataclasses.replace(blocks, modulated_input=onloading_probe)
+
+
+def _remove_layerwise(adapter: Any) -> None:
+    remove_layerwise_offload(adapter.transformer)
+    vars(adapter).pop("cache_blocks", None)  # the class's again
 
 
 @contextlib.contextmanager
@@ -268,7 +284,7 @@ FEATURES: tuple[FeatureEntry, ...] = (
     # each rank offloads the blocks it holds (its tensor-parallel shards); before the cache, so its
     # block hooks sit inside the cache's (a skipped block is never onloaded)
     FeatureEntry("layerwise_offload", "denoise", 5, lambda c: c.offload.enable_layerwise_offload, _check_offload,
-                 _apply_layerwise, lambda a: remove_layerwise_offload(a.transformer), scope=_layerwise_scope),
+                 _apply_layerwise, _remove_layerwise, scope=_layerwise_scope),
     _model_offload_row("denoise", 6),
     # the cache hooks are always attached where the model has them (idle until a request asks),
     # so a request may turn a cache on even when the deployment has no default

@@ -64,6 +64,7 @@ class LayerwiseOffload:
         # a copy stream only where copies can overlap compute (CUDA)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.prefetching else None
         self.current: int | None = None
+        self._next_asked = False  # the current group's call asked for the next group
         self.onloads = 0
         self.max_blocks_materialized = 0
         self.max_device_bytes = 0
@@ -84,24 +85,32 @@ class LayerwiseOffload:
         """Block bytes on the device now."""
         return sum(u.nbytes for u in self.units if u.materialized)
 
-    def enter(self, index: int) -> None:
-        """Block ``index`` is about to compute: its group on the device, the next one on its way."""
+    def enter(self, index: int, *, prefetch: bool = True) -> None:
+        """Block ``index`` is about to compute: its group on the device, the next one on its way.
+
+        Args:
+            prefetch: ``False`` for a caller that reads the block's weights before the block runs
+                (TeaCache's probe of block 0): only its group comes; the block's own call, if it
+                comes, prefetches the next.
+        """
         k = index // self.per_group
-        if k == self.current:
-            return
-        for j, unit in enumerate(self.units):
-            if j != k and unit.materialized:
-                unit.offload()
-        unit = self.units[k]
-        if not unit.materialized:
-            self.onloads += 1
-        unit.onload()
-        self.current = k
+        if k != self.current:
+            for j, unit in enumerate(self.units):
+                if j != k and unit.materialized:
+                    unit.offload()
+            unit = self.units[k]
+            if not unit.materialized:
+                self.onloads += 1
+            unit.onload()
+            self.current = k
+            self._next_asked = False
         nxt = k + 1
-        if self.prefetching and nxt < len(self.units) and not self.units[nxt].materialized and \
-                not self._may_skip_group(nxt, index):
-            self.units[nxt].prefetch(self.stream)
-            self.onloads += 1
+        if prefetch and not self._next_asked:
+            self._next_asked = True
+            if self.prefetching and nxt < len(self.units) and not self.units[nxt].materialized and \
+                    not self._may_skip_group(nxt, index):
+                self.units[nxt].prefetch(self.stream)
+                self.onloads += 1
         self.max_blocks_materialized = max(self.max_blocks_materialized, self.blocks_materialized)
         self.max_device_bytes = max(self.max_device_bytes, self.device_bytes())
 
