@@ -59,7 +59,7 @@ class ParallelEngine:
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                num_blocks=self.caps.num_blocks, vae=self.config.vae)
+                                num_blocks=self.caps.num_blocks, vae=self.config.vae, lora=self.config.lora)
 
     def generate(self, req: GenerationRequest, *, output_type: str = "pil", request_id: str | None = None,
                  callback: StepCallback | None = None) -> GenerationResult:
