@@ -158,14 +158,7 @@ def _check_offload(caps: Support, config: EngineConfig) -> None:
         raise ValueError(f"enable_layerwise_offload=True: model {caps.model} does not support layerwise offload "
                          "(use enable_cpu_offload=True, model-level offload, which every model supports)")
     if not o.enable_layerwise_offload:
-        for name, value, default in (("offload_blocks_per_group", o.offload_blocks_per_group, 1),
-                                     ("offload_device", o.offload_device, "cpu"),
-                                     ("offload_disk_dir", o.offload_disk_dir, None),
-                                     ("offload_shard_host_copy", o.offload_shard_host_copy, False)):
-            if value != default:
-                raise ValueError(f"{name}={value!r} applies to layerwise offload only: set "
-                                 "enable_layerwise_offload=True, or leave it at its default")
-        return
+        return  # its options: _check_idle_options
     if o.offload_disk_dir is not None and o.offload_device != "disk":
         raise ValueError(f"offload_disk_dir={o.offload_disk_dir!r} needs offload_device='disk' "
                          f"(offload_device={o.offload_device!r})")
@@ -173,6 +166,31 @@ def _check_offload(caps: Support, config: EngineConfig) -> None:
         raise ValueError("offload_shard_host_copy=True shards the host copy over the sequence-parallel group, "
                          f"but {config.parallel.describe()} has none: set ulysses_degree or ring_degree > 1, or "
                          "offload_shard_host_copy=False")
+
+
+def _check_idle_options(config: EngineConfig) -> None:
+    """Options of a feature that is off would be accepted and ignored: refused instead, naming the
+    option and the switch that turns its feature on."""
+    from ditserve.features.lora import LoraConfig
+
+    o = config.offload
+    if not o.enable_layerwise_offload:
+        for name, value, default in (("offload_blocks_per_group", o.offload_blocks_per_group, 1),
+                                     ("offload_device", o.offload_device, "cpu"),
+                                     ("offload_disk_dir", o.offload_disk_dir, None),
+                                     ("offload_shard_host_copy", o.offload_shard_host_copy, False),
+                                     ("offload_prefetch", o.offload_prefetch, True)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} applies to layerwise offload only: set "
+                                 "enable_layerwise_offload=True, or leave it at its default")
+    if config.lora.lora_dir is None:
+        defaults = LoraConfig()
+        # max_loras_per_request last: its default follows a smaller max_loras_per_replica
+        for name in sorted(type(config.lora).model_fields, key=lambda n: n == "max_loras_per_request"):
+            value = getattr(config.lora, name)
+            if value != getattr(defaults, name):
+                raise ValueError(f"{name}={value!r} applies to LoRA only: set lora_dir (the adapters' folder), "
+                                 "or leave it at its default")
 
 
 # ---- apply / remove ----------------------------------------------------------------------------------
@@ -316,6 +334,7 @@ def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "deno
     from ditserve.models import resolve_model
 
     caps = caps or model_support(resolve_model(config.model))
+    _check_idle_options(config)
     on = [e for e in FEATURES if e.stage in stages and e.enabled(config)]
     names = {e.name for e in on}
     for entry in on:
