@@ -11,6 +11,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded, in tests least 
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 import pytest  # noqa: E402
+from compat_plugin import configure as _configure_compat, pytest_addoption  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    _configure_compat(config)
 
 
 @pytest.fixture(scope="session", autouse=True)

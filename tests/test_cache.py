@@ -303,8 +303,15 @@ def test_concurrent_requests_get_their_own_cache(engines):
 
 # ---- parallel: every rank decides alike ------------------------------------------------------------
 
-@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ulysses_degree": 2, "cfg_parallel_size": 2},
-                                     {"tensor_parallel_size": 2}], ids=["ulysses2", "ulysses2_cfg2", "tp2"])
+@pytest.mark.parametrize("degrees", [
+    # the requests: Cache-DiT with CFG, TeaCache without; each against the single rank's decisions
+    pytest.param({"ulysses_degree": 2}, id="ulysses2",
+                 marks=[pytest.mark.compat("ulysses", "tea_cache"), pytest.mark.compat("ulysses", "cache_dit")]),
+    pytest.param({"ulysses_degree": 2, "cfg_parallel_size": 2}, id="ulysses2_cfg2",
+                 marks=pytest.mark.compat("cfg_parallel", "cache_dit")),
+    pytest.param({"tensor_parallel_size": 2}, id="tp2", marks=[pytest.mark.compat("tensor_parallel", "tea_cache"),
+                                                                pytest.mark.compat("tensor_parallel", "cache_dit")]),
+])
 def test_parallel_ranks_take_the_single_rank_decisions(tiny_qwen, engines, degrees):
     requests = [GenerationRequest(**BASE, **CFG, cache=DB_MIXED), GenerationRequest(**BASE, cache=TEA_MIXED)]
     references = [engines["qwen-image"].generate(r, output_type="np") for r in requests]

@@ -172,7 +172,9 @@ def test_store_keeps_an_lru_on_device_and_in_cpu_memory(engines):
     assert list(store.on_cpu) == ["fy"]
 
 
-LAYOUTS = [{"tensor_parallel_size": 2}, {"ulysses_degree": 2}, {"cfg_parallel_size": 2}]
+LAYOUTS = [pytest.param({"tensor_parallel_size": 2}, marks=pytest.mark.compat("lora", "tensor_parallel")),
+           pytest.param({"ulysses_degree": 2}, marks=pytest.mark.compat("lora", "ulysses")),
+           pytest.param({"cfg_parallel_size": 2}, marks=pytest.mark.compat("lora", "cfg_parallel"))]
 
 
 @pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
@@ -231,6 +233,7 @@ def test_names_are_confined_to_lora_dir(tmp_path, lora_dir):
     assert list(list_adapters(root)) == ["inside"]
 
 
+@pytest.mark.compat("lora", "layerwise_offload")
 def test_lora_under_layerwise_offload_equals_resident(engines, tiny_flux, lora_dir):
     """The adapters' hooks sit on linears inside offloaded blocks: same numbers as resident."""
     from ditserve.features.offload import OffloadConfig

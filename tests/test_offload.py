@@ -62,6 +62,7 @@ def test_offloaded_output_equals_resident_on_every_family(family, tmp_path):
     assert offload.blocks_materialized == 0  # none between requests
 
 
+@pytest.mark.compat("layerwise_offload", "cache_dit")
 def test_two_groups_at_most_during_a_forward_and_skipped_blocks_are_never_onloaded():
     req = _request("flux", cache=DB_SKIP, num_inference_steps=3)
     resident = _engine("flux").generate(req, output_type="np")
@@ -189,9 +190,15 @@ def test_stages_sharing_a_device_take_turns(tmp_path):
 
 
 @pytest.mark.parametrize(("degrees", "offload"), [
-    ({"ulysses_degree": 2}, OffloadConfig(enable_layerwise_offload=True, offload_shard_host_copy=True)),
-    ({"tensor_parallel_size": 2}, MODEL),  # each rank offloads its own shards
-], ids=["ulysses2_layerwise_sharded_host_copy", "tp2_model_level"])
+    pytest.param({"ulysses_degree": 2}, OffloadConfig(enable_layerwise_offload=True, offload_shard_host_copy=True),
+                 id="ulysses2_layerwise_sharded_host_copy",
+                 marks=[pytest.mark.compat("ulysses", "layerwise_offload"), pytest.mark.compat("ulysses", "cache_dit"),
+                        pytest.mark.compat("layerwise_offload", "cache_dit")]),
+    pytest.param({"tensor_parallel_size": 2}, MODEL, id="tp2_model_level",  # each rank offloads its own shards
+                 marks=[pytest.mark.compat("tensor_parallel", "model_offload"),
+                        pytest.mark.compat("tensor_parallel", "cache_dit"),
+                        pytest.mark.compat("model_offload", "cache_dit")]),
+])
 def test_offload_under_parallel_layouts_matches_single_rank(degrees, offload):
     # with a cache that skips: every rank takes the same decisions, so sharded gathers stay in step
     request = _request("qwen-image", cache=DB_SKIP, num_inference_steps=3)

@@ -30,11 +30,12 @@ LAYOUTS = [
     {"ring_degree": 2},
     {"cfg_parallel_size": 2},
     {"ulysses_degree": 2, "ring_degree": 2},
-    {"ulysses_degree": 2, "cfg_parallel_size": 2},
+    pytest.param({"ulysses_degree": 2, "cfg_parallel_size": 2}, marks=pytest.mark.compat("ulysses", "cfg_parallel")),
     {"ring_degree": 4},
     {"tensor_parallel_size": 2},
-    {"tensor_parallel_size": 2, "cfg_parallel_size": 2},
-    {"ring_degree": 2, "tensor_parallel_size": 2},
+    pytest.param({"tensor_parallel_size": 2, "cfg_parallel_size": 2},
+                 marks=pytest.mark.compat("tensor_parallel", "cfg_parallel")),
+    pytest.param({"ring_degree": 2, "tensor_parallel_size": 2}, marks=pytest.mark.compat("ring", "tensor_parallel")),
 ]
 
 
