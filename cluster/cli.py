@@ -1,4 +1,4 @@
-"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``, ``run``, ``config``."""
+"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``, ``run``, ``config``, ``quantize``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from ditserve.deployments import make_tiny
 
     out = make_tiny(args.family, args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from ditserve.deployments import quantize_checkpoint
+
+    quant = _flags().quant.build(args)
+    out = quantize_checkpoint(args.model, args.out, quant)
     print(out)
     return 0
 
@@ -139,7 +148,7 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 def _engine_config(args: argparse.Namespace):
     """``EngineConfig`` from its flags, with ``parallel`` and ``vae`` from theirs."""
     f = _flags()
-    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args))
+    return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args), quant=f.quant.build(args))
 
 
 def _stage(args: argparse.Namespace, stage: _StageFlags):
@@ -179,6 +188,7 @@ class _Flags:
     engine: FlagSet
     parallel: FlagSet
     vae: FlagSet
+    quant: FlagSet
     app: FlagSet
     stages: tuple[_StageFlags, ...]
     request: FlagSet
@@ -194,6 +204,7 @@ def _flags() -> _Flags:
         EngineConfig,
         GenerationRequest,
         ParallelConfig,
+        QuantizationConfig,
         VaeConfig,
     )
 
@@ -213,9 +224,10 @@ def _flags() -> _Flags:
                     base=default.autoscaling),
         ))
     return _Flags(
-        engine=FlagSet(EngineConfig, exclude=("parallel", "vae")),
+        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "quant")),
         parallel=FlagSet(ParallelConfig),
         vae=FlagSet(VaeConfig),
+        quant=FlagSet(QuantizationConfig),
         app=FlagSet(AppConfig, exclude=nested),
         stages=tuple(stages),
         request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache")),
@@ -224,7 +236,7 @@ def _flags() -> _Flags:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     f = _flags()
-    for flags in (f.engine, f.parallel, f.vae):
+    for flags in (f.engine, f.parallel, f.vae, f.quant):
         flags.add_to(p)
 
 
@@ -262,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="write a Ray Serve config file (serve deploy / KubeRay RayService)")
     _add_app_options(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("quantize", help="write a copy of a diffusers folder with its DiT stored in FP8")
+    p.add_argument("--model", required=True, help="registered model id or diffusers-format folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    _flags().quant.add_to(p)
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("generate", help="generate in this process (the reference runner), or via --server")
     p.add_argument("--server", help="URL of a running server (e.g. http://127.0.0.1:8000); default: in process")

@@ -66,11 +66,14 @@ class SD3Adapter(FamilyAdapter):
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: both branches in one call (equal text lengths)
     # Verified in tests/test_family_sd3.py: caches (threshold 0 equals uncached, evaluations drop);
     # Ulysses/Ring/CFG/TP layouts equal one rank; exact VAE patch parallel decode equals one worker.
-    # Not declared: LoRA and layerwise offload (not implemented in the project yet), FP8.
+    # Not declared: LoRA and layerwise offload (not implemented in the project yet).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("time_text_embed.*", "context_embedder", "*.norm1.linear", "*.norm1_context.linear", "norm_out.*",
+                            "proj_out")
     # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
     # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (0.0, 0.0, 0.0, 1.0, 0.0))
