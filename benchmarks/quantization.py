@@ -47,7 +47,8 @@ def _dit_bytes(model: torch.nn.Module) -> int:
 
 def _bytes(model: str) -> dict:
     plain = Engine(EngineConfig(model=model, device="cpu", dtype="bfloat16"), stages=["denoise"]).adapter.transformer
-    quant = Engine(EngineConfig(model=model, device="cpu", dtype="bfloat16", quant=FP8), stages=["denoise"]).adapter.transformer
+    quant = Engine(EngineConfig(model=model, device="cpu", dtype="bfloat16", quant=FP8),
+                   stages=["denoise"]).adapter.transformer
     names = fp8.quantized_names(quant)
     layers_bf16 = fp8.bytes_of(plain.get_submodule(n) for n in names)
     layers_fp8 = fp8.bytes_of(quant.get_submodule(n) for n in names)

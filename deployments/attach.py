@@ -260,11 +260,11 @@ def _has_cache(config: EngineConfig, caps: Support) -> bool:
 
 FEATURES: tuple[FeatureEntry, ...] = (
     FeatureEntry("tensor_parallel", "denoise", 0, lambda c: c.parallel.tensor_parallel_size > 1, _check_parallel),
+    # quantized while loading (denoiser_loader), so its row only checks; always checked, since a
+    # pre-quantized checkpoint is FP8 with or without the option
+    FeatureEntry("fp8", "denoise", 5, lambda c: True, _check_quant),
     # the cache hooks are always attached where the model has them (idle until a request asks),
     # so a request may turn a cache on even when the deployment has no default
-    # quantized while loading (denoiser_loader): its row only checks; a pre-quantized checkpoint is
-    # FP8 with or without the option
-    FeatureEntry("fp8", "denoise", 5, lambda c: True, _check_quant),
     FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
                  lambda a: remove_cache(a.transformer, a.cache_blocks), attached=_has_cache),
     FeatureEntry("sequence_parallel", "denoise", 20, lambda c: c.parallel.sp_degree > 1, _check_parallel,

@@ -318,9 +318,7 @@ def quantize_model(model: torch.nn.Module, plan: Fp8Plan) -> list[str]:
         shards = plan.shards_of(module)
         q, scale = quantize_weight(module.weight, shards.max if shards is not None else None)
         _store(module, q, scale)
-    attach_kernels(model, plan, names)
-    _check_dtype(model, plan)
-    return names
+    return attach_kernels(model, plan, names)
 
 
 def attach_kernels(model: torch.nn.Module, plan: Fp8Plan, names: Sequence[str] | None = None) -> list[str]:
@@ -329,6 +327,7 @@ def attach_kernels(model: torch.nn.Module, plan: Fp8Plan, names: Sequence[str] |
     for name in names:
         module = model.get_submodule(name)
         _register(module, plan.kernel, plan.dtype, plan.shards_of(module))
+    _check_dtype(model, plan)
     return list(names)
 
 

@@ -63,7 +63,8 @@ class ZImageAdapter(FamilyAdapter):
         Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.FP8,
     })
     # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
-    quant_ignored_layers = ("t_embedder.*", "cap_embedder.*", "all_x_embedder.*", "all_final_layer.*", "*.adaLN_modulation.*")
+    quant_ignored_layers = ("t_embedder.*", "cap_embedder.*", "all_x_embedder.*", "all_final_layer.*",
+                            "*.adaLN_modulation.*")
     # Sequence parallel (the class has no _cp_plan): the model joins image and caption tokens into
     # one sequence inside its forward, so the split is at the first main block's input (each rank
     # a contiguous shard of the joined sequence), the RoPE table is split where each main block's

@@ -57,7 +57,8 @@ def test_fp8_layers_take_at_most_055x_the_bf16_bytes_and_ignored_layers_are_unto
     # module paths and attributes stay what other features (LoRA, offload) address
     for n in names:
         m = quant.get_submodule(n)
-        assert (m.in_features, m.out_features) == (plain.get_submodule(n).in_features, plain.get_submodule(n).out_features)
+        p = plain.get_submodule(n)
+        assert (m.in_features, m.out_features) == (p.in_features, p.out_features)
         assert fp8.layer_kernel(m) == "weight_only" and fp8.SCALE in dict(m.named_buffers())
 
 
@@ -141,8 +142,9 @@ def test_a_hook_registered_after_load_wraps_the_fp8_linear(qwen_fp8):
 def test_unknown_quantization_method_is_refused_at_start_up_listing_what_exists(capsys):
     with pytest.raises(ValueError, match=r"quantization='int4' is not available; methods that exist: fp8"):
         EngineConfig(quant={"quantization": "int4"})
-    assert main(["generate", "--prompt", "x", "--model", "ditserve/demo", "--quantization", "int4", "--device", "cpu"]) == 2
-    assert "--quantization: quantization='int4' is not available; methods that exist: fp8" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--quantization", "int4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantization: quantization='int4' is not available; methods that exist: fp8" in err
     with pytest.raises(ValueError, match=r"ignored_layers=\['x'\]: model m is stored pre-quantized"):
         fp8.check_quantization(QuantizationConfig(ignored_layers=("x",)), model="m", supported=True,
                                transformer_config={fp8.MARKER: {"ignored_layers": ["proj_out"]}}, family_default=())
@@ -166,3 +168,19 @@ def test_demo_model_fp8_keeps_quality_on_held_out_prompts():
         ssims.append(ssim(a, b))
         assert analyse(a)[:2] == analyse(b)[:2]  # the color evaluation reads the same colors
     assert np.mean(psnrs) >= 30 and np.mean(ssims) >= 0.95, (psnrs, ssims)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="W8A8 needs a CUDA GPU of compute capability 8.9+")
+def test_w8a8_runs_on_sm89_gpus_and_keeps_the_demo_image():
+    from ditserve.tools.demo.evaluate import psnr
+
+    assert fp8.select_kernel("cuda", torch.bfloat16).name == "w8a8"
+    req = GenerationRequest(prompt="a red circle on a white background", seed=0)
+    plain = Engine(EngineConfig(model="ditserve/demo", device="cuda", dtype="bfloat16"))
+    quant = Engine(EngineConfig(model="ditserve/demo", device="cuda", dtype="bfloat16", quant=FP8))
+    kernels = {fp8.layer_kernel(quant.adapter.transformer.get_submodule(n))
+               for n in fp8.quantized_names(quant.adapter.transformer)}
+    assert "w8a8" in kernels
+    a, b = (np.asarray(e.generate(req).images[0]) for e in (plain, quant))
+    assert psnr(a, b) >= 30
