@@ -115,12 +115,18 @@ def block_stack(hidden: int = 1536, heads: int = 24, blocks: int = 2, tokens: in
     names = fp8.quantize_model(stack, quant)
     bytes_fp8 = sum(p.numel() * (p.element_size() if p.dtype == fp8.FP8 else 2) for p in stack.parameters()) + \
         sum(b.numel() * b.element_size() for b in stack.buffers())
+    # the quantized linears alone, biases counted as bfloat16 on both sides
+    mods = [stack.get_submodule(n) for n in names]
+    layers_fp8 = sum(m.weight.numel() + m.weight_scale.numel() * 4 + (m.bias.numel() * 2 if m.bias is not None else 0)
+                     for m in mods)
+    layers_bf16 = sum(m.weight.numel() * 2 + (m.bias.numel() * 2 if m.bias is not None else 0) for m in mods)
     got, t_fp8 = run(stack)
     rmse = float((got - ref).pow(2).mean().sqrt())
     return {
         "shape": {"hidden": hidden, "heads": heads, "blocks": blocks, "image_tokens": tokens, "text_tokens": text},
         "quantized_layers": len(names), "bytes_bf16": bytes_bf16, "bytes_fp8": bytes_fp8,
-        "bytes_ratio": round(bytes_fp8 / bytes_bf16, 3), "forward_s_fp32": round(t_ref, 4),
+        "bytes_ratio": round(bytes_fp8 / bytes_bf16, 3), "quantized_layer_ratio": round(layers_fp8 / layers_bf16, 3),
+        "forward_s_fp32": round(t_ref, 4),
         "forward_s_fp8": round(t_fp8, 4), "time_ratio": round(t_fp8 / t_ref, 3),
         "psnr_db": round(20 * float(np.log10(float(ref.max() - ref.min()) / rmse)), 2),
         "rel_err": round(rmse / float(ref.pow(2).mean().sqrt()), 5),
