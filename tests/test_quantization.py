@@ -1,7 +1,8 @@
 """FP8 quantization of the DiT (features/quantization.py): storage bytes, ignored layers, every tiny
-family end to end, TP 2 equal to one rank, a pre-quantized checkpoint equal to quantize-at-load,
-the W8A8 kernel's math, start-up refusals, and the demo model's quality (reduced: see the README;
-the full 20-prompt check is benchmarks/quantization.py)."""
+family end to end, TP 2 and Ulysses 2 equal to one rank, a pre-quantized checkpoint equal to
+quantize-at-load, a cache over the FP8 DiT, a later hook wrapping the FP8 linear, the W8A8 kernel's
+math, start-up refusals, and the demo model's quality (reduced: 2 prompts; the full 20-prompt check
+is benchmarks/quantization.py)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,19 @@ def test_tp2_fp8_equals_one_rank_fp8_and_prequantized_checkpoint_equals_quantize
         for results in run_local(config, [REQ]):
             assert float((results[0]["latents"] - ref.latents).abs().max()) <= 1e-4
             assert float(abs(results[0]["images"] - ref.images).max()) <= 1e-4
+
+
+def test_fp8_composes_with_ulysses_and_a_cache(tiny_qwen, qwen_fp8):
+    # sequence parallel and the block caches see ordinary modules: Ulysses 2 + FP8 equals one rank
+    # + FP8, and a cached request over the FP8 DiT skips blocks
+    ref = qwen_fp8.generate(REQ, output_type="np")
+    config = EngineConfig(model=str(tiny_qwen), device="cpu", parallel=ParallelConfig(ulysses_degree=2), quant=FP8)
+    for results in run_local(config, [REQ]):
+        assert float((results[0]["latents"] - ref.latents).abs().max()) <= 1e-4
+    req = GenerationRequest.model_validate({**REQ.model_dump(exclude_none=True), "num_inference_steps": 6,
+                                            "cache": {"backend": "tea_cache", "config": {"rel_l1_thresh": 10.0}}})
+    stats = qwen_fp8.generate(req, output_type="np").cache
+    assert stats["blocks_evaluated"] < stats["blocks_total"]
 
 
 def test_w8a8_kernel_math_matches_the_dequantized_weight_within_fp8_tolerance():
