@@ -17,7 +17,7 @@ from diffusers import (
     ZImagePipeline,
 )
 from layouts import layout_ids, run_and_compare
-from lora_files import save_peft_lora
+from lora_files import add_bad_entries, save_peft_lora
 from safetensors.torch import save_file
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
@@ -36,9 +36,7 @@ def lora_dir(tmp_path_factory, tiny_qwen, tiny_flux):
     save_peft_lora(QwenImagePipeline, tiny_qwen, root / "qx", seed=3)
     save_peft_lora(QwenImagePipeline, tiny_qwen, root / "qy", seed=4, rank=8, alpha=4)
     _kohya_pair(root, dim=64, rank=4, alpha=2.0)
-    (root / "binary").mkdir()
-    torch.save({"x": torch.zeros(1)}, root / "binary" / "adapter.bin")
-    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    add_bad_entries(root)
     return root
 
 
