@@ -27,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from ditserve.features.cache import CacheDiTConfig  # noqa: E402
@@ -42,33 +41,7 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
             return cls.cache_blocks.blocks(transformer)
     raise ValueError(f"no adapter declares cache blocks for {type(transformer).__name__}")
 from ditserve.models import resolve_model  # noqa: E402
-
-
-# ---- image metrics ----------------------------------------------------------------------------
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """dB, uint8 images."""
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) over the
-    RGB channels of two uint8 images (H, W, 3)."""
-    x = torch.from_numpy(a).permute(2, 0, 1)[:, None].double()
-    y = torch.from_numpy(b).permute(2, 0, 1)[:, None].double()
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :])[None, None]
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window)
-
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(s.mean())
+from ditserve.tools.demo.evaluate import psnr, ssim  # noqa: E402
 
 
 # ---- instrumentation shared by the three systems ------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``, ``run``, ``config``."""
+"""The ``ditserve`` command line: ``models``, ``make-tiny``, ``generate``, ``run``, ``config``, ``quantize``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from ditserve.deployments import make_tiny
 
     out = make_tiny(args.family, args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from ditserve.deployments import quantize_checkpoint
+
+    quant = _flags().quant.build(args)
+    out = quantize_checkpoint(args.model, args.out, quant)
     print(out)
     return 0
 
@@ -177,7 +186,7 @@ def _engine_config(args: argparse.Namespace):
     """``EngineConfig`` from its flags, with ``parallel``, ``vae``, ``offload`` and ``lora`` from theirs."""
     f = _flags()
     return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args), offload=f.offload.build(args),
-                          lora=f.lora.build(args))
+                          lora=f.lora.build(args), quant=f.quant.build(args))
 
 
 def _stage(args: argparse.Namespace, stage: _StageFlags):
@@ -219,6 +228,7 @@ class _Flags:
     vae: FlagSet
     offload: FlagSet
     lora: FlagSet
+    quant: FlagSet
     app: FlagSet
     stages: tuple[_StageFlags, ...]
     request: FlagSet
@@ -227,8 +237,8 @@ class _Flags:
 @functools.cache
 def _flags() -> _Flags:
     """Every config flag, generated from the config models (``flags.py``): a new field of
-    ``ParallelConfig``, ``VaeConfig``, ``OffloadConfig``, ``LoraConfig``, ``EngineConfig`` or ``AppConfig`` gets its
-    flag by itself."""
+    ``ParallelConfig``, ``VaeConfig``, ``OffloadConfig``, ``LoraConfig``, ``QuantizationConfig``, ``EngineConfig`` or
+    ``AppConfig`` gets its flag by itself."""
     from ditserve.deployments import (
         AppConfig,
         AutoscalingOptions,
@@ -237,6 +247,7 @@ def _flags() -> _Flags:
         LoraConfig,
         OffloadConfig,
         ParallelConfig,
+        QuantizationConfig,
         VaeConfig,
     )
 
@@ -256,11 +267,12 @@ def _flags() -> _Flags:
                     base=default.autoscaling),
         ))
     return _Flags(
-        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload", "lora")),
+        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload", "lora", "quant")),
         parallel=FlagSet(ParallelConfig),
         vae=FlagSet(VaeConfig),
         offload=FlagSet(OffloadConfig),
         lora=FlagSet(LoraConfig),
+        quant=FlagSet(QuantizationConfig),
         app=FlagSet(AppConfig, exclude=nested),
         stages=tuple(stages),
         request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache")),
@@ -269,7 +281,7 @@ def _flags() -> _Flags:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     f = _flags()
-    for flags in (f.engine, f.parallel, f.vae, f.offload, f.lora):
+    for flags in (f.engine, f.parallel, f.vae, f.offload, f.lora, f.quant):
         flags.add_to(p)
 
 
@@ -307,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="write a Ray Serve config file (serve deploy / KubeRay RayService)")
     _add_app_options(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("quantize", help="write a copy of a diffusers folder with its DiT stored in FP8")
+    p.add_argument("--model", required=True, help="registered model id or diffusers-format folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    _flags().quant.add_to(p)
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("generate", help="generate in this process (the reference runner), or via --server")
     p.add_argument("--server", help="URL of a running server (e.g. http://127.0.0.1:8000); default: in process")

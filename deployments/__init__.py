@@ -13,6 +13,7 @@ if __name__ != "ditserve.deployments":  # one copy of every module: see the READ
 
 from typing import Any
 
+from ditserve.features.quantization import QuantizationConfig
 from ditserve.models import (
     DEFAULT_MODEL,
     CheckpointError,
@@ -28,6 +29,7 @@ from ditserve.features.offload import OffloadConfig
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.vae import VaeConfig
 
+from .attach import quantize_checkpoint
 from .config import AppConfig, AutoscalingOptions, SequentialStageOptions, StageOptions
 from .engine import Engine, EngineConfig, GenerationResult
 from .local import ParallelEngine
@@ -62,6 +64,7 @@ __all__ = [
     "OffloadConfig",
     "ParallelConfig",
     "ParallelEngine",
+    "QuantizationConfig",
     "RequestError",
     "ResolvedRequest",
     "SequentialStageOptions",
@@ -71,6 +74,7 @@ __all__ = [
     "implemented_families",
     "list_specs",
     "make_tiny",
+    "quantize_checkpoint",
     "resolve_request",
     "select_model",
 ]

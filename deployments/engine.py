@@ -1,7 +1,7 @@
 """The engine config and the in-process reference runner.
 
 ``EngineConfig`` says what to load and how (model, device, dtype, parallel degrees, VAE options,
-default cache). ``Engine`` is the reference path (DESIGN.md, "One reference path"): it composes
+default cache, quantization). ``Engine`` is the reference path (DESIGN.md, "One reference path"): it composes
 the stage objects of ``stages.py`` (Encoder -> Denoiser -> Decoder) in this process, exactly as
 the served graph composes the deployments that run the same objects. ``ParallelEngine``
 (``local.py``) is the same composition with the DiT ranks and VAE workers on a local executor.
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ditserve.features.cache import CacheBackend, CacheKnobs, CacheSettings, parse_cache_settings
 from ditserve.features.lora import LoraConfig
 from ditserve.features.offload import OffloadConfig
+from ditserve.features.quantization import QuantizationConfig
 from ditserve.models import STAGES, FamilyAdapter, ModelSpec, RequestContext, StepCallback, TextConditioning, resolve_model
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.parallel import ParallelConfig, ParallelGroups
@@ -52,6 +53,8 @@ class EngineConfig(BaseModel):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters served per request.")
     offload: OffloadConfig = Field(default_factory=OffloadConfig,
                                    description="CPU offload: model-level and layerwise (features/offload).")
+    quant: QuantizationConfig = Field(default_factory=QuantizationConfig,
+                                      description="FP8 quantization of the DiT's linear layers.")
     # The deployment's default cache, as two options (DESIGN.md's names); together they are one
     # member of the cache union (features/cache/config.py), validated through it below.
     cache_backend: CacheBackend | None = Field(

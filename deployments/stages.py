@@ -40,11 +40,11 @@ from ditserve.models import (
     request_context,
     resolve_model,
 )
-from ditserve.parallel import ParallelGroups, build_groups, transformer_loader
+from ditserve.parallel import ParallelGroups, build_groups
 from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
-from .attach import Support, attach, check_support, offloaded_components, stage_scope
+from .attach import Support, attach, check_support, denoiser_loader, offloaded_components, stage_scope
 from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
 
@@ -137,14 +137,15 @@ class Timer:
 def load_adapter(config: Any, stages: Sequence[str], groups: ParallelGroups | None = None,
                  resolved: ResolvedModel | None = None) -> FamilyAdapter:
     """The family adapter with the components of ``stages`` (tensor-parallel shards when
-    ``groups`` says so), on the config's device and dtype."""
+    ``groups`` says so, FP8 when the config or the checkpoint says so), on the config's device and
+    dtype."""
     resolved = resolved or resolve_model(config.model)
     spec = resolved.spec
     cls = adapter_class(spec.family)
-    loader = transformer_loader(groups, cls.tensor_plan()) if groups is not None and "denoise" in stages else None
+    loader = denoiser_loader(config, cls, resolved.path, groups) if "denoise" in stages else None
     adapter = cls.from_pretrained(
         resolved.path, stages=stages, device=config.torch_device(), dtype=config.torch_dtype(),
-        loaders={"transformer": loader} if loader else None,
+        loaders={name: loader for name in cls.denoisers} if loader else None,
         host_components=offloaded_components(config, stages, cls),
     )
     if adapter.size_multiple != spec.size_multiple:

@@ -183,6 +183,12 @@ class FamilyAdapter:
     cp_attention: ClassVar[str | None] = None
     #: tensor-parallel plan (diffusers' ``_tp_plan`` format) where the class has none (``tensor_plan``)
     tp_plan: ClassVar[dict[str, Any] | None] = None
+    #: DiT linears FP8 leaves in high precision by default (fnmatch patterns of module names;
+    #: ``features/quantization.py``): the layers whose error reaches every token or the output
+    #: directly and whose FLOPs are negligible — timestep/guidance/text embedders (one vector per
+    #: sample), modulation (adaLN: the scale/shift of every token of a block), the patch embedder
+    #: and the final norm/projection (few channels, written straight into the prediction)
+    quant_ignored_layers: ClassVar[tuple[str, ...]] = ()
     #: text kwargs without a batch dimension (shared by every sample, e.g. FLUX ``txt_ids``)
     unbatched_text_kwargs: ClassVar[tuple[str, ...]] = ()
     #: the pipeline's guidance_scale default for guidance-distilled denoisers (None: required)

@@ -51,8 +51,11 @@ class FluxAdapter(FlowMatchImageAdapter):
     # exact VAE patch parallel decode (tests/test_vae_parallel.py).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("time_text_embed.*", "x_embedder", "context_embedder", "*.norm1.linear", "*.norm1_context.linear",
+                            "*.norm.linear", "norm_out.*", "proj_out")
     # TeaCache polynomial: TeaCache's published fit for FLUX.1-dev.
     cache_blocks = CacheBlocks(
         ("transformer_blocks", "single_transformer_blocks"), _modulated_input,

@@ -67,8 +67,11 @@ class Flux2KleinAdapter(FlowMatchImageAdapter):
     # _cp_plan / _tp_plan; CFG-parallel for undistilled checkpoints running CFG; exact VAE patch parallel).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("time_guidance_embed.*", "*_modulation*", "x_embedder", "context_embedder", "norm_out.*",
+                            "proj_out")
     # TeaCache polynomial: identity (no published fit for FLUX.2 is known; the rel-L1 distance of the
     # modulated input is used as is). Blocks: the double-stream list, then the single-stream list,
     # which runs on the joined [text; image] sequence (the cache hooks split it at the text length).

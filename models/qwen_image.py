@@ -48,8 +48,10 @@ class QwenImageAdapter(FlowMatchImageAdapter):
     # exact VAE patch parallel decode (tests/test_vae_parallel.py).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("time_text_embed.*", "img_in", "txt_in", "*.img_mod.*", "*.txt_mod.*", "norm_out.*", "proj_out")
     # TeaCache polynomial: vLLM-Omni's published fit for Qwen-Image.
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (-450.0, 280.0, -45.0, 3.2, -0.02))
 

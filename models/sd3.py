@@ -69,8 +69,11 @@ class SD3Adapter(FamilyAdapter):
     # Layerwise offload equals resident (tests/test_offload.py). Not declared: LoRA (not implemented yet), FP8.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("time_text_embed.*", "context_embedder", "*.norm1.linear", "*.norm1_context.linear", "norm_out.*",
+                            "proj_out")
     # TeaCache polynomial: none is published for SD3, so the identity (the raw relative L1 distance of
     # the modulated input, as FBCache uses it); fit one with tools/fit_tea_cache.py for a checkpoint.
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (0.0, 0.0, 0.0, 1.0, 0.0))

@@ -60,8 +60,11 @@ class ZImageAdapter(FamilyAdapter):
     # one rank; exact VAE patch parallel decode (AutoencoderKL's plan) over 2 workers equals one.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
-        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.LORA, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("t_embedder.*", "cap_embedder.*", "all_x_embedder.*", "all_final_layer.*",
+                            "*.adaLN_modulation.*")
     # Sequence parallel (the class has no _cp_plan): the model joins image and caption tokens into
     # one sequence inside its forward, so the split is at the first main block's input (each rank
     # a contiguous shard of the joined sequence), the RoPE table is split where each main block's

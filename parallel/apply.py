@@ -61,11 +61,12 @@ def check_parallel(config: ParallelConfig, transformer_config: dict[str, Any], *
         raise ValueError(f"{name}={value} must divide num_heads={heads} of model {model} (try {works})")
 
 
-def transformer_loader(groups: ParallelGroups, plan: dict[str, Any] | None = None):
+def transformer_loader(groups: ParallelGroups, plan: dict[str, Any] | None = None, prepare: Any = None):
     """The component loader that builds the transformer tensor-parallel (``None`` at tp size 1);
-    ``plan``: the adapter's tensor plan (default: the class's ``_tp_plan``)."""
+    ``plan``: the adapter's tensor plan (default: the class's ``_tp_plan``); ``prepare``: see
+    ``load_tensor_parallel_transformer``."""
     if groups.config.tensor_parallel_size == 1:
         return None
     from .tensor import load_tensor_parallel_transformer
 
-    return lambda cls, folder, dtype: load_tensor_parallel_transformer(cls, folder, dtype, groups.tp, plan)
+    return lambda cls, folder, dtype: load_tensor_parallel_transformer(cls, folder, dtype, groups.tp, plan, prepare)

@@ -10,11 +10,14 @@ linear and one all-reduce.
 
 Shards are cut at load: the model is built with empty (meta) parameters, the sharded linears
 replaced by their shards, and every tensor read from safetensors as a slice, so no rank ever holds
-the full weights of a sharded layer.
+the full weights of a sharded layer. A checkpoint stored in FP8 (``features/quantization.py``)
+loads as stored: float8 weights and their float32 ``weight_scale`` (one per output row) are never
+upcast, and a column-sharded linear's scales are sliced with its rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import fnmatch
@@ -95,11 +98,27 @@ def _column_ranges(style: str, linear: torch.nn.Linear, rank: int, size: int, en
     return _ranges(blocks or [linear.in_features], rank, size, "input features")
 
 
+_SCALE = "weight_scale"  # per-output-row scales of a weight stored in FP8
+
+
+def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor in the load dtype, except FP8 weights and their float32 scales."""
+    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn or key.endswith("." + _SCALE):
+        return tensor
+    return tensor.to(dtype)
+
+
 def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch.dtype, group: Group,
-                                     plan: dict[str, Any] | None = None) -> torch.nn.Module:
+                                     plan: dict[str, Any] | None = None,
+                                     prepare: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Build ``cls`` from ``folder`` (config + safetensors) with the linears of ``plan`` (diffusers'
     ``_tp_plan`` format; default: the class's own) sharded over ``group``, reading only this rank's
-    slices of their weights."""
+    slices of their weights.
+
+    Args:
+        prepare: called on the (meta, sharded) model before the weights are assigned, e.g. to give
+            the linears of a pre-quantized checkpoint their FP8 weight and scale placeholders.
+    """
     from accelerate import init_empty_weights
 
     plan = plan or getattr(cls, "_tp_plan", None)
@@ -130,6 +149,7 @@ def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch
             shard = ColumnParallelLinear(module.in_features, sum(b - a for a, b in keep), has_bias)
             shard.tp_style, shard.tp_ranges = "colwise", keep
             slices[f"{name}.weight"] = (0, keep)
+            slices[f"{name}.{_SCALE}"] = (0, keep)  # present only in FP8 checkpoints
             if has_bias:
                 slices[f"{name}.bias"] = (0, keep)
         else:
@@ -141,6 +161,8 @@ def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, shard)
 
+    if prepare is not None:
+        prepare(model)
     state: dict[str, torch.Tensor] = {}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -155,7 +177,7 @@ def load_tensor_parallel_transformer(cls: type, folder: str | Path, dtype: torch
                     tensor = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
                 else:
                     tensor = f.get_tensor(key)
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                state[key] = _cast(key, tensor, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -38,3 +38,11 @@ def save_peft_lora(pipeline_cls: type, checkpoint: Path, out: Path, *, seed: int
     layers = get_peft_model_state_dict(transformer, adapter_name="default")
     pipeline_cls.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict())
     return out
+
+
+def add_bad_entries(root: Path) -> None:
+    """Entries of a lora_dir that must be refused when asked for: a pickle-only adapter folder
+    (``binary``) and a file that is not safetensors (``corrupt``)."""
+    (root / "binary").mkdir()
+    torch.save({"x": torch.zeros(1)}, root / "binary" / "adapter.bin")
+    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from diffusers import QwenImagePipeline
 from lora_files import save_peft_lora
 
-from ditserve.deployments import Engine, EngineConfig, GenerationRequest, OffloadConfig, RequestError
+from ditserve.deployments import (
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    OffloadConfig,
+    QuantizationConfig,
+    RequestError,
+)
 from ditserve.deployments.local import ParallelEngine
 from ditserve.features.cache import parse_cache_settings
 from ditserve.features.cache.config import CacheConfigError
@@ -106,12 +114,44 @@ def test_feature_pairs_equal_the_lossy_feature_alone_on_one_rank(tiny_qwen, lora
                           lora=LoraConfig(lora_dir=str(lora_dir)), vae=VaeConfig(vae_patch_parallel_size=2))
     engine = ParallelEngine(config)
     for request, ref in zip(REQUESTS, references):
-        got = engine.generate(request, output_type="np")
-        assert float((got.latents - ref.latents).abs().max()) <= 1e-4, (degrees, request.cache)
-        assert np.abs(np.stack(got.images) * 255 - (ref.images * 255).round()).max() <= 1.0 + 1e-3
-        decisions = got.cache["decisions"]
-        assert decisions and all(ref.cache["decisions"][b] == d for b, d in decisions.items()), (got.cache, ref.cache)
-        assert (got.lora or {}).get("adapters") == (ref.lora or {}).get("adapters")
+        _assert_equal(engine.generate(request, output_type="np"), ref)
+
+
+def _assert_equal(got, ref) -> None:
+    assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+    assert np.abs(np.stack(got.images) * 255 - (ref.images * 255).round()).max() <= 1.0 + 1e-3
+    decisions = got.cache["decisions"]
+    assert decisions and all(ref.cache["decisions"][b] == d for b, d in decisions.items()), (got.cache, ref.cache)
+    assert (got.lora or {}).get("adapters") == (ref.lora or {}).get("adapters")
+
+
+@pytest.mark.compat("fp8", "ring")
+@pytest.mark.compat("fp8", "cfg_parallel")
+@pytest.mark.compat("fp8", "model_offload")
+@pytest.mark.compat("fp8", "vae_patch_parallel")
+@pytest.mark.compat("fp8", "tea_cache")
+@pytest.mark.compat("fp8", "cache_dit")
+def test_fp8_pairs_equal_fp8_alone_on_one_rank(tiny_qwen, lora_dir, references):
+    """FP8 is lossy: the layouts, the offload and the VAE workers must give FP8 alone on one rank
+    (same quantization, same cache decisions); a cache over the FP8 DiT adds nothing at threshold 0
+    and, with the limits deciding, takes the unquantized model's decisions."""
+    fp8 = QuantizationConfig(quantization="fp8")
+    lora = LoraConfig(lora_dir=str(lora_dir))
+    one = Engine(EngineConfig(model=str(tiny_qwen), device="cpu", lora=lora, quant=fp8))
+    refs = [one.generate(r, output_type="np") for r in REQUESTS]
+    for ref, full in zip(refs, references):
+        assert ref.cache["decisions"] == full.cache["decisions"]
+        assert float((ref.latents - full.latents).abs().max()) > 1e-3  # quantized: the 1e-4 below is FP8's
+    plain = one.generate(GenerationRequest(**BASE, **CFG), output_type="np")
+    for cache in ({"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
+                  {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}}):
+        exact = one.generate(GenerationRequest(**BASE, **CFG, cache=cache), output_type="np")
+        assert torch.equal(exact.latents, plain.latents) and exact.cache["calls_cached"] == 0
+    config = EngineConfig(model=str(tiny_qwen), device="cpu", offload=MODEL,
+                          parallel=ParallelConfig(ring_degree=2, cfg_parallel_size=2), lora=lora, quant=fp8, vae=VaeConfig(vae_patch_parallel_size=2))
+    engine = ParallelEngine(config)
+    for request, ref in zip(REQUESTS, refs):
+        _assert_equal(engine.generate(request, output_type="np"), ref)
 
 
 @pytest.mark.compat("tea_cache", "cache_dit",

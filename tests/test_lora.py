@@ -17,7 +17,7 @@ from diffusers import (
     ZImagePipeline,
 )
 from layouts import layout_ids, run_and_compare
-from lora_files import save_peft_lora
+from lora_files import add_bad_entries, save_peft_lora
 from safetensors.torch import save_file
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest, RequestError
@@ -36,9 +36,7 @@ def lora_dir(tmp_path_factory, tiny_qwen, tiny_flux):
     save_peft_lora(QwenImagePipeline, tiny_qwen, root / "qx", seed=3)
     save_peft_lora(QwenImagePipeline, tiny_qwen, root / "qy", seed=4, rank=8, alpha=4)
     _kohya_pair(root, dim=64, rank=4, alpha=2.0)
-    (root / "binary").mkdir()
-    torch.save({"x": torch.zeros(1)}, root / "binary" / "adapter.bin")
-    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    add_bad_entries(root)
     return root
 
 
@@ -243,3 +241,19 @@ def test_lora_under_layerwise_offload_equals_resident(engines, tiny_flux, lora_d
                                     offload=OffloadConfig(enable_layerwise_offload=True)))
     lora = [{"name": "fx", "scale": 0.7}, {"name": "fy", "scale": 0.5}]
     assert torch.equal(_latents(offloaded, lora=lora), _latents(engines["flux"], lora=lora))
+
+
+@pytest.mark.compat("fp8", "lora")  # two content changes: LoRA's effect kept within FP8's error
+def test_lora_on_an_fp8_base_keeps_its_effect(engines, tiny_flux, lora_dir):
+    """Adapters stay in high precision on top of the FP8 linears: the change the adapters make to the
+    FP8 model's output is the change they make to the unquantized model's, within FP8's error."""
+    from ditserve.deployments import QuantizationConfig
+
+    fp8 = Engine(EngineConfig(model=str(tiny_flux), device="cpu", dtype="float32", lora=LoraConfig(lora_dir=str(lora_dir)),
+                              quant=QuantizationConfig(quantization="fp8")))
+    lora = [{"name": "fx", "scale": 0.7}, {"name": "fy", "scale": 0.5}]
+    full = engines["flux"]
+    effect_full = _latents(full, lora=lora) - _latents(full)
+    effect_fp8 = _latents(fp8, lora=lora) - _latents(fp8)
+    assert effect_full.abs().max().item() > 1e-2
+    assert ((effect_fp8 - effect_full).norm() / effect_full.norm()).item() <= 0.05

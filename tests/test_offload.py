@@ -221,3 +221,16 @@ def test_start_up_refuses_what_does_not_compose():
     ok = EngineConfig(model="ditserve/tiny-qwen-image", device="cpu", parallel=ParallelConfig(ulysses_degree=2),
                       offload=OffloadConfig(enable_layerwise_offload=True, offload_shard_host_copy=True))
     check_support(ok)
+
+
+@pytest.mark.compat("fp8", "layerwise_offload")
+def test_fp8_blocks_offload_layerwise_exactly():
+    """FP8 weights (float8 storage + scale buffers) move with their block: same numbers as resident FP8."""
+    from ditserve.deployments import QuantizationConfig
+
+    def engine(offload: OffloadConfig) -> Engine:
+        return Engine(EngineConfig(model="ditserve/tiny-flux", device="cpu", dtype="float32", offload=offload,
+                                   quant=QuantizationConfig(quantization="fp8")))
+
+    _equal(engine(LAYERWISE).generate(_request("flux"), output_type="np"),
+           engine(OffloadConfig()).generate(_request("flux"), output_type="np"))

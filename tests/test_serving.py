@@ -23,7 +23,7 @@ import pytest
 import ray
 import torch
 from diffusers import FluxPipeline, QwenImagePipeline
-from lora_files import save_peft_lora
+from lora_files import add_bad_entries, save_peft_lora
 from PIL import Image
 from ray import serve
 
@@ -57,9 +57,7 @@ def lora_dir(tmp_path_factory, tiny_qwen, tiny_flux):
     save_peft_lora(QwenImagePipeline, tiny_qwen, root / "x", seed=3)
     save_peft_lora(QwenImagePipeline, tiny_qwen, root / "y", seed=4, rank=2, alpha=1)
     save_peft_lora(FluxPipeline, tiny_flux, root / "flux-style", seed=1)
-    (root / "binary").mkdir()
-    torch.save({"x": torch.zeros(1)}, root / "binary" / "adapter.bin")
-    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    add_bad_entries(root)
     return root
 
 

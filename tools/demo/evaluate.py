@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 
 import numpy as np
@@ -91,6 +92,33 @@ def score(images: list[np.ndarray], samples: list[Sample], classifier: ShapeClas
         shape_ok += shape == sample.shape
     n = len(samples)
     return {"background_color_accuracy": bg_ok / n, "shape_color_accuracy": fg_ok / n, "shape_accuracy": shape_ok / n}
+
+
+# ---- image metrics (shared by benchmarks/cache_quality.py and quantization.py) ---------------------
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """dB, uint8 images."""
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) over the
+    RGB channels of two uint8 images (H, W, 3)."""
+    x = torch.from_numpy(np.array(a)).permute(2, 0, 1)[:, None].double()
+    y = torch.from_numpy(np.array(b)).permute(2, 0, 1)[:, None].double()
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :])[None, None]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
 
 
 def main(argv: list[str] | None = None) -> None:
