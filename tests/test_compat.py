@@ -148,7 +148,8 @@ def test_fp8_pairs_equal_fp8_alone_on_one_rank(tiny_qwen, lora_dir, references):
         exact = one.generate(GenerationRequest(**BASE, **CFG, cache=cache), output_type="np")
         assert torch.equal(exact.latents, plain.latents) and exact.cache["calls_cached"] == 0
     config = EngineConfig(model=str(tiny_qwen), device="cpu", offload=MODEL,
-                          parallel=ParallelConfig(ring_degree=2, cfg_parallel_size=2), lora=lora, quant=fp8, vae=VaeConfig(vae_patch_parallel_size=2))
+                          parallel=ParallelConfig(ring_degree=2, cfg_parallel_size=2), lora=lora, quant=fp8,
+                          vae=VaeConfig(vae_patch_parallel_size=2))
     engine = ParallelEngine(config)
     for request, ref in zip(REQUESTS, refs):
         _assert_equal(engine.generate(request, output_type="np"), ref)
@@ -196,3 +197,31 @@ def test_options_of_a_feature_that_is_off_are_refused_not_ignored(fields, messag
 
     with pytest.raises(ValueError, match=message):
         check_support(EngineConfig(model="ditserve/tiny-qwen-image", device="cpu", **fields))
+
+
+OTHER_FAMILIES = {"flux": ("FluxPipeline", {"guidance_scale": 3.5}), "sd3": ("StableDiffusion3Pipeline", {}),
+                  "z-image": ("ZImagePipeline", {}), "flux2-klein": ("Flux2KleinPipeline", {})}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_other_families_compose_on_one_batch(tmp_path, family):
+    """The table is Qwen-Image's; every other family (each declares all nine features) runs one
+    batch: Ring 2, layerwise offload, a LoRA, both caches and the VAE patch parallel over two
+    workers equal the cache (and LoRA) alone on one rank."""
+    import diffusers
+
+    from ditserve.models import resolve_model
+
+    checkpoint = resolve_model(f"ditserve/tiny-{family}").path
+    pipeline, extra = OTHER_FAMILIES[family]
+    save_peft_lora(getattr(diffusers, pipeline), checkpoint, tmp_path / "a", seed=11)
+    base = dict(BASE, **extra)
+    requests = [GenerationRequest(**base, cache=TEA), GenerationRequest(**base, cache=DB, lora={"name": "a"})]
+    lora = LoraConfig(lora_dir=str(tmp_path))
+    one = Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=lora))
+    refs = [one.generate(r, output_type="np") for r in requests]
+    assert all("S" in d for ref in refs for d in ref.cache["decisions"].values())
+    engine = ParallelEngine(EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(ring_degree=2),
+                                         offload=LAYERWISE, lora=lora, vae=VaeConfig(vae_patch_parallel_size=2)))
+    for request, ref in zip(requests, refs):
+        _assert_equal(engine.generate(request, output_type="np"), ref)
