@@ -62,6 +62,22 @@ def test_offloaded_output_equals_resident_on_every_family(family, tmp_path):
     assert offload.blocks_materialized == 0  # none between requests
 
 
+@pytest.mark.compat("layerwise_offload", "tea_cache")
+def test_tea_cache_under_layerwise_offload_onloads_only_block_0_for_a_skipped_call():
+    # TeaCache's probe reads block 0's weights before block 0 runs (the cache decides there)
+    req = _request("flux", cache={"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, num_inference_steps=3)
+    resident = _engine("flux").generate(req, output_type="np")
+    engine = _engine("flux", LAYERWISE)  # 3 blocks, groups of 1
+    offload = layerwise_offload_of(engine.adapter.transformer)
+    out = engine.generate(req, output_type="np")
+    _equal(out, resident)
+    stats = out.cache
+    assert stats == resident.cache and stats["decisions"] == {"cond": "CSC"}
+    # each computed block onloaded once, and a skipped call only block 0's group (for the probe)
+    assert offload.onloads == stats["blocks_evaluated"] + stats["calls_cached"]
+    assert offload.blocks_materialized == 0
+
+
 @pytest.mark.compat("layerwise_offload", "cache_dit")
 def test_two_groups_at_most_during_a_forward_and_skipped_blocks_are_never_onloaded():
     req = _request("flux", cache=DB_SKIP, num_inference_steps=3)

@@ -240,7 +240,8 @@ def cache_error(
         owners = _owners(loc[1])
         if owners and tag not in owners:
             return CacheConfigError(path, f"belongs to {owners[0]}, but {backend_field} is {tag}: "
-                                    "TeaCache and Cache-DiT cannot be combined")
+                                    f"TeaCache and Cache-DiT cannot be combined (set {backend_field}={owners[0]} "
+                                    "to use it, or leave it out)")
         return CacheConfigError(path, "unknown option")
     return CacheConfigError(path, err["msg"].removeprefix("Value error, "))
 
