@@ -29,7 +29,7 @@ from ditserve.features.offload import OffloadConfig
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.vae import VaeConfig
 
-from .attach import quantize_checkpoint
+from .loading import quantize_checkpoint
 from .config import AppConfig, AutoscalingOptions, SequentialStageOptions, StageOptions
 from .engine import Engine, EngineConfig, GenerationResult
 from .local import ParallelEngine

@@ -8,7 +8,7 @@ groups)`` applies the enabled entries of a stage in table order; ``detach`` remo
 reverse. It lives in ``deployments/`` because it joins ``parallel/`` and ``features/``, which do
 not import each other.
 
-Tensor parallelism and FP8 act while loading (``denoiser_loader``): each rank reads only its shards
+Tensor parallelism and FP8 act while loading (``loading.denoiser_loader``): each rank reads only its shards
 and quantizes only them, and the FP8 matmul hooks go on before any entry here attaches, so hooks
 registered later (LoRA) wrap them. Their entries only check.
 
@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from ditserve.features import quantization as fp8
 from ditserve.features.cache import apply_cache, check_blocks, may_skip, remove_cache
@@ -44,9 +43,7 @@ from ditserve.features.offload import (
 )
 from ditserve.models import Capabilities, Feature, ResolvedModel, capabilities
 from ditserve.models.loading import read_checkpoint
-from ditserve.parallel import ParallelGroups, check_parallel, transformer_loader
-from ditserve.parallel.groups import Group
-from ditserve.parallel.tensor import RowParallelLinear
+from ditserve.parallel import ParallelGroups, check_parallel
 from ditserve.parallel.cfg import CFGParallel
 from ditserve.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
 from ditserve.parallel.tensor import TensorParallelLora
@@ -207,96 +204,6 @@ def _check_quant(caps: Support, config: EngineConfig) -> None:
                            family_default=caps.caps.adapter.quant_ignored_layers)
 
 
-# ---- loading: tensor parallel and FP8 -------------------------------------------------------------------
-
-
-class _RowShards:
-    """A row-parallel linear's tp group as ``features.quantization.RowShards`` (NCCL reduces on the GPU)."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def _reduce(self, tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-        if self.group.size == 1:
-            return tensor
-        on = tensor
-        if dist.get_backend(self.group.pg) == "nccl" and tensor.device.type != "cuda":
-            on = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        return self.group.all_reduce(on, op).to(tensor.device)
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.SUM)
-
-    def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.MAX)
-
-
-def _shards_of(module: torch.nn.Module) -> _RowShards | None:
-    return _RowShards(module.group) if isinstance(module, RowParallelLinear) else None
-
-
-def denoiser_loader(config: EngineConfig, adapter_cls: type, path: Any, groups: ParallelGroups | None) -> Any:
-    """The component loader of the denoisers: this rank's tensor-parallel shards, quantized to FP8
-    (shard-first, on the CPU before the move to the device) when ``config.quant`` says so, or loaded
-    as stored from a pre-quantized checkpoint; ``None``: the class's own ``from_pretrained``."""
-    info = read_checkpoint(path)
-    marker = fp8.checkpoint_marker(info.config(adapter_cls.denoisers[0]))
-    tp = groups is not None and groups.config.tensor_parallel_size > 1
-    if not config.quant.enabled and marker is None:
-        return transformer_loader(groups, adapter_cls.tensor_plan()) if tp else None
-    dtype = config.torch_dtype()
-    ignored = tuple(marker["ignored_layers"]) if marker else fp8.resolve_ignored(config.quant,
-                                                                                  adapter_cls.quant_ignored_layers)
-    plan = fp8.Fp8Plan(ignored, fp8.select_kernel(config.torch_device(), dtype), dtype, _shards_of)
-
-    def load(cls: type, folder: Any, load_dtype: torch.dtype) -> torch.nn.Module:
-        if marker is not None:
-            prepare = (lambda m: fp8.prepare_prequantized(m, fp8.stored_fp8_names(folder)))  # noqa: E731
-            if tp:
-                model = transformer_loader(groups, adapter_cls.tensor_plan(), prepare)(cls, folder, load_dtype)
-            else:
-                model = fp8.load_prequantized(cls, folder, load_dtype)
-            fp8.attach_kernels(model, plan)
-        else:
-            if tp:
-                model = transformer_loader(groups, adapter_cls.tensor_plan())(cls, folder, load_dtype)
-            else:
-                model = cls.from_pretrained(folder.parent, subfolder=folder.name, dtype=load_dtype,
-                                            use_safetensors=True, local_files_only=True)
-            fp8.quantize_model(model, plan)
-        fp8.report(model, plan.kernel, ignored, prequantized=marker is not None)
-        return model
-
-    return load
-
-
-def quantize_checkpoint(model: str, out: Any, quant: fp8.QuantizationConfig | None = None) -> Any:
-    """``ditserve quantize``: copy ``model`` (an id or folder) to ``out`` with its denoisers stored in
-    FP8 (the family's default ignored layers unless ``quant`` names others)."""
-    from ditserve.models import adapter_class, resolve_model
-
-    resolved = resolve_model(model)
-    support = model_support(resolved)
-    quant = quant or fp8.QuantizationConfig()
-    if quant.quantization is None:
-        quant = quant.model_copy(update={"quantization": "fp8"})
-    fp8.check_quantization(quant, model=support.model, supported=Feature.FP8 in support.features,
-                           transformer_config=support.caps.transformer_config, family_default=())
-    if fp8.checkpoint_marker(support.caps.transformer_config):
-        raise ValueError(f"--model {model}: already stored in FP8")
-    cls = adapter_class(resolved.spec.family)
-    info = read_checkpoint(resolved.path)
-    denoiser_cls = _resolve_denoiser(info, cls)
-    return fp8.write_quantized_checkpoint(resolved.path, out, family_default=cls.quant_ignored_layers, cfg=quant,
-                                          transformer_cls=denoiser_cls, denoisers=cls.denoisers)
-
-
-def _resolve_denoiser(info: Any, cls: type) -> type:
-    import diffusers
-
-    return getattr(diffusers, info.components[cls.denoisers[0]].class_name)
-
-
 # ---- apply / remove ----------------------------------------------------------------------------------
 
 
@@ -403,7 +310,7 @@ def _has_cache(config: EngineConfig, caps: Support) -> bool:
 FEATURES: tuple[FeatureEntry, ...] = (
     _model_offload_row("encode", 0),
     FeatureEntry("tensor_parallel", "denoise", 0, lambda c: c.parallel.tensor_parallel_size > 1, _check_parallel),
-    # quantized while loading (denoiser_loader), so its row only checks; always checked, since a
+    # quantized while loading (loading.denoiser_loader), so its row only checks; always checked, since a
     # pre-quantized checkpoint is FP8 with or without the option
     FeatureEntry("fp8", "denoise", 5, lambda c: True, _check_quant),
     # each rank offloads the blocks it holds (its tensor-parallel shards); before the cache, so its

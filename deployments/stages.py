@@ -44,7 +44,8 @@ from ditserve.parallel import ParallelGroups, build_groups
 from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
-from .attach import Support, attach, check_support, denoiser_loader, offloaded_components, stage_scope
+from .attach import Support, attach, check_support, offloaded_components, stage_scope
+from .loading import denoiser_loader
 from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
 
