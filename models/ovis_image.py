@@ -1,0 +1,87 @@
+"""Ovis-Image family adapter (OvisAI/Ovis-Image; the diffusers checkpoint AIDC-AI/Ovis-Image-7B).
+
+Qwen3 text encoder over the pipeline's chat template with its fixed system prompt (last hidden
+states, padded to ``max_sequence_length`` + the template's 28 leading tokens, which are dropped);
+``OvisImageTransformer2DModel`` (a FLUX.1-shaped double-/single-stream MMDiT without pooled text
+or a guidance embedding) on 2x2-packed latent tokens with 3-axis position ids; timestep shift from
+the image token count (``calculate_shift``), ``timestep / 1000`` as input. Guidance as
+``OvisImagePipeline``: classic CFG with a negative prompt (``""`` by default) when
+``guidance_scale > 1``, the two branches as two serial calls, combined as
+``uncond + scale * (cond - uncond)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+from transformers import Qwen2TokenizerFast, Qwen3Model
+
+from .adapter import SamplingParams, TextConditioning
+from .contract import CacheBlocks
+from .flow_match import FlowMatchImageAdapter
+from .registry import Feature, Guidance
+
+
+def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """TeaCache's probe: the first (double-stream) block's timestep-modulated image input."""
+    return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
+
+
+class OvisImageAdapter(FlowMatchImageAdapter):
+    family = "ovis-image"
+    pipeline_class = OvisImagePipeline
+    component_types = {
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+        "vae": AutoencoderKL,
+        "text_encoder": Qwen3Model,
+        "tokenizer": Qwen2TokenizerFast,
+        "transformer": OvisImageTransformer2DModel,
+    }
+    stage_components = {
+        "encode": ("text_encoder", "tokenizer"),
+        "denoise": ("transformer", "scheduler"),
+        "decode": ("vae",),
+    }
+    max_sequence_length = 256  # the pipeline's default
+    unbatched_text_kwargs = ("txt_ids",)
+    guidance = frozenset({Guidance.NONE, Guidance.CFG})
+    # Verified in tests/test_family_ovis_image.py (the rest is refused at start-up by check_support).
+    supported_features: frozenset[Feature] = frozenset()
+    # TeaCache polynomial: identity (no published fit for Ovis-Image is known to us; the rel-L1
+    # distance of the modulated input is used as is; fit one with tools/fit_tea_cache.py). Blocks:
+    # the double-stream list, then the single-stream list (which, like FLUX.1's, takes and returns
+    # both streams).
+    cache_blocks = CacheBlocks(
+        ("transformer_blocks", "single_transformer_blocks"), _modulated_input,
+        (1.0, 0.0), layer_config_keys=("num_layers", "num_single_layers"),
+    )
+
+    def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
+        embeds, _, text_ids, _ = self.pipe.encode_prompt(
+            prompt=list(texts),
+            do_classifier_free_guidance=False,  # the negative branch is encoded as its own text
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
+
+    def _latents_and_kwargs(
+        self, prepared: tuple[torch.Tensor, torch.Tensor], params: SamplingParams, cond: TextConditioning
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        latents, img_ids = prepared
+        return latents, {"img_ids": img_ids, "joint_attention_kwargs": {}}
+
+    def guidance_kwargs(self, params: SamplingParams, batch: int) -> dict[str, Any]:
+        return {}  # no guidance embedding: guidance is classic CFG only
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        self._require("vae")
+        vae = self.components["vae"]
+        latents = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
