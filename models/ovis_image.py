@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from transformers import Qwen2TokenizerFast, Qwen3Model
 
 from .adapter import SamplingParams, TextConditioning
@@ -48,8 +49,25 @@ class OvisImageAdapter(FlowMatchImageAdapter):
     max_sequence_length = 256  # the pipeline's default
     unbatched_text_kwargs = ("txt_ids",)
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
-    # Verified in tests/test_family_ovis_image.py (the rest is refused at start-up by check_support).
-    supported_features: frozenset[Feature] = frozenset()
+    # Verified in tests/test_family_ovis_image.py: caches (threshold 0 equals uncached, evaluations
+    # drop), CFG-parallel and Ulysses at degree 2 equal one rank. The rest is refused at start-up by
+    # check_support; LoRA in particular: OvisImagePipeline has no LoRA loader to read adapters with.
+    supported_features = frozenset({
+        Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
+    })
+    # Sequence parallel (the class has no _cp_plan): the transformer's forward is FLUX.1's (image
+    # and text tokens in, RoPE from the concatenated txt/img position ids), so its plan is the same:
+    # split both streams and their position ids at the model's input (the text is always
+    # ``max_sequence_length`` tokens), gather the output of ``proj_out``.
+    cp_plan = {
+        "": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "img_ids": ContextParallelInput(split_dim=0, expected_dims=2, split_output=False),
+            "txt_ids": ContextParallelInput(split_dim=0, expected_dims=2, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
     # TeaCache polynomial: identity (no published fit for Ovis-Image is known to us; the rel-L1
     # distance of the modulated input is used as is; fit one with tools/fit_tea_cache.py). Blocks:
     # the double-stream list, then the single-stream list (which, like FLUX.1's, takes and returns
