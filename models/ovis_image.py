@@ -50,11 +50,16 @@ class OvisImageAdapter(FlowMatchImageAdapter):
     unbatched_text_kwargs = ("txt_ids",)
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # Verified in tests/test_family_ovis_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop), CFG-parallel and Ulysses at degree 2 equal one rank. The rest is refused at start-up by
+    # drop), CFG-parallel and Ulysses at degree 2 equal one rank, layerwise offload equals resident,
+    # FP8 runs end to end close to the unquantized path. The rest is refused at start-up by
     # check_support; LoRA in particular: OvisImagePipeline has no LoRA loader to read adapters with.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
+        Feature.LAYERWISE_OFFLOAD, Feature.FP8,
     })
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
+    quant_ignored_layers = ("timestep_embedder.*", "x_embedder", "context_embedder", "*.norm1.linear",
+                            "*.norm1_context.linear", "*.norm.linear", "norm_out.*", "proj_out")
     # Sequence parallel (the class has no _cp_plan): the transformer's forward is FLUX.1's (image
     # and text tokens in, RoPE from the concatenated txt/img position ids), so its plan is the same:
     # split both streams and their position ids at the model's input (the text is always

@@ -173,3 +173,41 @@ def par_references(engine):
 def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
+
+
+# ---- offload and FP8 (through the feature table) --------------------------------------------------
+
+def test_offloaded_output_equals_resident(checkpoint, engine, tmp_path):
+    from ditserve.deployments import OffloadConfig
+    from ditserve.features.offload import layerwise_offload_of, model_offload_of
+
+    req = GenerationRequest(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=7)
+    plain = engine.generate(req, output_type="np")
+    # model-level for the text encoder and VAE, layerwise for the DiT: groups of two blocks from disk
+    config = OffloadConfig(enable_cpu_offload=True, enable_layerwise_offload=True, offload_blocks_per_group=2,
+                           offload_device="disk", offload_disk_dir=str(tmp_path))
+    offloaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", offload=config))
+    out = offloaded.generate(req, output_type="np")
+    assert torch.equal(out.latents, plain.latents) and (out.images == plain.images).all()
+    offloads = model_offload_of([offloaded.adapter.components[n] for n in offloaded.adapter.stage_components["decode"]])
+    assert len(offloads) == 1 and offloads[0].onloads == 1 and not offloads[0].weights.materialized
+    layerwise = layerwise_offload_of(offloaded.adapter.transformer)
+    assert 0 < layerwise.max_blocks_materialized <= 2 * config.offload_blocks_per_group
+    assert layerwise.blocks_materialized == 0  # none between requests
+
+
+def test_fp8_runs_end_to_end_close_to_unquantized(checkpoint, engine):
+    import numpy as np
+
+    from ditserve.deployments import QuantizationConfig
+    from ditserve.features import quantization as fp8
+
+    req = GenerationRequest(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=3)
+    ref = engine.generate(req, output_type="np")
+    quant = Engine(EngineConfig(model=str(checkpoint), device="cpu", quant=QuantizationConfig(quantization="fp8")))
+    got = quant.generate(req, output_type="np")
+    names = fp8.quantized_names(quant.adapter.transformer)
+    assert names and "proj_out" not in names and not any(".norm1." in n for n in names)
+    assert np.isfinite(got.images).all()
+    rel = float((got.latents - ref.latents).norm() / ref.latents.norm())
+    assert 0 < rel < 0.05, rel  # quantized (not bit-equal), and close to the unquantized path
