@@ -50,12 +50,13 @@ class OvisImageAdapter(FlowMatchImageAdapter):
     unbatched_text_kwargs = ("txt_ids",)
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # Verified in tests/test_family_ovis_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop), CFG-parallel and Ulysses at degree 2 equal one rank, layerwise offload equals resident,
+    # drop), CFG-parallel, Ulysses and Ring at degree 2 equal one rank, exact VAE patch parallel
+    # decode (AutoencoderKL's plan) over 2 workers equals one, layerwise offload equals resident,
     # FP8 runs end to end close to the unquantized path. The rest is refused at start-up by
     # check_support; LoRA in particular: OvisImagePipeline has no LoRA loader to read adapters with.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
-        Feature.LAYERWISE_OFFLOAD, Feature.FP8,
+        Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.FP8,
     })
     # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
     quant_ignored_layers = ("timestep_embedder.*", "x_embedder", "context_embedder", "*.norm1.linear",

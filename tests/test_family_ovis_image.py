@@ -2,7 +2,8 @@
 classic CFG at the default guidance 5.0 with the empty negative prompt, with a given negative prompt
 and n=2, and without CFG at guidance 1); the registry carries the pipeline's defaults; a re-saved
 checkpoint with other block/head counts loads and runs; caches (threshold 0 equals uncached,
-evaluations drop); CFG-parallel and Ulysses at degree 2 equal one rank; LoRA is refused at start-up
+evaluations drop); CFG-parallel, Ulysses and Ring at degree 2 equal one rank; exact VAE patch
+parallel decode equals one worker; layerwise offload equals resident; FP8 runs; LoRA is refused at start-up
 (the pipeline has no LoRA loader)."""
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ PAR_REQUESTS = [
     GenerationRequest(seed=1, **PAR_BASE),  # CFG (guidance 5.0, negative "")
     GenerationRequest(seed=2, guidance_scale=1.0, **PAR_BASE),  # one branch: CFG-parallel must not deadlock
 ]
-LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,28 @@ def par_references(engine):
 def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
+
+
+def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, engine):
+    """Exact mode (AutoencoderKL's plan): M=2 workers equal one worker's plain decode."""
+    from ditserve.deployments.local import run_local_decode
+
+    items = []
+    for size, n, seed in (("80x48", 1, 1), ("48x96", 2, 2)):  # split by columns; by rows, a batch
+        width, height = (int(v) for v in size.split("x"))
+        tokens = (height // 16) * (width // 16)
+        latents = torch.randn(n, tokens, engine.adapter.transformer.config.in_channels,
+                              generator=torch.Generator().manual_seed(seed))
+        items.append((GenerationRequest(prompt="x", size=size, n=n, seed=seed), latents))
+    refs = [engine.postprocess(engine.decode(engine.resolve(r), lat), output_type="np") for r, lat in items]
+    config = EngineConfig(model=str(checkpoint), device="cpu", vae={"vae_patch_parallel_size": 2})
+    workers = run_local_decode(config, items)
+    assert len(workers) == 2
+    for results in workers:
+        for ref, got in zip(refs, results):
+            assert got["images"].shape == ref.shape
+            assert float(abs(got["images"] - ref).max()) <= 1e-4
+            assert got["bytes_sent"] > 0  # the workers did talk
 
 
 # ---- offload and FP8 (through the feature table) --------------------------------------------------
