@@ -234,3 +234,33 @@ def test_fp8_runs_end_to_end_close_to_unquantized(checkpoint, engine):
     assert np.isfinite(got.images).all()
     rel = float((got.latents - ref.latents).norm() / ref.latents.norm())
     assert 0 < rel < 0.05, rel  # quantized (not bit-equal), and close to the unquantized path
+
+
+def test_declared_features_compose_on_one_batch(checkpoint, engine):
+    """Ulysses 2, layerwise offload, both caches and the VAE patch parallel over two
+    workers equal the cache alone on one rank (cache decisions included)."""
+    import numpy as np
+
+    from ditserve.deployments import OffloadConfig
+    from ditserve.deployments.local import ParallelEngine
+    from ditserve.parallel import ParallelConfig
+    from ditserve.parallel.vae import VaeConfig
+
+    base = dict(prompt=PROMPT, size="64x64", num_inference_steps=3, seed=7)
+    tea = {"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}
+    db = {"backend": "cache_dit", "config": {"residual_diff_threshold": 9.0, "max_warmup_steps": 1,
+                                             "max_continuous_cached_steps": 2}}
+    requests = [GenerationRequest(**base, cache=tea), GenerationRequest(**base, cache=db, guidance_scale=1.0)]
+    refs = [engine.generate(r, output_type="np") for r in requests]
+    assert all("S" in d for ref in refs for d in ref.cache["decisions"].values())
+    parallel = ParallelEngine(EngineConfig(
+        model=str(checkpoint), device="cpu", dtype="float32",
+        parallel=ParallelConfig(ulysses_degree=2),
+        offload=OffloadConfig(enable_layerwise_offload=True), vae=VaeConfig(vae_patch_parallel_size=2),
+    ))
+    for request, ref in zip(requests, refs):
+        got = parallel.generate(request, output_type="np")
+        assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+        assert np.abs(np.stack(got.images) * 255 - (ref.images * 255).round()).max() <= 1.0 + 1e-3
+        decisions = got.cache["decisions"]
+        assert decisions and all(ref.cache["decisions"][b] == d for b, d in decisions.items()), got.cache
