@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.transformers.transformer_ovis_image import OvisImageAttention
 from transformers import Qwen2TokenizerFast, Qwen3Model
 
 from .adapter import SamplingParams, TextConditioning
 from .contract import CacheBlocks
 from .flow_match import FlowMatchImageAdapter
+from .loading import CheckpointInfo
 from .registry import Feature, Guidance
 
 
@@ -50,13 +53,13 @@ class OvisImageAdapter(FlowMatchImageAdapter):
     unbatched_text_kwargs = ("txt_ids",)
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # Verified in tests/test_family_ovis_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop), CFG-parallel, Ulysses and Ring at degree 2 equal one rank, exact VAE patch parallel
+    # drop), CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank, exact VAE patch parallel
     # decode (AutoencoderKL's plan) over 2 workers equals one, layerwise offload equals resident,
     # FP8 runs end to end close to the unquantized path. The rest is refused at start-up by
     # check_support; LoRA in particular: OvisImagePipeline has no LoRA loader to read adapters with.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
-        Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.FP8,
+        Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL, Feature.LAYERWISE_OFFLOAD, Feature.FP8,
     })
     # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why)
     quant_ignored_layers = ("timestep_embedder.*", "x_embedder", "context_embedder", "*.norm1.linear",
@@ -74,6 +77,31 @@ class OvisImageAdapter(FlowMatchImageAdapter):
         },
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
+    # Tensor parallel (the class has no _tp_plan): FLUX.1's plan, except that Ovis's MLPs are SwiGLU.
+    # Q/K/V (image and text) and the MLPs' first linears column-sharded, whole heads per rank; the
+    # SwiGLU projections (``ff.net.0.proj``, the single blocks' ``proj_mlp``) pack two halves, so each
+    # rank keeps its slice of both; each block half ends row-sharded, the single blocks' ``proj_out``
+    # over its packed input ``cat([attention (dim), MLP (4 dim)])``. Modulations and QK norms stay
+    # replicated. Degrees must divide the head count (checked at start-up).
+    tp_plan = {
+        "transformer_blocks.*.attn.to_q": "colwise",
+        "transformer_blocks.*.attn.to_k": "colwise",
+        "transformer_blocks.*.attn.to_v": "colwise",
+        "transformer_blocks.*.attn.to_out.0": "rowwise",
+        "transformer_blocks.*.attn.add_q_proj": "colwise",
+        "transformer_blocks.*.attn.add_k_proj": "colwise",
+        "transformer_blocks.*.attn.add_v_proj": "colwise",
+        "transformer_blocks.*.attn.to_add_out": "rowwise",
+        "transformer_blocks.*.ff.net.0.proj": PackedColwiseParallel([1, 1]),
+        "transformer_blocks.*.ff.net.2": "rowwise",
+        "transformer_blocks.*.ff_context.net.0.proj": PackedColwiseParallel([1, 1]),
+        "transformer_blocks.*.ff_context.net.2": "rowwise",
+        "single_transformer_blocks.*.attn.to_q": "colwise",
+        "single_transformer_blocks.*.attn.to_k": "colwise",
+        "single_transformer_blocks.*.attn.to_v": "colwise",
+        "single_transformer_blocks.*.proj_mlp": PackedColwiseParallel([1, 1]),
+        "single_transformer_blocks.*.proj_out": PackedRowwiseParallel([1, 4]),  # mlp_ratio 4
+    }
     # TeaCache polynomial: identity (no published fit for Ovis-Image is known to us; the rel-L1
     # distance of the modulated input is used as is; fit one with tools/fit_tea_cache.py). Blocks:
     # the double-stream list, then the single-stream list (which, like FLUX.1's, takes and returns
@@ -82,6 +110,19 @@ class OvisImageAdapter(FlowMatchImageAdapter):
         ("transformer_blocks", "single_transformer_blocks"), _modulated_input,
         (1.0, 0.0), layer_config_keys=("num_layers", "num_single_layers"),
     )
+
+    def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
+        super().__init__(components, info, **kwargs)
+        transformer = components.get(self.denoisers[0])
+        if transformer is not None:
+            # The attention processor splits heads by ``attn.heads`` and the single blocks split
+            # ``proj_mlp``'s output by ``mlp_hidden_dim``: a tensor-parallel rank's column-sharded
+            # linears hold fewer heads of the same size and its slice of each MLP half.
+            for module in transformer.modules():
+                if isinstance(module, OvisImageAttention) and module.to_q.out_features != module.heads * module.head_dim:
+                    module.heads = module.to_q.out_features // module.head_dim
+            for block in getattr(transformer, "single_transformer_blocks", ()):
+                block.mlp_hidden_dim = block.proj_mlp.out_features // 2
 
     def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
         embeds, _, text_ids, _ = self.pipe.encode_prompt(

@@ -2,7 +2,7 @@
 classic CFG at the default guidance 5.0 with the empty negative prompt, with a given negative prompt
 and n=2, and without CFG at guidance 1); the registry carries the pipeline's defaults; a re-saved
 checkpoint with other block/head counts loads and runs; caches (threshold 0 equals uncached,
-evaluations drop); CFG-parallel, Ulysses and Ring at degree 2 equal one rank; exact VAE patch
+evaluations drop); CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank; exact VAE patch
 parallel decode equals one worker; layerwise offload equals resident; FP8 runs; LoRA is refused at start-up
 (the pipeline has no LoRA loader)."""
 
@@ -162,7 +162,7 @@ PAR_REQUESTS = [
     GenerationRequest(seed=1, **PAR_BASE),  # CFG (guidance 5.0, negative "")
     GenerationRequest(seed=2, guidance_scale=1.0, **PAR_BASE),  # one branch: CFG-parallel must not deadlock
 ]
-LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}, {"tensor_parallel_size": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,28 @@ def par_references(engine):
 def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
+    if degrees.get("tensor_parallel_size", 1) > 1:
+        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+
+
+def test_tensor_parallel_shards_and_refuses_degrees_the_heads_do_not_allow(checkpoint):
+    from ditserve.parallel import Group, ParallelConfig
+    from ditserve.parallel.tensor import ColumnParallelLinear, load_tensor_parallel_transformer
+    from diffusers import OvisImageTransformer2DModel
+
+    from ditserve.models.ovis_image import OvisImageAdapter
+
+    path = checkpoint / "transformer"
+    full = OvisImageTransformer2DModel.from_pretrained(path)
+    swiglu = full.single_transformer_blocks[0].proj_mlp  # mlp | gate
+    half = swiglu.out_features // 4
+    shard = load_tensor_parallel_transformer(OvisImageTransformer2DModel, path, torch.float32, Group((0, 1), 1, None),
+                                             plan=OvisImageAdapter.tp_plan)
+    local = shard.get_submodule("single_transformer_blocks.0.proj_mlp")
+    assert isinstance(local, ColumnParallelLinear)  # rank 1 keeps the second half of each packed block
+    assert torch.equal(local.weight, torch.cat([swiglu.weight[half:2 * half], swiglu.weight[3 * half:]]))
+    with pytest.raises(ValueError, match="tensor_parallel_size=8 must divide num_heads=4"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(tensor_parallel_size=8)))
 
 
 def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, engine):
