@@ -53,9 +53,9 @@ class OvisImageAdapter(FlowMatchImageAdapter):
     unbatched_text_kwargs = ("txt_ids",)
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     # Verified in tests/test_family_ovis_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop), CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank, exact VAE patch parallel
-    # decode (AutoencoderKL's plan) over 2 workers equals one, layerwise offload equals resident,
-    # FP8 runs end to end close to the unquantized path. The rest is refused at start-up by
+    # drop), CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank, exact VAE
+    # patch parallel decode (AutoencoderKL's plan) over 2 workers equals one, layerwise offload
+    # equals resident, FP8 runs end to end close to the unquantized path. The rest is refused at start-up by
     # check_support; LoRA in particular: OvisImagePipeline has no LoRA loader to read adapters with.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
