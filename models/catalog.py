@@ -235,14 +235,18 @@ MODELS: list[ModelSpec] = [
             vae="AutoencoderKL",
             scheduler=_FLOW_EULER,
             text_encoders=("Qwen3Model",),
-            tokenizers=("Qwen2Tokenizer",),
+            tokenizers=("Qwen2TokenizerFast",),
         ),
         guidance=Guidance.CFG,
         num_inference_steps=50,
         guidance_scale=5.0,
         **_image_sizes(16),
         seed_features=_row("❌ ✅ ❌ ✅ ❌ ❌ ✅ ❌ ❌"),
-        notes="Identifier as in the seed table; the diffusers checkpoint is AIDC-AI/Ovis-Image-7B.",
+        notes=(
+            "Identifier as in the seed table; the diffusers checkpoint is AIDC-AI/Ovis-Image-7B. Defaults are "
+            "OvisImagePipeline's (50 steps, guidance 5.0, 1024x1024); classic CFG with the negative prompt "
+            "(\"\" by default) runs when guidance_scale > 1, as two serial transformer calls per step."
+        ),
     ),
     ModelSpec(
         id="Qwen/Qwen-Image",

@@ -26,6 +26,7 @@ _ADAPTERS = {
     "sd3": "ditserve.models.sd3:SD3Adapter",
     "z-image": "ditserve.models.z_image:ZImageAdapter",
     "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
+    "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

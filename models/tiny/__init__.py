@@ -19,9 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein")
+FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
-                  "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein"}
+                  "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
+                  "ditserve/tiny-ovis-image": "ovis-image"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -181,8 +182,15 @@ def _flux2_klein_pipeline():
     return flux2_klein_pipeline()
 
 
+def _ovis_image_pipeline():
+    from .ovis_image import ovis_image_pipeline
+
+    return ovis_image_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
-             "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline}
+             "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
+             "ovis-image": _ovis_image_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
