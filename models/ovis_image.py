@@ -25,13 +25,9 @@ from transformers import Qwen2TokenizerFast, Qwen3Model
 from .adapter import SamplingParams, TextConditioning
 from .contract import CacheBlocks
 from .flow_match import FlowMatchImageAdapter
+from .flux import _modulated_input  # the same double-stream block probe as FLUX.1's
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
-
-
-def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
-    """TeaCache's probe: the first (double-stream) block's timestep-modulated image input."""
-    return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
 
 
 class OvisImageAdapter(FlowMatchImageAdapter):

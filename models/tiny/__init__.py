@@ -39,15 +39,6 @@ _QWEN_SCHEDULER = dict(
     time_shift_type="exponential",
     use_dynamic_shifting=True,
 )
-_FLUX_SCHEDULER = dict(
-    base_image_seq_len=256,
-    base_shift=0.5,
-    max_image_seq_len=4096,
-    max_shift=1.15,
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-)
 
 
 def _qwen_image_pipeline():
@@ -121,7 +112,7 @@ def _flux_pipeline():
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from .tokenizer_builders import build_clip_tokenizer, build_t5_tokenizer, clip_special_token_ids
-    from .parts import tiny_kl_vae, tiny_t5
+    from .parts import FLUX_SCHEDULER, tiny_kl_vae, tiny_t5
 
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
@@ -154,7 +145,7 @@ def _flux_pipeline():
         axes_dims_rope=(4, 6, 6),
     )
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
         text_encoder=clip,
         tokenizer=clip_tok,

@@ -5,29 +5,6 @@ and 27."""
 
 from __future__ import annotations
 
-# Scheduler config of black-forest-labs/FLUX.2-klein-4B (the shift itself comes from the
-# pipeline's empirical mu).
-_FLUX2_SCHEDULER = dict(
-    base_image_seq_len=256,
-    base_shift=0.5,
-    max_image_seq_len=4096,
-    max_shift=1.15,
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-)
-
-# The Qwen3 chat template's layout for one user turn and a generation prompt; with
-# ``enable_thinking=False`` (as the pipeline asks) Qwen3 adds an empty think block.
-_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
 
 def flux2_klein_pipeline(*, distilled: bool = True, n_layers: int = 1, n_single_layers: int = 2, n_heads: int = 4):
     """A tiny ``Flux2KleinPipeline``.
@@ -42,10 +19,10 @@ def flux2_klein_pipeline(*, distilled: bool = True, n_layers: int = 1, n_single_
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
-    from .parts import tiny_kl_vae, tiny_qwen3_config
+    from .parts import FLUX_SCHEDULER, QWEN3_CHAT_TEMPLATE, tiny_kl_vae, tiny_qwen3_config
 
     tokenizer = build_qwen2_tokenizer()
-    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     special = qwen2_special_token_ids(tokenizer)
     text_hidden = 16
     text_encoder = Qwen3ForCausalLM(
@@ -70,7 +47,7 @@ def flux2_klein_pipeline(*, distilled: bool = True, n_layers: int = 1, n_single_
         guidance_embeds=False,
     )
     return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -3,29 +3,6 @@
 
 from __future__ import annotations
 
-# FLUX.1's flow-match scheduler config (resolution-dependent shift); the pipeline reads
-# base/max image_seq_len and base/max shift from it exactly as FluxPipeline does.
-_OVIS_SCHEDULER = dict(
-    base_image_seq_len=256,
-    base_shift=0.5,
-    max_image_seq_len=4096,
-    max_shift=1.15,
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-)
-
-# The Qwen3 chat template's layout for one user turn and a generation prompt; with
-# ``enable_thinking=False`` (as the pipeline asks) Qwen3 adds an empty think block.
-_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
 
 def ovis_image_pipeline(*, n_layers: int = 1, n_single_layers: int = 2, n_heads: int = 4):
     """A tiny ``OvisImagePipeline``.
@@ -37,11 +14,11 @@ def ovis_image_pipeline(*, n_layers: int = 1, n_single_layers: int = 2, n_heads:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
     from transformers import Qwen3Model
 
-    from .parts import tiny_kl_vae, tiny_qwen3_config
+    from .parts import FLUX_SCHEDULER, QWEN3_CHAT_TEMPLATE, tiny_kl_vae, tiny_qwen3_config
     from .tokenizer_builders import build_qwen2_tokenizer
 
     tokenizer = build_qwen2_tokenizer()
-    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     text_hidden = 32
     text_encoder = Qwen3Model(tiny_qwen3_config(tokenizer, text_hidden, 64, 2, 16))
     latent_channels = 4
@@ -59,7 +36,7 @@ def ovis_image_pipeline(*, n_layers: int = 1, n_single_layers: int = 2, n_heads:
         axes_dims_rope=(4, 6, 6),
     )
     return OvisImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_OVIS_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

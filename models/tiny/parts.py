@@ -10,6 +10,30 @@ from transformers import Qwen3Config, T5Config, T5EncoderModel
 
 from .tokenizer_builders import qwen2_special_token_ids
 
+# FLUX.1's flow-match scheduler config (resolution-dependent shift), which FLUX.2-klein and
+# Ovis-Image ship too; their pipelines read base/max image_seq_len and base/max shift from it.
+FLUX_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+
+# The Qwen3 chat template's layout for one user turn and a generation prompt; with
+# ``enable_thinking=False`` Qwen3 adds an empty think block (FLUX.2-klein and Ovis-Image ask for
+# that; Z-Image asks for thinking, so its prompt ends at the assistant header).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
 
 def tiny_kl_vae(cls: type = AutoencoderKL, latent_channels: int = 4, **config: Any) -> Any:
     """A KL VAE with four levels (scale 8, as the real ones), 16 channels per level."""

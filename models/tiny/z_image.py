@@ -6,18 +6,6 @@ from __future__ import annotations
 # Scheduler config of Tongyi-MAI/Z-Image-Turbo (static shift 3, no resolution-dependent shift).
 _Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
-# The Qwen3 chat template's layout for one user turn and a generation prompt. With
-# ``enable_thinking=False`` Qwen3 adds an empty think block; the pipeline asks for thinking, so
-# the prompt ends at the assistant header.
-_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
 
 def z_image_pipeline(*, n_layers: int = 2, n_heads: int = 4):
     """A tiny ``ZImagePipeline``. ``n_layers`` / ``n_heads``: main blocks and attention heads
@@ -26,10 +14,10 @@ def z_image_pipeline(*, n_layers: int = 2, n_heads: int = 4):
     from transformers import Qwen3Config, Qwen3Model
 
     from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
-    from .parts import tiny_kl_vae, tiny_qwen3_config
+    from .parts import QWEN3_CHAT_TEMPLATE, tiny_kl_vae, tiny_qwen3_config
 
     tokenizer = build_qwen2_tokenizer()
-    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     special = qwen2_special_token_ids(tokenizer)
     text_hidden = 32
     text_encoder = Qwen3Model(
