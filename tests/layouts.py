@@ -35,3 +35,32 @@ def run_and_compare(model: str, degrees: dict, requests: list, references: list,
     if config.parallel.sp_degree > 1:
         assert all(r["bytes_sent"] > 0 for r in ranks[0])
     return ranks
+
+
+def serve_and_compare(name: str, engine: dict, requests: list, references: list, check=None) -> None:
+    """Deploy the graph for ``engine`` (``EngineConfig`` fields; the session's simulated cluster) as
+    app ``name``, and assert every request answered through the handle equals its in-process
+    ``references`` entry (latents within 1e-4, images within one uint8 level); ``check(name)`` runs
+    once the app is up (placement assertions)."""
+    import numpy as np
+    from ray import serve
+
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({
+        "engine": {"device": "cpu", **engine},
+        "accelerator": "gpu",
+        "distributed_timeout_s": 60,
+        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+    })
+    handle = serve.run(build_app(cfg), name=name, route_prefix=None)
+    try:
+        if check is not None:
+            check(name)
+        for req, ref in zip(requests, references):
+            got = handle.generate.remote(req, "np", True).result()
+            assert float((got.latents - ref.latents).abs().max()) <= 1e-4, name
+            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1, name
+    finally:
+        serve.delete(name)

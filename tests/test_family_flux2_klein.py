@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from layouts import layout_ids, run_and_compare
+from layouts import layout_ids, run_and_compare, serve_and_compare
 import torch
 from diffusers import Flux2KleinPipeline
 
@@ -269,26 +269,8 @@ def test_packed_tensor_parallel_shards_keep_a_slice_of_every_block(checkpoints):
 
 
 def test_served_graph_with_cfg_parallel_matches_reference(ray_cluster, checkpoints, par_references):
-    import numpy as np
-    from ray import serve
-
-    from ditserve.deployments.app import build_app
-    from ditserve.deployments.config import AppConfig
-
-    cfg = AppConfig.model_validate({
-        "engine": {"model": str(checkpoints["base"]), "device": "cpu", "parallel": {"cfg_parallel_size": 2}},
-        "accelerator": "gpu",
-        "distributed_timeout_s": 60,
-        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-    })
-    handle = serve.run(build_app(cfg), name="flux2-klein-test", route_prefix=None)
-    try:
-        for req, ref in zip(PAR_REQUESTS, par_references):
-            got = handle.generate.remote(req, "np", True).result()
-            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
-            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
-    finally:
-        serve.delete("flux2-klein-test")
+    serve_and_compare("flux2-klein-test", {"model": str(checkpoints["base"]), "parallel": {"cfg_parallel_size": 2}},
+                      PAR_REQUESTS, par_references)
 
 
 def test_cache_under_ulysses_takes_the_single_rank_decisions(checkpoints, engines):

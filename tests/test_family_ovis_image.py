@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from diffusers import OvisImagePipeline
-from layouts import layout_ids, run_and_compare
+from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.models.tiny import make_tiny
@@ -291,23 +291,4 @@ def test_declared_features_compose_on_one_batch(checkpoint, engine):
 def test_served_graph_matches_reference(ray_cluster, checkpoint, par_references):
     """The default layout (one DiT rank) served: a CFG request and a plain one equal the in-process
     runner (CFG-parallel itself is checked against one rank locally, above)."""
-    import numpy as np
-    from ray import serve
-
-    from ditserve.deployments.app import build_app
-    from ditserve.deployments.config import AppConfig
-
-    cfg = AppConfig.model_validate({
-        "engine": {"model": str(checkpoint), "device": "cpu"},
-        "accelerator": "gpu",
-        "distributed_timeout_s": 60,
-        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-    })
-    handle = serve.run(build_app(cfg), name="ovis-image-test", route_prefix=None)
-    try:
-        for req, ref in zip(PAR_REQUESTS, par_references):
-            got = handle.generate.remote(req, "np", True).result()
-            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
-            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
-    finally:
-        serve.delete("ovis-image-test")
+    serve_and_compare("ovis-image-test", {"model": str(checkpoint)}, PAR_REQUESTS, par_references)

@@ -5,7 +5,7 @@ CFG resolve as the pipeline decides."""
 from __future__ import annotations
 
 import pytest
-from layouts import layout_ids, run_and_compare
+from layouts import layout_ids, run_and_compare, serve_and_compare
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -297,26 +297,8 @@ def test_cli_generate_with_classic_cfg(tiny_sd3, tmp_path, capsys):
 
 
 def test_served_graph_with_cfg_parallel_matches_reference(ray_cluster, tiny_sd3, par_references):
-    import numpy as np
-    from ray import serve
-
-    from ditserve.deployments.app import build_app
-    from ditserve.deployments.config import AppConfig
-
-    cfg = AppConfig.model_validate({
-        "engine": {"model": str(tiny_sd3), "device": "cpu", "parallel": {"cfg_parallel_size": 2}},
-        "accelerator": "gpu",
-        "distributed_timeout_s": 60,
-        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-    })
-    handle = serve.run(build_app(cfg), name="sd3-test", route_prefix=None)
-    try:
-        for req, ref in zip(PAR_REQUESTS, par_references):
-            got = handle.generate.remote(req, "np", True).result()
-            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
-            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
-    finally:
-        serve.delete("sd3-test")
+    serve_and_compare("sd3-test", {"model": str(tiny_sd3), "parallel": {"cfg_parallel_size": 2}}, PAR_REQUESTS,
+                      par_references)
 
 
 @pytest.mark.timeout(300)

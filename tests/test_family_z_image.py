@@ -5,7 +5,7 @@ guidance_scale > 0); a checkpoint with another layer/head count loads and runs."
 from __future__ import annotations
 
 import pytest
-from layouts import layout_ids, run_and_compare
+from layouts import layout_ids, run_and_compare, serve_and_compare
 import torch
 from diffusers import ZImagePipeline
 
@@ -239,23 +239,6 @@ def test_parallel_ranks_take_the_single_rank_cache_decisions(engine, checkpoint,
 
 @pytest.mark.timeout(300)
 def test_served_graph_with_ulysses2_matches_reference(ray_cluster, checkpoint, par_references):
-    import numpy as np
-    from ray import serve
-
-    from ditserve.deployments.app import build_app
-    from ditserve.deployments.config import AppConfig
-
-    cfg = AppConfig.model_validate({
-        "engine": {"model": str(checkpoint), "device": "cpu", "parallel": {"ulysses_degree": 2}},
-        "accelerator": "gpu",
-        "distributed_timeout_s": 60,
-        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-    })
-    handle = serve.run(build_app(cfg), name="z-image-test", route_prefix=None)
-    try:
-        for req, ref in zip(PAR_REQUESTS, par_references):  # plain, batched CFG, one call per branch
-            got = handle.generate.remote(req, "np", True).result()
-            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
-            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
-    finally:
-        serve.delete("z-image-test")
+    # plain, batched CFG, one call per branch
+    serve_and_compare("z-image-test", {"model": str(checkpoint), "parallel": {"ulysses_degree": 2}}, PAR_REQUESTS,
+                      par_references)

@@ -4,7 +4,7 @@ and images; layouts a model cannot run are refused at start-up naming the option
 from __future__ import annotations
 
 import pytest
-from layouts import layout_ids, run_and_compare
+from layouts import layout_ids, run_and_compare, serve_and_compare
 import torch
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -100,28 +100,14 @@ def test_parallel_engine_needs_groups(tiny_qwen):
 
 
 def test_served_graph_with_ulysses2_matches_reference(ray_cluster, tiny_qwen, references):
-    import numpy as np
     from ray import serve
 
-    from ditserve.deployments.app import build_app
-    from ditserve.deployments.config import AppConfig
-
-    cfg = AppConfig.model_validate({
-        "engine": {"model": str(tiny_qwen), "device": "cpu", "parallel": {"ulysses_degree": 2}},
-        "accelerator": "gpu",
-        "distributed_timeout_s": 60,
-        "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
-    })
-    handle = serve.run(build_app(cfg), name="parallel-test", route_prefix=None)
-    try:
-        info = serve.get_deployment_handle("DiT", "parallel-test").info.remote().result()
+    def two_workers_on_one_node(name: str) -> None:
+        info = serve.get_deployment_handle("DiT", name).info.remote().result()
         assert len(info["worker_node_ids"]) == 2 and len(set(info["worker_node_ids"])) == 1
-        for req, ref in zip(REQUESTS["qwen-image"], references["qwen-image"]):
-            got = handle.generate.remote(req, "np", True).result()
-            assert float((got.latents - ref.latents).abs().max()) <= 1e-4
-            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1
-    finally:
-        serve.delete("parallel-test")
+
+    serve_and_compare("parallel-test", {"model": str(tiny_qwen), "parallel": {"ulysses_degree": 2}},
+                      REQUESTS["qwen-image"], references["qwen-image"], check=two_workers_on_one_node)
 
 
 def test_world_larger_than_any_node_is_refused_before_deploying(ray_cluster, tiny_qwen):
