@@ -249,7 +249,7 @@ def resolve_lora(req: GenerationRequest, resolved: ResolvedRequest, config: Lora
         raise RequestError("lora", f"{len(loras)} adapters exceed max_loras_per_request={config.max_loras_per_request}")
     for field, lora in items:
         try:
-            adapter_path(config.lora_dir if config is not None else None, lora.name, field=field)
+            adapter_path(config.lora_dir if config is not None else None, lora.name, field=field, known=adapters)
         except LoraError as exc:
             raise RequestError(exc.field, exc.message, exc.status) from None
     return tuple(loras)
@@ -295,7 +295,10 @@ def validate_request(
         vae: the deployment's VAE options (the size must split over its patch-parallel workers).
         lora: the deployment's LoRA options (``lora_dir`` is listed for the adapter names).
     """
-    adapters = list_adapters(lora.lora_dir) if lora is not None else {}
+    # lora_dir is listed only for a request that may name an adapter (a lora field, or a model that
+    # is not the served one), not for every request
+    may_name = req.lora is not None or (req.model is not None and req.model not in served)
+    adapters = list_adapters(lora.lora_dir) if lora is not None and may_name else {}
     spec = select_model(req, served, default, adapters)
     resolved = resolve_request(req, spec)
     resolved = dataclasses.replace(resolved, lora=resolve_lora(req, resolved, lora, adapters))

@@ -22,10 +22,10 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.transformers.transformer_ovis_image import OvisImageAttention
 from transformers import Qwen2TokenizerFast, Qwen3Model
 
-from .adapter import SamplingParams, TextConditioning
+from .adapter import SamplingParams
 from .contract import CacheBlocks
 from .flow_match import FlowMatchImageAdapter
-from .flux import _modulated_input  # the same double-stream block probe as FLUX.1's
+from .flux import FluxAdapter, _modulated_input  # the same double-stream block probe as FLUX.1's
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
 
@@ -130,19 +130,9 @@ class OvisImageAdapter(FlowMatchImageAdapter):
         )
         return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
 
-    def _latents_and_kwargs(
-        self, prepared: tuple[torch.Tensor, torch.Tensor], params: SamplingParams, cond: TextConditioning
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        latents, img_ids = prepared
-        return latents, {"img_ids": img_ids, "joint_attention_kwargs": {}}
+    # FLUX.1's packed latents with image ids, and its VAE unpacking and scaling: the same code
+    _latents_and_kwargs = FluxAdapter._latents_and_kwargs
+    decode = FluxAdapter.decode
 
     def guidance_kwargs(self, params: SamplingParams, batch: int) -> dict[str, Any]:
         return {}  # no guidance embedding: guidance is classic CFG only
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        self._require("vae")
-        vae = self.components["vae"]
-        latents = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]

@@ -102,8 +102,10 @@ def list_adapters(lora_dir: str | Path | None) -> dict[str, Path]:
     return found
 
 
-def adapter_path(lora_dir: str | Path | None, name: str, field: str = "lora.name") -> Path:
-    """The path of adapter ``name`` inside ``lora_dir``.
+def adapter_path(lora_dir: str | Path | None, name: str, field: str = "lora.name",
+                 known: dict[str, Path] | None = None) -> Path:
+    """The path of adapter ``name`` inside ``lora_dir`` (``known``: its ``list_adapters``, when the
+    caller already listed it).
 
     Raises:
         LoraError: no adapters are served (422), the name is not a plain adapter name (422), or
@@ -113,7 +115,7 @@ def adapter_path(lora_dir: str | Path | None, name: str, field: str = "lora.name
         raise LoraError(field, f"adapter {name!r} is not available: no LoRA adapters are served (no lora_dir)")
     if not _NAME_RE.match(name) or ".." in name:
         raise LoraError(field, f"{name!r} is not an adapter name (letters, digits and ._+- only, no paths)")
-    known = list_adapters(lora_dir)
+    known = list_adapters(lora_dir) if known is None else known
     if name not in known:
         listed = ", ".join(known) or "none"
         raise LoraError(field, f"unknown adapter {name!r}; known adapters: {listed}", status=404)

@@ -171,13 +171,14 @@ class LoraStore:
         self.on_cpu: collections.OrderedDict[str, LoadedLora] = collections.OrderedDict()
         self.stats = LoraStats()
         self._hooked: set[str] = set()
+        # name -> module, once: adapters are checked, sharded and hooked by name on every load
+        self._modules = dict(transformer.named_modules())
 
     # ---- loading ---------------------------------------------------------------------------------
 
     def _check(self, weights: AdapterWeights) -> None:
-        modules = dict(self.transformer.named_modules())
         for name, lora in weights.modules.items():
-            module = modules.get(name)
+            module = self._modules.get(name)
             key = f"transformer.{name}.lora_A.weight"
             if module is None or not hasattr(module, "in_features"):
                 what = "no such module" if module is None else f"a {type(module).__name__}, not a linear"
@@ -193,18 +194,16 @@ class LoraStore:
         path = adapter_path(self.config.lora_dir, name)
         weights = read_adapter(Path(path), name, self.loader)
         self._check(weights)
-        modules = dict(self.transformer.named_modules())
         out = {}
         for module_name, lora in weights.modules.items():
-            a, b, reduce = self.sharder.shard(modules[module_name], lora.a, lora.b * lora.scaling)
+            a, b, reduce = self.sharder.shard(self._modules[module_name], lora.a, lora.b * lora.scaling)
             out[module_name] = (a.to(self.device, self.dtype), b.to(self.device, self.dtype), reduce)
         return LoadedLora(name, out)
 
     def _hook(self, loaded: LoadedLora) -> None:
-        modules = dict(self.transformer.named_modules())
         for name in loaded.modules:
             if name not in self._hooked:
-                HookRegistry.check_if_exists_or_initialize(modules[name]).register_hook(_LoraHook(name), HOOK_NAME)
+                HookRegistry.check_if_exists_or_initialize(self._modules[name]).register_hook(_LoraHook(name), HOOK_NAME)
                 self._hooked.add(name)
 
     def _evict(self, keep: set[str]) -> None:
@@ -293,9 +292,8 @@ class LoraStore:
 
     def remove(self) -> None:
         """Remove every hook and drop every adapter (the base model is as loaded)."""
-        modules = dict(self.transformer.named_modules())
         for name in self._hooked:
-            HookRegistry.check_if_exists_or_initialize(modules[name]).remove_hook(HOOK_NAME, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(self._modules[name]).remove_hook(HOOK_NAME, recurse=False)
         self._hooked.clear()
         self.on_device.clear()
         self.on_cpu.clear()
