@@ -269,10 +269,8 @@ class Denoiser(_Stage):
                 run = store.prepare(req.loras)
         except LoraError as exc:
             raise RequestError(exc.field, exc.message, exc.status) from None
-        after = store.stats
         with store.activated(run):
-            yield {"adapters": run.names, "loads": after.loads - before.loads, "hits": after.hits - before.hits,
-                   "restores": after.restores - before.restores, "evictions": after.evictions - before.evictions}
+            yield {"adapters": run.names, **store.stats.counts_since(before)}
 
     def _step_callback(self, callback: StepCallback | None) -> StepCallback | None:
         if self.aborted is None:

@@ -100,6 +100,11 @@ class LoraStats:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def counts_since(self, before: LoraStats) -> dict[str, int]:
+        """What happened since ``before`` (a copy taken earlier): loads, hits, restores, evictions."""
+        names = ("loads", "hits", "restores", "evictions")
+        return {name: getattr(self, name) - getattr(before, name) for name in names}
+
 
 class LoraRun:
     """One request's adapters and their per-module concatenation (built on first use)."""
