@@ -173,29 +173,27 @@ def _check_offload(caps: Support, config: EngineConfig) -> None:
                          "offload_shard_host_copy=False")
 
 
+def _changed_options(options: Any, keep: Sequence[str] = ()) -> list[tuple[str, Any]]:
+    """The fields of a pydantic config that differ from its defaults (``keep``: fields not asked
+    about), in field order."""
+    defaults = type(options)()
+    names = [n for n in type(options).model_fields if n not in keep]
+    return [(n, getattr(options, n)) for n in names if getattr(options, n) != getattr(defaults, n)]
+
+
 def _check_idle_options(config: EngineConfig) -> None:
     """Options of a feature that is off would be accepted and ignored: refused instead, naming the
     option and the switch that turns its feature on."""
-    from ditserve.features.lora import LoraConfig
-
-    o = config.offload
-    if not o.enable_layerwise_offload:
-        for name, value, default in (("offload_blocks_per_group", o.offload_blocks_per_group, 1),
-                                     ("offload_device", o.offload_device, "cpu"),
-                                     ("offload_disk_dir", o.offload_disk_dir, None),
-                                     ("offload_shard_host_copy", o.offload_shard_host_copy, False),
-                                     ("offload_prefetch", o.offload_prefetch, True)):
-            if value != default:
-                raise ValueError(f"{name}={value!r} applies to layerwise offload only: set "
-                                 "enable_layerwise_offload=True, or leave it at its default")
-    if config.lora.lora_dir is None:
-        defaults = LoraConfig()
+    switches = ("enable_cpu_offload", "enable_layerwise_offload")
+    if not config.offload.enable_layerwise_offload and (changed := _changed_options(config.offload, keep=switches)):
+        name, value = changed[0]
+        raise ValueError(f"{name}={value!r} applies to layerwise offload only: set "
+                         "enable_layerwise_offload=True, or leave it at its default")
+    if config.lora.lora_dir is None and (changed := _changed_options(config.lora)):
         # max_loras_per_request last: its default follows a smaller max_loras_per_replica
-        for name in sorted(type(config.lora).model_fields, key=lambda n: n == "max_loras_per_request"):
-            value = getattr(config.lora, name)
-            if value != getattr(defaults, name):
-                raise ValueError(f"{name}={value!r} applies to LoRA only: set lora_dir (the adapters' folder), "
-                                 "or leave it at its default")
+        name, value = sorted(changed, key=lambda item: item[0] == "max_loras_per_request")[0]
+        raise ValueError(f"{name}={value!r} applies to LoRA only: set lora_dir (the adapters' folder), "
+                         "or leave it at its default")
 
 
 def _check_quant(caps: Support, config: EngineConfig) -> None:
