@@ -37,11 +37,13 @@ def run_and_compare(model: str, degrees: dict, requests: list, references: list,
     return ranks
 
 
-def serve_and_compare(name: str, engine: dict, requests: list, references: list, check=None) -> None:
+def serve_and_compare(name: str, engine: dict, requests: list, references: list, check=None,
+                      max_changed_fraction: float = 1.0) -> None:
     """Deploy the graph for ``engine`` (``EngineConfig`` fields; the session's simulated cluster) as
     app ``name``, and assert every request answered through the handle equals its in-process
-    ``references`` entry (latents within 1e-4, images within one uint8 level); ``check(name)`` runs
-    once the app is up (placement assertions)."""
+    ``references`` entry (latents within 1e-4, images within one uint8 level, on at most
+    ``max_changed_fraction`` of the values); ``check(name)`` runs once the app is up (placement
+    assertions)."""
     import numpy as np
     from ray import serve
 
@@ -61,6 +63,7 @@ def serve_and_compare(name: str, engine: dict, requests: list, references: list,
         for req, ref in zip(requests, references):
             got = handle.generate.remote(req, "np", True).result()
             assert float((got.latents - ref.latents).abs().max()) <= 1e-4, name
-            assert np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int)).max() <= 1, name
+            diff = np.abs(np.stack(got.images).astype(int) - (ref.images * 255).round().astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() <= max_changed_fraction, name
     finally:
         serve.delete(name)
