@@ -111,3 +111,114 @@ def test_lora_is_refused_at_start_up(checkpoint, tmp_path):
     assert not hasattr(LongCatImagePipeline, "lora_state_dict")
     with pytest.raises(ValueError, match="does not support LoRA"):
         Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
+
+
+# ---- caches (double-stream blocks, then single-stream blocks taking and returning both streams) ---
+
+CACHE_STEPS = 6
+CACHE_BASE = dict(prompt=PROMPT, size="64x48", num_inference_steps=CACHE_STEPS, seed=1)
+
+
+def _cached(engine, cache=None, **extra):
+    return engine.generate(GenerationRequest(**CACHE_BASE, **extra, cache=cache), output_type="np")
+
+
+@pytest.fixture(scope="module")
+def uncached(engine):
+    return _cached(engine)
+
+
+@pytest.mark.parametrize("cache", [
+    {"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
+    {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}},
+], ids=["tea_cache", "cache_dit"])
+def test_zero_threshold_equals_uncached(engine, uncached, cache):
+    cached = _cached(engine, cache)
+    assert torch.equal(uncached.latents, cached.latents)
+    assert cached.cache["calls_cached"] == 0
+    assert cached.cache["blocks_evaluated"] == cached.cache["blocks_total"]
+    assert set(cached.cache["decisions"]) == {"cond", "uncond"}  # CFG: both branches ran through the hooks
+
+
+def test_block_evaluations_drop_as_configured(engine, uncached):
+    blocks = 3  # one double-stream + two single-stream blocks
+    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
+    cases = [
+        ({"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, "CSSSSC", 0),  # first/last always run
+        ({"backend": "cache_dit", "config": db}, "CCSSCS", 1),
+    ]
+    for cache, pattern, per_skip in cases:
+        out = _cached(engine, cache)
+        stats = out.cache
+        assert stats["decisions"] == {"cond": pattern, "uncond": pattern}, cache
+        skipped = pattern.count("S")
+        assert stats["blocks_total"] == 2 * CACHE_STEPS * blocks
+        assert stats["blocks_evaluated"] == 2 * ((CACHE_STEPS - skipped) * blocks + skipped * per_skip), cache
+        assert not torch.equal(out.latents, uncached.latents)  # skipping changed something
+
+
+# ---- parallel: every rank equals one rank ----------------------------------------------------------
+
+# 80x48 -> 15 image tokens: uneven Ulysses shards on purpose (the text is 512 tokens)
+PAR_BASE = dict(prompt=PROMPT, size="80x48", num_inference_steps=2)
+PAR_REQUESTS = [
+    GenerationRequest(seed=1, **PAR_BASE),  # CFG (guidance 4.5, negative "", cfg renorm)
+    GenerationRequest(seed=2, guidance_scale=1.0, **PAR_BASE),  # one branch: CFG-parallel must not deadlock
+]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}, {"tensor_parallel_size": 2}]
+
+
+@pytest.fixture(scope="module")
+def par_references(engine):
+    return [engine.generate(r, output_type="np") for r in PAR_REQUESTS]
+
+
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
+def test_layout_matches_single_rank(checkpoint, par_references, degrees):
+    ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
+    assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
+    if degrees.get("tensor_parallel_size", 1) > 1:
+        assert all(r["bytes_sent"] > 0 for r in ranks[0])
+
+
+def test_tensor_parallel_refuses_degrees_the_heads_do_not_allow(checkpoint):
+    from ditserve.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=8 must divide num_heads=4"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(tensor_parallel_size=8)))
+
+
+# ---- offload and FP8 (through the feature table) --------------------------------------------------
+
+def test_offloaded_output_equals_resident_and_fp8_runs_close(checkpoint, engine, tmp_path):
+    from ditserve.deployments import OffloadConfig, QuantizationConfig
+    from ditserve.features import quantization as fp8
+    from ditserve.features.offload import layerwise_offload_of, model_offload_of
+
+    req = GenerationRequest(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=7)
+    plain = engine.generate(req, output_type="np")
+    # model-level for the text encoder and VAE, layerwise for the DiT: groups of two blocks from disk
+    config = OffloadConfig(enable_cpu_offload=True, enable_layerwise_offload=True, offload_blocks_per_group=2,
+                           offload_device="disk", offload_disk_dir=str(tmp_path))
+    offloaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", offload=config))
+    out = offloaded.generate(req, output_type="np")
+    assert torch.equal(out.latents, plain.latents) and (out.images == plain.images).all()
+    offloads = model_offload_of([offloaded.adapter.components[n] for n in offloaded.adapter.stage_components["decode"]])
+    assert len(offloads) == 1 and offloads[0].onloads == 1 and not offloads[0].weights.materialized
+    layerwise = layerwise_offload_of(offloaded.adapter.transformer)
+    assert 0 < layerwise.max_blocks_materialized <= 2 * config.offload_blocks_per_group
+    assert layerwise.blocks_materialized == 0  # none between requests
+
+    quant = Engine(EngineConfig(model=str(checkpoint), device="cpu", quant=QuantizationConfig(quantization="fp8")))
+    got = quant.generate(req, output_type="np")
+    names = fp8.quantized_names(quant.adapter.transformer)
+    assert names and "proj_out" not in names and not any(".norm1." in n for n in names)
+    assert not any(n.startswith(("time_embed", "context_embedder", "x_embedder")) for n in names)
+    rel = float((got.latents - plain.latents).norm() / plain.latents.norm())
+    assert 0 < rel < 0.05, rel  # quantized (not bit-equal), and close to the unquantized path
+
+
+def test_served_graph_matches_reference(ray_cluster, checkpoint, par_references):
+    """The default layout (one DiT rank) served: a CFG request and a plain one equal the in-process
+    runner (CFG-parallel itself is checked against one rank locally, above)."""
+    serve_and_compare("longcat-image-test", {"model": str(checkpoint)}, PAR_REQUESTS, par_references)
