@@ -22,7 +22,7 @@ from ditserve.models.tiny import make_tiny
 pytestmark = pytest.mark.timeout(600)
 
 # a quoted word: the pipeline tokenizes quoted text character by character
-PROMPT, SEED, STEPS, WIDTH, HEIGHT = "a red circle with the word 'hello' on blue", 1234, 3, 80, 64
+PROMPT, SEED, STEPS, WIDTH, HEIGHT = "a red circle with the word 'hello' on blue", 1234, 2, 80, 64
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,6 @@ def test_offloaded_output_equals_resident_and_fp8_runs_close(checkpoint, engine,
 
 
 def test_served_graph_matches_reference(ray_cluster, checkpoint, par_references):
-    """The default layout (one DiT rank) served: a CFG request and a plain one equal the in-process
-    runner (CFG-parallel itself is checked against one rank locally, above)."""
-    serve_and_compare("longcat-image-test", {"model": str(checkpoint)}, PAR_REQUESTS, par_references)
+    """The default layout (one DiT rank) served: a CFG request equals the in-process runner
+    (CFG-parallel itself is checked against one rank locally, above)."""
+    serve_and_compare("longcat-image-test", {"model": str(checkpoint)}, PAR_REQUESTS[:1], par_references[:1])
