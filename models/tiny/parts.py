@@ -1,5 +1,6 @@
 """Tiny components that several families' tiny checkpoints share (a four-level KL VAE, a T5
-encoder, a Qwen3 text model), so each family's builder states only what is its own."""
+encoder, a Qwen3 text model, a Qwen2.5-VL text encoder and its processor), so each family's
+builder states only what is its own."""
 
 from __future__ import annotations
 
