@@ -5,7 +5,8 @@ without CFG at guidance 1); the registry carries the pipeline's defaults; a re-s
 with other block/head counts loads and runs; caches (threshold 0 equals uncached, evaluations
 drop); CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank; layerwise
 offload equals resident; FP8 runs; LoRA is refused at start-up (the pipeline has no LoRA loader);
-the served graph equals the in-process runner."""
+the served graph equals the in-process runner; the shared tiny Qwen2.5-VL processor (no torchvision)
+feeds an image to its encoder."""
 
 from __future__ import annotations
 
@@ -111,6 +112,22 @@ def test_lora_is_refused_at_start_up(checkpoint, tmp_path):
     assert not hasattr(LongCatImagePipeline, "lora_state_dict")
     with pytest.raises(ValueError, match="does not support LoRA"):
         Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
+
+
+def test_shared_tiny_qwen2_5_vl_processor_feeds_an_image_to_the_encoder():
+    """``models/tiny/parts.py`` ``tiny_qwen2_5_vl(processor=True)``: a ``Qwen2VLProcessor`` with the
+    PIL image processor (no torchvision needed) whose image tokens and pixels the vision tower takes."""
+    from PIL import Image
+
+    from ditserve.models.tiny.parts import tiny_qwen2_5_vl
+
+    encoder, tokenizer, processor = tiny_qwen2_5_vl(32, processor=True)
+    assert processor.tokenizer is tokenizer
+    inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>a red circle"],
+                       images=[Image.new("RGB", (56, 56), "red")], return_tensors="pt")
+    assert (inputs["input_ids"] == encoder.config.image_token_id).sum() == 4  # 4x4 patches of 14, merged 2x2
+    hidden = encoder(**inputs, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape == (1, inputs["input_ids"].shape[1], 32)
 
 
 # ---- caches (double-stream blocks, then single-stream blocks taking and returning both streams) ---
