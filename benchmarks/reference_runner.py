@@ -1,7 +1,7 @@
 """Reference runner vs the plain diffusers pipeline on the same checkpoint: wall time per
 denoising step and end to end (prompt to decoded image), and the max abs difference of the images.
 
-    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein|ovis-image] [--size 64]
+    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein|ovis-image|longcat-image] [--size 64]
         [--steps 4] [--threads 1]
 
 Prints one JSON object. The baseline is the diffusers pipeline in the same run; with tiny
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     Flux2KleinPipeline,
     FluxPipeline,
+    LongCatImagePipeline,
     OvisImagePipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
@@ -33,10 +34,14 @@ from ditserve.deployments import Engine, EngineConfig, GenerationRequest  # noqa
 from ditserve.models.tiny import make_tiny  # noqa: E402
 
 PIPELINES = {"qwen-image": QwenImagePipeline, "flux": FluxPipeline, "z-image": ZImagePipeline,
-             "sd3": StableDiffusion3Pipeline, "flux2-klein": Flux2KleinPipeline, "ovis-image": OvisImagePipeline}
+             "sd3": StableDiffusion3Pipeline, "flux2-klein": Flux2KleinPipeline, "ovis-image": OvisImagePipeline,
+             "longcat-image": LongCatImagePipeline}
 # families whose pipeline default guidance differs from the model's registry default: the pipeline
 # is called with the guidance our runner resolves, so both compute the same thing
 EXPLICIT_GUIDANCE = {"z-image", "sd3", "flux2-klein", "ovis-image"}
+# pipeline options a family's runner does not serve, turned off in the reference (load, call):
+# LongCat-Image's prompt rewriting (its tiny checkpoint saves no text_processor)
+PIPELINE_OFF = {"longcat-image": ({"text_processor": None}, {"enable_prompt_rewrite": False})}
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
@@ -52,10 +57,11 @@ def _time(fn, repeats: int) -> tuple[float, object]:
 def bench(family: str, path: str, size: int, steps: int, repeats: int) -> dict:
     prompt, seed = "a red circle on a blue background", 0
     engine = Engine(EngineConfig(model=path, device="cpu", dtype="float32"))
-    pipe = PIPELINES[family].from_pretrained(path, dtype=torch.float32)
+    load_off, call_off = PIPELINE_OFF.get(family, ({}, {}))
+    pipe = PIPELINES[family].from_pretrained(path, dtype=torch.float32, **load_off)
     pipe.set_progress_bar_config(disable=True)
     req = GenerationRequest(prompt=prompt, size=f"{size}x{size}", num_inference_steps=steps, seed=seed)
-    extra = {}
+    extra = dict(call_off)
     guidance = engine.resolve(req).params.guidance_scale
     if family in EXPLICIT_GUIDANCE and guidance is not None:
         extra["guidance_scale"] = guidance

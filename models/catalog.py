@@ -208,12 +208,16 @@ MODELS: list[ModelSpec] = [
         guidance_scale=4.5,
         **_image_sizes(16),
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
-        notes="The pipeline also loads a Qwen2VLProcessor (text_processor) for prompt templating.",
+        notes=(
+            "Defaults are LongCatImagePipeline's (50 steps, guidance 4.5, 1024x1024); classic CFG with the negative "
+            "prompt (\"\" by default) and the pipeline's cfg renorm. The pipeline's prompt rewriting (its "
+            "Qwen2VLProcessor text_processor and the text encoder's generate) is not served."
+        ),
     ),
     ModelSpec(
         id="meituan-longcat/LongCat-Image-Edit",
         name="LongCat-Image-Edit",
-        family="longcat-image",
+        family="longcat-image-edit",
         modality=Modality.IMAGE,
         task="image-edit",
         components=_with_pipeline(_LONGCAT_IMAGE, "LongCatImageEditPipeline"),

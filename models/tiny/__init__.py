@@ -19,10 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image")
+FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
-                  "ditserve/tiny-ovis-image": "ovis-image"}
+                  "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-longcat-image": "longcat-image"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -48,35 +48,11 @@ def _qwen_image_pipeline():
         QwenImagePipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .tokenizer_builders import build_qwen2_tokenizer, qwen2_special_token_ids
+    from .parts import tiny_qwen2_5_vl
 
-    tokenizer = build_qwen2_tokenizer()
-    special = qwen2_special_token_ids(tokenizer)
     text_hidden = 32
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "hidden_size": text_hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "vocab_size": len(tokenizer),
-            "rope_parameters": {"mrope_section": [2, 3, 3], "rope_type": "default", "rope_theta": 1000000.0},
-            "max_position_embeddings": 2048,
-            "bos_token_id": special["bos_token_id"],
-            "eos_token_id": special["eos_token_id"],
-            "pad_token_id": special["pad_token_id"],
-        },
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": text_hidden},
-        vocab_size=len(tokenizer),
-        image_token_id=special["image_token_id"],
-        video_token_id=special["video_token_id"],
-        vision_start_token_id=special["vision_start_token_id"],
-        vision_end_token_id=special["vision_end_token_id"],
-    )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    text_encoder, tokenizer = tiny_qwen2_5_vl(text_hidden)
     z_dim = 4
     vae = AutoencoderKLQwenImage(
         base_dim=16,
@@ -179,9 +155,15 @@ def _ovis_image_pipeline():
     return ovis_image_pipeline()
 
 
+def _longcat_image_pipeline():
+    from .longcat_image import longcat_image_pipeline
+
+    return longcat_image_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
-             "ovis-image": _ovis_image_pipeline}
+             "ovis-image": _ovis_image_pipeline, "longcat-image": _longcat_image_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
