@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import GlmImagePipeline
+from layouts import serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.models.tiny.glm_image import FAULT_TOKEN, glm_image_pipeline
@@ -128,3 +129,47 @@ def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
     out = engine.generate(GenerationRequest(prompt="x", size="32x64", num_inference_steps=2, seed=0), output_type="np")
     assert out.images.shape == (1, 64, 32, 3)
     assert engine.spec.num_inference_steps == 50  # GLM-Image's default
+
+
+# ---- served: the prior in its own replica -----------------------------------------------------------
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/images/generations", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_served_prior_runs_in_its_own_replica(ray_cluster, checkpoint, engine):
+    """The graph with a Prior deployment pinned to the CPU-only node A (``prior.custom_resources``)
+    while the DiT's rank takes a GPU of node B: a request equals the in-process runner (prior
+    included), its timings name the prior stage, and a prompt the prior cannot embed (FAULT_TOKEN,
+    an IndexError inside ``generate``) gets a clean 500 while the next request succeeds."""
+    from ray import serve
+
+    request = GenerationRequest(**REQUEST)  # CFG at the default 1.5
+    reference = engine.generate(request, output_type="np")
+    url = ray_cluster["url"] + "/glm"
+
+    def check(name):
+        assert "Prior" in serve.status().applications[name].deployments
+        prior = serve.get_deployment_handle("Prior", name).info.remote().result()
+        dit = serve.get_deployment_handle("DiT", name).info.remote().result()
+        assert prior["node_id"] not in dit["worker_node_ids"] and prior["pid"] not in dit["worker_pids"]
+        got = serve.get_app_handle(name).generate.remote(request, "np").result()
+        assert got.timings["prior"] > 0 and {"encode", "denoise", "decode"} <= set(got.timings)
+        status, body = _post(url, {"prompt": f"a {FAULT_TOKEN} sign", "size": "64x64", "seed": 1})
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert "IndexError" in body["error"]["message"], body
+        status, body = _post(url, {"prompt": PROMPT, "size": "64x64", "seed": 1})
+        assert status == 200 and len(body["data"]) == 1
+
+    serve_and_compare("glm-image-test", {"model": str(checkpoint)}, [request], [reference], check,
+                      app={"prior": {"num_cpus": 0.1, "num_gpus": 0, "custom_resources": {"node_a": 0.01}}},
+                      route_prefix="/glm")
