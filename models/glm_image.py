@@ -28,9 +28,15 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePi
 from transformers import ByT5Tokenizer, GlmImageForConditionalGeneration, GlmImageProcessor, T5EncoderModel
 
 from .adapter import FamilyAdapter, SamplingParams, TextConditioning
-from .contract import Conditioning, LatentLayout
+from .contract import CacheBlocks, CFGEvaluation, Conditioning, LatentLayout
 from .loading import CheckpointInfo
-from .registry import Guidance
+from .registry import Feature, Guidance
+
+
+def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """TeaCache's probe: the first block's timestep-modulated image input, as its ``norm1``
+    computes it before attention."""
+    return block.norm1(kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs["temb"])[0]
 
 
 class GlmImageAdapter(FamilyAdapter):
@@ -54,7 +60,22 @@ class GlmImageAdapter(FamilyAdapter):
     latent_layout = LatentLayout.SPATIAL
     conditioning = frozenset({Conditioning.TEXT, Conditioning.PRIOR_TOKENS})
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
+    cfg_evaluation = CFGEvaluation.SERIAL  # the two branches' glyph sequences differ in length
     max_sequence_length = 2048  # the pipeline's default (glyph tokens)
+    # Verified in tests/test_family_glm_image.py: caches (threshold 0 equals uncached, evaluations
+    # drop). The rest is refused at start-up by check_support.
+    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT})
+    # Blocks: one dual-stream list, called positionally (the model passes hidden_states,
+    # encoder_hidden_states, temb, image_rotary_emb, attention_mask, attention_kwargs in order, the
+    # kv_cache by keyword) and returning (hidden_states, encoder_hidden_states). TeaCache
+    # polynomial: identity (no published fit for GLM-Image is known to us; the rel-L1 distance of
+    # the modulated input is used as is; fit one with tools/fit_tea_cache.py).
+    cache_blocks = CacheBlocks(
+        ("transformer_blocks",), _modulated_input, (1.0, 0.0),
+        positional_args=("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_mask",
+                         "attention_kwargs"),
+        hidden_first=True,
+    )
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()
