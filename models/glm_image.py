@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention_processor import Attention
 from transformers import ByT5Tokenizer, GlmImageForConditionalGeneration, GlmImageProcessor, T5EncoderModel
 
 from .adapter import FamilyAdapter, SamplingParams, TextConditioning
@@ -63,8 +65,37 @@ class GlmImageAdapter(FamilyAdapter):
     cfg_evaluation = CFGEvaluation.SERIAL  # the two branches' glyph sequences differ in length
     max_sequence_length = 2048  # the pipeline's default (glyph tokens)
     # Verified in tests/test_family_glm_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop). The rest is refused at start-up by check_support.
-    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT})
+    # drop); CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank. The rest
+    # is refused at start-up by check_support.
+    supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL,
+                                    Feature.SEQUENCE_PARALLEL, Feature.TENSOR_PARALLEL})
+    # Sequence parallel (the class has no _cp_plan): the model builds its token streams inside
+    # forward from a 4-D latent, so the plan splits where they appear: the patch projection, the
+    # prior tokens' projection (after ``prior_token_drop`` zeroed the dropped ones; both added
+    # token by token), the glyph projection (text tokens: always an even count, >= 2) and the
+    # image RoPE (cos, sin per image token); ``proj_out`` is gathered before the unpatchify. Each
+    # attention joins its rank's [text; image] shards, so every rank's sequence is a contiguous
+    # share of each stream and RoPE stays with its tokens.
+    cp_plan = {
+        "image_projector": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "prior_projector": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "glyph_projector": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+                 1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+    # Tensor parallel (the class has no _tp_plan): Q/K/V column-sharded (whole heads per rank: the
+    # QK layer norms are per head), the output projection row-sharded; the GELU MLP (shared by both
+    # streams) column- then row-sharded. Modulation, embedders and the output layers stay
+    # replicated. Degrees must divide the head count (checked at start-up).
+    tp_plan = {
+        "transformer_blocks.*.attn1.to_q": "colwise",
+        "transformer_blocks.*.attn1.to_k": "colwise",
+        "transformer_blocks.*.attn1.to_v": "colwise",
+        "transformer_blocks.*.attn1.to_out.0": "rowwise",
+        "transformer_blocks.*.ff.net.0.proj": "colwise",
+        "transformer_blocks.*.ff.net.2": "rowwise",
+    }
     # Blocks: one dual-stream list, called positionally (the model passes hidden_states,
     # encoder_hidden_states, temb, image_rotary_emb, attention_mask, attention_kwargs in order, the
     # kv_cache by keyword) and returning (hidden_states, encoder_hidden_states). TeaCache
@@ -76,6 +107,16 @@ class GlmImageAdapter(FamilyAdapter):
                          "attention_kwargs"),
         hidden_first=True,
     )
+
+    def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
+        super().__init__(components, info, **kwargs)
+        transformer = components.get(self.denoisers[0])
+        if transformer is not None:
+            # the attention processor splits heads by ``attn.heads``: a tensor-parallel rank's
+            # column-sharded Q/K/V hold fewer heads of the same size
+            for module in transformer.modules():
+                if isinstance(module, Attention) and module.to_q.out_features != module.heads * module.norm_q.normalized_shape[0]:
+                    module.heads = module.to_q.out_features // module.norm_q.normalized_shape[0]
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import GlmImagePipeline
-from layouts import serve_and_compare
+from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.models.tiny.glm_image import FAULT_TOKEN, glm_image_pipeline
@@ -129,6 +129,46 @@ def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
     out = engine.generate(GenerationRequest(prompt="x", size="32x64", num_inference_steps=2, seed=0), output_type="np")
     assert out.images.shape == (1, 64, 32, 3)
     assert engine.spec.num_inference_steps == 50  # GLM-Image's default
+
+
+# ---- parallel: every rank equals one rank (each rank's runner runs the prior too) -------------------
+
+PAR_BASE = dict(prompt=PROMPT, size="96x64", num_inference_steps=2)
+PAR_REQUESTS = [
+    GenerationRequest(seed=1, **PAR_BASE),  # CFG (guidance 1.5, negative "" with the prior dropped)
+    GenerationRequest(seed=2, guidance_scale=1.0, **PAR_BASE),  # one branch: CFG-parallel must not deadlock
+]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}, {"tensor_parallel_size": 2}]
+
+
+@pytest.fixture(scope="module")
+def par_references(engine):
+    return [engine.generate(r, output_type="np") for r in PAR_REQUESTS]
+
+
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
+def test_layout_matches_single_rank(checkpoint, par_references, degrees):
+    ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
+    assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
+
+
+def test_refusals_at_start_up(checkpoint, tmp_path):
+    """Degrees the heads do not allow, and the features not verified for GLM-Image, with the reason."""
+    from ditserve.deployments import OffloadConfig, QuantizationConfig
+    from ditserve.features.lora import LoraConfig
+    from ditserve.parallel import ParallelConfig
+
+    model = dict(model=str(checkpoint), device="cpu")
+    for options, reason in (
+        (dict(parallel=ParallelConfig(tensor_parallel_size=8)), "tensor_parallel_size=8 must divide num_heads=4"),
+        (dict(parallel=ParallelConfig(ulysses_degree=8)), "ulysses_degree=8"),
+        (dict(lora=LoraConfig(lora_dir=str(tmp_path))), "does not support LoRA"),
+        (dict(offload=OffloadConfig(enable_layerwise_offload=True)), "does not support layerwise offload"),
+        (dict(quant=QuantizationConfig(quantization="fp8")), "fp8"),
+        (dict(vae={"vae_patch_parallel_size": 2}), "vae_patch_parallel"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            Engine(EngineConfig(**model, **options))
 
 
 # ---- served: the prior in its own replica -----------------------------------------------------------
