@@ -15,13 +15,15 @@ _TINY_DEFAULTS = dict(
 )
 
 
-def _tiny(flagship: str, model_id: str, name: str, family_flag: str) -> ModelSpec:
+def _tiny(flagship: str, model_id: str, name: str, family_flag: str, **defaults: object) -> ModelSpec:
+    """The tiny entry of ``flagship``'s family: ``_TINY_DEFAULTS``, then the family's own ``defaults``."""
     base = next(spec for spec in MODELS if spec.id == flagship)
     return base.model_copy(
         update={
             "id": model_id,
             "name": name,
             **_TINY_DEFAULTS,
+            **defaults,
             "notes": f"built on first use by `ditserve make-tiny --family {family_flag}`; random weights (noise images)",
         }
     )
@@ -38,7 +40,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("black-forest-labs/FLUX.2-klein-4B", "ditserve/tiny-flux2-klein", "Tiny FLUX.2-klein (random weights)",
           "flux2-klein"),
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
-    _tiny("THUDM/glm-4-vision", "ditserve/tiny-glm-image", "Tiny GLM-Image (random weights)", "glm-image"),
+    _tiny("THUDM/glm-4-vision", "ditserve/tiny-glm-image", "Tiny GLM-Image (random weights)", "glm-image",
+          min_size=32),  # sizes are multiples of 32 (the prior's token grid)
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

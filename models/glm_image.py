@@ -65,10 +65,19 @@ class GlmImageAdapter(FamilyAdapter):
     cfg_evaluation = CFGEvaluation.SERIAL  # the two branches' glyph sequences differ in length
     max_sequence_length = 2048  # the pipeline's default (glyph tokens)
     # Verified in tests/test_family_glm_image.py: caches (threshold 0 equals uncached, evaluations
-    # drop); CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank. The rest
-    # is refused at start-up by check_support.
+    # drop); CFG-parallel, Ulysses, Ring and tensor parallel at degree 2 equal one rank; exact VAE
+    # patch parallel decode (AutoencoderKL's plan) over 2 workers equals one; layerwise offload (and
+    # model-level offload of the prior) equals resident; FP8 runs close to the unquantized path. The
+    # rest is refused at start-up by check_support; LoRA in particular: GlmImagePipeline has no LoRA
+    # loader (``lora_state_dict``) to read adapters with.
     supported_features = frozenset({Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.CFG_PARALLEL,
-                                    Feature.SEQUENCE_PARALLEL, Feature.TENSOR_PARALLEL})
+                                    Feature.SEQUENCE_PARALLEL, Feature.TENSOR_PARALLEL, Feature.VAE_PATCH_PARALLEL,
+                                    Feature.LAYERWISE_OFFLOAD, Feature.FP8})
+    # FP8 keeps these in high precision (FamilyAdapter.quant_ignored_layers says why): the timestep
+    # and size embedders, the patch/glyph/prior projections, each block's adaLN modulation and the
+    # output norm and projection
+    quant_ignored_layers = ("time_condition_embed.*", "image_projector.*", "glyph_projector.*", "prior_projector.*",
+                            "*.norm1.linear", "norm_out.*", "proj_out")
     # Sequence parallel (the class has no _cp_plan): the model builds its token streams inside
     # forward from a 4-D latent, so the plan splits where they appear: the patch projection, the
     # prior tokens' projection (after ``prior_token_drop`` zeroed the dropped ones; both added

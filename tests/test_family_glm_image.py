@@ -153,22 +153,87 @@ def test_layout_matches_single_rank(checkpoint, par_references, degrees):
 
 
 def test_refusals_at_start_up(checkpoint, tmp_path):
-    """Degrees the heads do not allow, and the features not verified for GLM-Image, with the reason."""
-    from ditserve.deployments import OffloadConfig, QuantizationConfig
+    """Degrees the heads do not allow, and LoRA (GlmImagePipeline has no LoRA loader to read
+    adapters with), refused at start-up with the reason."""
     from ditserve.features.lora import LoraConfig
     from ditserve.parallel import ParallelConfig
 
+    assert not hasattr(GlmImagePipeline, "lora_state_dict")
     model = dict(model=str(checkpoint), device="cpu")
     for options, reason in (
         (dict(parallel=ParallelConfig(tensor_parallel_size=8)), "tensor_parallel_size=8 must divide num_heads=4"),
         (dict(parallel=ParallelConfig(ulysses_degree=8)), "ulysses_degree=8"),
         (dict(lora=LoraConfig(lora_dir=str(tmp_path))), "does not support LoRA"),
-        (dict(offload=OffloadConfig(enable_layerwise_offload=True)), "does not support layerwise offload"),
-        (dict(quant=QuantizationConfig(quantization="fp8")), "fp8"),
-        (dict(vae={"vae_patch_parallel_size": 2}), "vae_patch_parallel"),
     ):
         with pytest.raises(ValueError, match=reason):
             Engine(EngineConfig(**model, **options))
+
+
+def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, engine):
+    """Exact mode (AutoencoderKL's plan) on GLM-Image's decode (per-channel mean/std): 2 workers
+    equal one worker's plain decode."""
+    from ditserve.deployments.local import run_local_decode
+
+    items = []
+    for size, n, seed in (("96x64", 1, 1), ("64x128", 2, 2)):  # split by columns; by rows, a batch
+        width, height = (int(v) for v in size.split("x"))
+        latents = torch.randn(n, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(seed))
+        items.append((GenerationRequest(prompt="x", size=size, n=n, seed=seed), latents))
+    refs = [engine.postprocess(engine.decode(engine.resolve(r), lat), output_type="np") for r, lat in items]
+    workers = run_local_decode(EngineConfig(model=str(checkpoint), device="cpu", vae={"vae_patch_parallel_size": 2}),
+                               items)
+    assert len(workers) == 2
+    for results in workers:
+        for ref, got in zip(refs, results):
+            assert got["images"].shape == ref.shape
+            assert float(abs(got["images"] - ref).max()) <= 1e-4
+            assert got["bytes_sent"] > 0
+
+
+def test_offload_and_fp8(checkpoint, engine, tmp_path):
+    """Model-level offload of the prior, the glyph encoder and the VAE with layerwise offload of the
+    DiT (from disk) equals resident; FP8 runs end to end close to the unquantized path, with the
+    embedders, modulation and output layers left unquantized."""
+    import numpy as np
+
+    from ditserve.deployments import OffloadConfig, QuantizationConfig
+    from ditserve.features import quantization as fp8
+    from ditserve.features.offload import layerwise_offload_of, model_offload_of
+
+    req = GenerationRequest(prompt=PROMPT, size="64x64", num_inference_steps=2, seed=7)
+    plain = engine.generate(req, output_type="np")
+    config = OffloadConfig(enable_cpu_offload=True, enable_layerwise_offload=True, offload_blocks_per_group=1,
+                           offload_device="disk", offload_disk_dir=str(tmp_path))
+    offloaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", offload=config))
+    out = offloaded.generate(req, output_type="np")
+    assert torch.equal(out.latents, plain.latents) and (out.images == plain.images).all()
+    prior = model_offload_of([offloaded.adapter.components["vision_language_encoder"]])
+    assert len(prior) == 1 and prior[0].onloads == 1 and not prior[0].weights.materialized
+    layerwise = layerwise_offload_of(offloaded.adapter.transformer)
+    assert 0 < layerwise.max_blocks_materialized <= 2 and layerwise.blocks_materialized == 0
+
+    quant = Engine(EngineConfig(model=str(checkpoint), device="cpu", quant=QuantizationConfig(quantization="fp8")))
+    got = quant.generate(req, output_type="np")
+    names = fp8.quantized_names(quant.adapter.transformer)
+    assert names and not any(n.startswith(("proj_out", "norm_out", "image_projector")) or ".norm1." in n
+                             for n in names)
+    assert np.isfinite(got.images).all()
+    rel = float((got.latents - plain.latents).norm() / plain.latents.norm())
+    assert 0 < rel < 0.05, rel
+
+
+def test_cli_lists_the_model_and_has_prior_flags(capsys):
+    from ditserve.cluster import cli
+
+    assert cli.main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("THUDM/glm-4-vision"))
+    assert " yes " in row and ("cache_dit,cfg_parallel,fp8,layerwise_offload,sequence_parallel,tea_cache,"
+                               "tensor_parallel,vae_patch_parallel") in row
+    args = cli.build_parser().parse_args(["config", "--model", "ditserve/tiny-glm-image", "--prior-num-cpus", "0.3",
+                                          "--prior-max-replicas", "2", "--prior-max-ongoing-requests", "2"])
+    cfg = cli._app_config(args)
+    assert cfg.prior.num_cpus == 0.3 and cfg.prior.autoscaling.max_replicas == 2
+    assert cfg.prior.max_ongoing_requests == 2
 
 
 # ---- served: the prior in its own replica -----------------------------------------------------------

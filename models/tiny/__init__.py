@@ -205,9 +205,11 @@ def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overri
     torch.manual_seed(seed)
     pipe = _BUILDERS[family]()
     pipe.save_pretrained(out, safe_serialization=True)
-    from ..builtin import _TINY_DEFAULTS
+    from ..builtin import _TINY_DEFAULTS, BUILTIN_MODELS
 
-    overrides = {k: v for k, v in _TINY_DEFAULTS.items() if k != "builtin"}
+    # the family's tiny registry entry's values of the tiny defaults (a family may differ, e.g. min_size)
+    tiny = next(s for s in BUILTIN_MODELS if BUILTIN_FAMILY.get(s.id) == family)
+    overrides = {k: getattr(tiny, k) for k in _TINY_DEFAULTS if k != "builtin"}
     overrides.update(spec_overrides or {})
     (out / "ditserve.json").write_text(json.dumps(overrides, indent=2) + "\n")
     logger.info("wrote tiny %s checkpoint to %s", family, out)
