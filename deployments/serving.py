@@ -4,8 +4,8 @@ Each owns its Ray options (``deployment_options(cfg)``). The TextEncoder runs an
 object in the replica (one bundle) and batches concurrent requests. The Prior runs a ``Prior``
 stage object in its replica (one bundle, its own options and scaling: token-by-token decoding is a
 different workload from the DiT's); its ``PriorTokens`` reach the DiT replica as an argument, which
-joins them to the conditioning (``Encoded.with_prior``) before its ranks denoise. The DiT and VAE replicas are
-coordinators: each reserves one placement group (bundle 0 for itself, one bundle per rank) and
+joins them to the conditioning (``Encoded.with_prior``) before its ranks denoise. The DiT and VAE
+replicas are coordinators: each reserves one placement group (bundle 0 for itself, one bundle per rank) and
 starts a ``RayExecutor`` in it whose ranks run a ``Denoiser`` or a ``Decoder``; a request is one
 ``call_all`` (the whole loop runs in the ranks), answered by rank 0 alone, with the deployment's
 ``request_timeout_s`` as its deadline.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 from typing import Any
 
 import ray
@@ -118,8 +119,6 @@ class Prior:
         return await asyncio.to_thread(self.prior.generate, req)
 
     def info(self) -> dict[str, Any]:
-        import os
-
         return {"node_id": _node_id(), "replica_id": serve.get_replica_context().replica_id.unique_id,
                 "pid": os.getpid(), "model": self.prior.spec.id}
 

@@ -152,6 +152,18 @@ def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
 
 
+def test_parallel_engine_runs_the_prior_in_process(checkpoint, par_references):
+    """``ditserve generate`` with degrees (ParallelEngine): the prior and the encoder here, the DiT
+    ranks on the local executor; equal to the reference runner."""
+    from ditserve.deployments.local import ParallelEngine
+    from ditserve.parallel import ParallelConfig
+
+    config = EngineConfig(model=str(checkpoint), device="cpu", parallel=ParallelConfig(cfg_parallel_size=2))
+    got = ParallelEngine(config).generate(PAR_REQUESTS[0], output_type="np")
+    assert float((got.latents - par_references[0].latents).abs().max()) <= 1e-4
+    assert got.timings["prior"] > 0
+
+
 def test_refusals_at_start_up(checkpoint, tmp_path):
     """Degrees the heads do not allow, and LoRA (GlmImagePipeline has no LoRA loader to read
     adapters with), refused at start-up with the reason."""
