@@ -164,6 +164,34 @@ def test_parallel_engine_runs_the_prior_in_process(checkpoint, par_references):
     assert got.timings["prior"] > 0
 
 
+def test_declared_features_compose_on_one_batch(checkpoint, engine):
+    """Ring 2, layerwise offload, both caches and the VAE patch parallel over two workers (the prior
+    and encoder in process) equal the cache alone on one rank, cache decisions included."""
+    import numpy as np
+
+    from ditserve.deployments import OffloadConfig
+    from ditserve.deployments.local import ParallelEngine
+    from ditserve.parallel import ParallelConfig
+    from ditserve.parallel.vae import VaeConfig
+
+    base = dict(prompt=PROMPT, size="64x64", num_inference_steps=3, seed=7)
+    tea = {"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}
+    db = {"backend": "cache_dit", "config": {"residual_diff_threshold": 9.0, "max_warmup_steps": 1,
+                                             "max_continuous_cached_steps": 2}}
+    requests = [GenerationRequest(**base, cache=tea), GenerationRequest(**base, cache=db, guidance_scale=1.0)]
+    refs = [engine.generate(r, output_type="np") for r in requests]
+    assert all("S" in d for ref in refs for d in ref.cache["decisions"].values())
+    parallel = ParallelEngine(EngineConfig(
+        model=str(checkpoint), device="cpu", dtype="float32", parallel=ParallelConfig(ring_degree=2),
+        offload=OffloadConfig(enable_layerwise_offload=True), vae=VaeConfig(vae_patch_parallel_size=2),
+    ))
+    for request, ref in zip(requests, refs):
+        got = parallel.generate(request, output_type="np")
+        assert float((got.latents - ref.latents).abs().max()) <= 1e-4
+        assert np.abs(np.stack(got.images) * 255 - (ref.images * 255).round()).max() <= 1.0 + 1e-3
+        assert got.cache["decisions"] == ref.cache["decisions"], got.cache
+
+
 def test_refusals_at_start_up(checkpoint, tmp_path):
     """Degrees the heads do not allow, and LoRA (GlmImagePipeline has no LoRA loader to read
     adapters with), refused at start-up with the reason."""
