@@ -5,6 +5,11 @@ A request runs through the adapter as separate calls (the stages may live in dif
     encode_prompt -> prepare -> [denoiser_for -> predict_noise -> scheduler_step -> callback]* -> decode
     -> postprocess
 
+A family whose ``conditioning`` has ``PRIOR_TOKENS`` (GLM-Image) has one more stage before the
+DiT, ``"prior"`` (``PRIOR_STAGE``): ``prior_tokens(prompt, height, width, seed)`` runs its
+autoregressive model, and ``with_prior(cond, tokens)`` adds the tokens to the denoiser kwargs of
+the conditioning before ``prepare``.
+
 **Declared as class data** (read without loading weights; see ``contract.py``):
 
 - ``component_types`` / ``stage_components``: the diffusers components and which stage loads them;
