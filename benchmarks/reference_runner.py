@@ -1,7 +1,7 @@
 """Reference runner vs the plain diffusers pipeline on the same checkpoint: wall time per
 denoising step and end to end (prompt to decoded image), and the max abs difference of the images.
 
-    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein|ovis-image|longcat-image] [--size 64]
+    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein|ovis-image|longcat-image|glm-image] [--size 64]
         [--steps 4] [--threads 1]
 
 Prints one JSON object. The baseline is the diffusers pipeline in the same run; with tiny
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     Flux2KleinPipeline,
     FluxPipeline,
+    GlmImagePipeline,
     LongCatImagePipeline,
     OvisImagePipeline,
     QwenImagePipeline,
@@ -35,7 +36,7 @@ from ditserve.models.tiny import make_tiny  # noqa: E402
 
 PIPELINES = {"qwen-image": QwenImagePipeline, "flux": FluxPipeline, "z-image": ZImagePipeline,
              "sd3": StableDiffusion3Pipeline, "flux2-klein": Flux2KleinPipeline, "ovis-image": OvisImagePipeline,
-             "longcat-image": LongCatImagePipeline}
+             "longcat-image": LongCatImagePipeline, "glm-image": GlmImagePipeline}
 # families whose pipeline default guidance differs from the model's registry default: the pipeline
 # is called with the guidance our runner resolves, so both compute the same thing
 EXPLICIT_GUIDANCE = {"z-image", "sd3", "flux2-klein", "ovis-image"}

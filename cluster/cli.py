@@ -216,7 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _StageFlags:
-    field: str  # AppConfig's field (text_encoder, dit, vae)
+    field: str  # AppConfig's field (text_encoder, prior, dit, vae)
     options: FlagSet  # resources
     scaling: FlagSet  # replicas
 
@@ -251,15 +251,15 @@ def _flags() -> _Flags:
         VaeConfig,
     )
 
-    nested = ("engine", "text_encoder", "dit", "vae", "router")  # objects with flags of their own
+    nested = ("engine", "text_encoder", "prior", "dit", "vae", "router")  # objects with flags of their own
     stages = []
-    for prefix, field, label in (("encoder", "text_encoder", "text encoder"), ("dit", "dit", "DiT"),
-                                 ("vae", "vae", "VAE")):
+    for prefix, field, label in (("encoder", "text_encoder", "text encoder"), ("prior", "prior", "prior"),
+                                 ("dit", "dit", "DiT"), ("vae", "vae", "VAE")):
         info = AppConfig.model_fields[field]
         default = info.get_default(call_default_factory=True)
         # max_ongoing_requests is no field of the DiT/VAE options (fixed at 1), so they get no flag
         resources = ("num_cpus", "num_gpus", "max_ongoing_requests") + (
-            ("worker_cpus",) if field != "text_encoder" else ())
+            ("worker_cpus",) if field not in ("text_encoder", "prior") else ())
         stages.append(_StageFlags(
             field,
             FlagSet(info.annotation, prefix, fields=resources, label=f"{label}: ", base=default),

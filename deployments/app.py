@@ -18,13 +18,14 @@ from .config import AppConfig
 from .placement import check_placement, observe_cluster, uses_gpu
 from .router import Router
 from .served import describe_served_model
-from .serving import VAE, DiT, TextEncoder
+from .serving import VAE, DiT, Prior, TextEncoder
 
 IMPORT_PATH = "ditserve.deployments.app:build_app"
 
 
 def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
-    """Bind Router(TextEncoder, DiT, VAE) for one config; each deployment sets its own options.
+    """Bind Router(TextEncoder, DiT, VAE, and Prior for a model with an autoregressive prior) for one
+    config; each deployment sets its own options.
 
     Raises:
         ValueError: a layout no node of the running cluster can hold, or that the model cannot run.
@@ -37,4 +38,5 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
     encoder = TextEncoder.options(**TextEncoder.func_or_class.deployment_options(cfg, gpu)).bind(cfg)
     dit = DiT.options(**DiT.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
     vae = VAE.options(**VAE.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
-    return Router.options(**Router.func_or_class.deployment_options(cfg)).bind(cfg, served, encoder, dit, vae)
+    prior = Prior.options(**Prior.func_or_class.deployment_options(cfg, gpu)).bind(cfg) if served.prior else None
+    return Router.options(**Router.func_or_class.deployment_options(cfg)).bind(cfg, served, encoder, dit, vae, prior)

@@ -243,7 +243,7 @@ def _apply_vae(adapter: Any, config: EngineConfig, group: Any) -> None:
 
 def _stage_modules(adapter: Any, stage: str) -> list[torch.nn.Module]:
     """The torch modules ``stage`` loaded (text encoders; denoisers; the VAE)."""
-    names = adapter.stage_components[stage]
+    names = adapter.stage_components.get(stage, ())
     return [m for n in names if isinstance(m := adapter.components.get(n), torch.nn.Module)]
 
 
@@ -254,7 +254,7 @@ def offloaded_components(config: EngineConfig, stages: Sequence[str], adapter_cl
     out: list[str] = []
     for stage in stages:
         if o.enable_cpu_offload or (stage == "denoise" and o.enable_layerwise_offload):
-            out += [n for n in adapter_cls.stage_components[stage] if n in adapter_cls.component_types]
+            out += [n for n in adapter_cls.stage_components.get(stage, ()) if n in adapter_cls.component_types]
     return tuple(out)
 
 
@@ -306,6 +306,7 @@ def _has_cache(config: EngineConfig, caps: Support) -> bool:
 
 
 FEATURES: tuple[FeatureEntry, ...] = (
+    _model_offload_row("prior", 0),  # families with an autoregressive prior (its own stage)
     _model_offload_row("encode", 0),
     FeatureEntry("tensor_parallel", "denoise", 0, lambda c: c.parallel.tensor_parallel_size > 1, _check_parallel),
     # quantized while loading (loading.denoiser_loader), so its row only checks; always checked, since a

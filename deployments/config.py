@@ -115,6 +115,11 @@ class AppConfig(BaseModel):
         default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=16),
         description="TextEncoder deployment.",
     )
+    prior: StageOptions = Field(
+        default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=4),
+        description="Prior deployment: the autoregressive prior of models that have one (GLM-Image); not "
+        "deployed for the others. A replica generates one request at a time (the seed drives torch's generator).",
+    )
     dit: SequentialStageOptions = Field(
         default_factory=SequentialStageOptions, description="DiT deployment (one request at a time per replica)."
     )

@@ -2,7 +2,8 @@
 
 ``EngineConfig`` says what to load and how (model, device, dtype, parallel degrees, VAE options,
 default cache, quantization). ``Engine`` is the reference path (DESIGN.md, "One reference path"): it composes
-the stage objects of ``stages.py`` (Encoder -> Denoiser -> Decoder) in this process, exactly as
+the stage objects of ``stages.py`` (Encoder -> Denoiser -> Decoder, with a Prior before the
+Denoiser for families that declare one) in this process, exactly as
 the served graph composes the deployments that run the same objects. ``ParallelEngine``
 (``local.py``) is the same composition with the DiT ranks and VAE workers on a local executor.
 """
@@ -21,7 +22,16 @@ from ditserve.features.cache import CacheBackend, CacheKnobs, CacheSettings, par
 from ditserve.features.lora import LoraConfig
 from ditserve.features.offload import OffloadConfig
 from ditserve.features.quantization import QuantizationConfig
-from ditserve.models import STAGES, FamilyAdapter, ModelSpec, RequestContext, StepCallback, TextConditioning, resolve_model
+from ditserve.models import (
+    STAGES,
+    FamilyAdapter,
+    ModelSpec,
+    RequestContext,
+    StepCallback,
+    TextConditioning,
+    adapter_class,
+    resolve_model,
+)
 from ditserve.models.builtin import DEFAULT_MODEL
 from ditserve.parallel import ParallelConfig, ParallelGroups
 from ditserve.parallel.devices import rank_device, visible_gpus
@@ -30,7 +40,7 @@ from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support
 from .schema import GenerationRequest, ResolvedRequest, validate_request
-from .stages import Decoder, Denoiser, Encoded, Encoder, Timer, load_adapter, merge_reports
+from .stages import Decoder, Denoiser, Encoded, Encoder, Prior, Timer, load_adapter, merge_reports
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +125,13 @@ class GenerationResult:
 
 
 class Engine:
-    """The reference runner: a loaded model for some of the stages ("encode", "denoise", "decode"),
-    composed in this process.
+    """The reference runner: a loaded model for some of the stages ("encode", "denoise", "decode",
+    and "prior" for a family with an autoregressive prior), composed in this process.
 
     Args:
         config: what to load and where.
-        stages: the stages this process serves; the reference runner loads all three.
+        stages: the stages this process serves; the reference runner loads all three (and the
+            prior's, added where the family has one and ``stages`` encode).
         groups: the DiT rank's process groups when this process is one rank of a world.
         vae_group: the VAE workers' group when this process is one VAE worker.
         aborted: asked once per denoising step (see ``stages.Denoiser``).
@@ -133,6 +144,7 @@ class Engine:
         self.config = config
         self.resolved = resolve_model(config.model)
         self.spec: ModelSpec = self.resolved.spec
+        stages = adapter_class(self.spec.family).stages_with_prior(stages)
         self.caps = caps = check_support(config, stages)
         if "denoise" in stages and config.parallel.world_size > 1 and groups is None:
             raise ValueError(f"{config.parallel.describe()} needs process groups (run it with an executor: "
@@ -140,6 +152,7 @@ class Engine:
         # one adapter holds every stage's components; each stage object attaches its features
         self.adapter: FamilyAdapter = load_adapter(config, stages, groups, self.resolved)
         kw = dict(resolved=self.resolved, caps=caps)
+        self.prior = Prior(config, self.adapter, **kw) if "prior" in stages else None
         self.encoder = Encoder(config, self.adapter, **kw) if "encode" in stages else None
         self.denoiser = Denoiser(config, groups, self.adapter, aborted=aborted, **kw) if "denoise" in stages else None
         self.decoder = Decoder(config, vae_group, self.adapter, **kw) if "decode" in stages else None
@@ -164,9 +177,14 @@ class Engine:
     def encode(self, req: ResolvedRequest) -> TextConditioning:
         return self.encoder.conditioning([req])[0]
 
+    def prior_tokens(self, req: ResolvedRequest) -> torch.Tensor | None:
+        """The prior's tokens for ``req`` (``None``: the family has no prior)."""
+        return self.prior.generate(req).tokens if self.prior is not None else None
+
     def denoise(self, req: ResolvedRequest, cond: TextConditioning, *, request_id: str = "denoise",
                 callback: StepCallback | None = None) -> torch.Tensor:
-        return self.denoiser.denoise(req, Encoded(cond, ()), request_id, callback).latents
+        prior = self.prior.generate(req) if self.prior is not None else None
+        return self.denoiser.denoise(req, Encoded(cond, (), prior), request_id, callback).latents
 
     def decode(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.images(req, latents)
@@ -187,7 +205,8 @@ class Engine:
         """Run all stages in this process (the reference path)."""
         request_id = request_id or RequestContext().id
         resolved = self.resolve(req)
-        encoded = self.encoder.encode([resolved])[0]
+        prior = self.prior.generate(resolved) if self.prior is not None else None
+        encoded = self.encoder.encode([resolved])[0].with_prior(prior)
         denoised = self.denoiser.denoise(resolved, encoded, request_id, callback)
         timer = Timer()
         with timer.stage("decode"):

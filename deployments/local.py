@@ -25,7 +25,7 @@ from .attach import check_support
 from .engine import EngineConfig, GenerationResult
 from .executor import LocalExecutor, local_executor
 from .schema import GenerationRequest, ResolvedRequest, validate_request
-from .stages import Decoder, Denoiser, Encoder, Timer, merge_reports
+from .stages import Decoder, Denoiser, Encoder, Prior, Timer, merge_reports
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class ParallelEngine:
         self.caps = check_support(config)
         self.encoder = Encoder(config, caps=self.caps)
         self.spec = self.encoder.spec
+        # a family's autoregressive prior runs in this process, like its text encoder
+        self.prior = Prior(config, caps=self.caps) if self.encoder.adapter.has_prior() else None
         self.request_timeout_s = request_timeout_s
         dit_config = config.model_copy(update={"vae": VaeConfig()})
         self.dit = _executor("dit", config.parallel.world_size, dit_config, ["denoise"]) \
@@ -67,6 +69,8 @@ class ParallelEngine:
         request_id = request_id or RequestContext().id
         resolved = self.resolve(req)
         encoded = self.encoder.encode([resolved])[0]
+        if self.prior is not None:
+            encoded = encoded.with_prior(self.prior.generate(resolved))
         if isinstance(self.dit, Denoiser):
             denoised = self.dit.denoise(resolved, encoded, request_id, callback)
         else:  # the ranks' progress is not reported across processes

@@ -1,9 +1,11 @@
-"""The Router (ingress): validates, composes TextEncoder -> DiT -> VAE, answers.
+"""The Router (ingress): validates, composes TextEncoder (and Prior) -> DiT -> VAE, answers.
 
 It never holds a model and never reads a checkpoint: ``build_app`` binds it a ``ServedModel``
 summary to validate against. Composition is one method (``_compose``): the stages'
 ``DeploymentResponse``s are passed on unawaited, so the conditioning and the latents travel
-through the object store once, replica to replica. HTTP goes through Serve's FastAPI ingress
+through the object store once, replica to replica. For a model with an autoregressive prior
+(``ServedModel.prior``) the Prior's response is the DiT's third argument, computed beside the
+text encoder's. HTTP goes through Serve's FastAPI ingress
 (routes, models and errors in ``http.py``); metrics are in ``metrics.py``. Python callers use
 ``handle.generate.remote(GenerationRequest(...))``.
 
@@ -45,7 +47,8 @@ from .stages import Decoded, merge_reports
 
 logger = logging.getLogger("ray.serve")
 
-STAGES = ("encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
+STAGES = ("prior", "encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
+SIDE_BY_SIDE = ("prior", "encode")  # run concurrently: the longer one is on the request's path
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -59,6 +62,7 @@ class Router:
         cfg: the app config (request size limit, Router options).
         served: the served-model summary the builder read from the checkpoint.
         encoder, dit, vae: handles of the stage deployments.
+        prior: handle of the Prior deployment (models with an autoregressive prior; else ``None``).
     """
 
     @staticmethod
@@ -73,11 +77,11 @@ class Router:
 
     def __init__(
         self, cfg: AppConfig, served: ServedModel, encoder: DeploymentHandle, dit: DeploymentHandle,
-        vae: DeploymentHandle,
+        vae: DeploymentHandle, prior: DeploymentHandle | None = None,
     ) -> None:
         self.cfg = cfg
         self.served = served
-        self.encoder, self.dit, self.vae = encoder, dit, vae
+        self.encoder, self.dit, self.vae, self.prior = encoder, dit, vae, prior
         self.created = int(time.time())
         self.metrics = RouterMetrics()
 
@@ -87,12 +91,13 @@ class Router:
     # ---- composition --------------------------------------------------------------------------
 
     async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
-        """TextEncoder -> DiT -> VAE for one resolved request; only the last reply is awaited."""
+        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request; only the last reply is awaited."""
         encoded = self.encoder.encode.remote(resolved)
+        prior = (self.prior.generate.remote(resolved),) if self.prior is not None else ()
         # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
         # follow it: a client that combines adapters tends to combine the same ones)
         dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(resolved, encoded)
+        denoised = dit.denoise.remote(resolved, encoded, *prior)
         return await self.vae.decode.remote(resolved, denoised, return_latents)
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
@@ -111,7 +116,9 @@ class Router:
         timings = result.timings
         timings["postprocess"] = postprocess_s
         wall = timings.pop("wall") + postprocess_s
-        timings["queue"] = max(0.0, wall - sum(timings.get(s, 0.0) for s in STAGES))
+        busy = sum(timings.get(s, 0.0) for s in STAGES if s not in SIDE_BY_SIDE)
+        busy += max(timings.get(s, 0.0) for s in SIDE_BY_SIDE)
+        timings["queue"] = max(0.0, wall - busy)
         timings["total"] = wall
         self.metrics.succeeded(result.model, timings, result.cache)
         logger.info("request %s done: model=%s seed=%s timings=%s", result.request_id, result.model, result.seed,

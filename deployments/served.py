@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ditserve.features.cache import CacheSettings
 from ditserve.features.lora import LoraConfig
-from ditserve.models import ModelSpec, resolve_model
+from ditserve.models import STAGES, ModelSpec, adapter_class, resolve_model
 from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support, model_support
@@ -30,6 +30,7 @@ class ServedModel:
         vae: the deployment's VAE options (a size must split over its patch-parallel workers).
         cache_default: the deployment's cache (``cache_backend``/``cache_config``), merged with a request's.
         lora: the deployment's LoRA options (its ``lora_dir`` names the adapters a request may ask for).
+        prior: whether the model conditions on an autoregressive prior (a Prior deployment is bound).
     """
 
     spec: ModelSpec
@@ -37,6 +38,7 @@ class ServedModel:
     vae: VaeConfig
     cache_default: CacheSettings | None = None
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    prior: bool = False
 
     @property
     def id(self) -> str:
@@ -57,5 +59,6 @@ def describe_served_model(config: EngineConfig) -> ServedModel:
     """Resolve ``config.model``, refuse what it cannot run (``check_support``: every start-up
     refusal) and read what validation needs from its checkpoint (builder side)."""
     resolved = resolve_model(config.model)
-    caps = check_support(config, caps=model_support(resolved))
-    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora)
+    cls = adapter_class(resolved.spec.family)
+    caps = check_support(config, cls.stages_with_prior(STAGES), caps=model_support(resolved))
+    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora, cls.has_prior())

@@ -1,8 +1,11 @@
-"""The three model deployments: TextEncoder, DiT, VAE.
+"""The model deployments: TextEncoder, Prior (models with an autoregressive prior only), DiT, VAE.
 
 Each owns its Ray options (``deployment_options(cfg)``). The TextEncoder runs an ``Encoder`` stage
-object in the replica (one bundle) and batches concurrent requests. The DiT and VAE replicas are
-coordinators: each reserves one placement group (bundle 0 for itself, one bundle per rank) and
+object in the replica (one bundle) and batches concurrent requests. The Prior runs a ``Prior``
+stage object in its replica (one bundle, its own options and scaling: token-by-token decoding is a
+different workload from the DiT's); its ``PriorTokens`` reach the DiT replica as an argument, which
+joins them to the conditioning (``Encoded.with_prior``) before its ranks denoise. The DiT and VAE
+replicas are coordinators: each reserves one placement group (bundle 0 for itself, one bundle per rank) and
 starts a ``RayExecutor`` in it whose ranks run a ``Denoiser`` or a ``Decoder``; a request is one
 ``call_all`` (the whole loop runs in the ranks), answered by rank 0 alone, with the deployment's
 ``request_timeout_s`` as its deadline.
@@ -15,8 +18,10 @@ to a replica that holds it (see ``DiT`` for how the two LRUs stay the same).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import os
 from typing import Any
 
 import ray
@@ -26,7 +31,8 @@ from .config import AppConfig, StageOptions
 from .metrics import DitMetrics
 from .ray_executor import RayExecutor
 from .schema import ResolvedRequest
-from .stages import Decoded, Denoised, Encoded, Encoder
+from .stages import Decoded, Denoised, Encoded, Encoder, PriorTokens
+from .stages import Prior as PriorStage
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,32 @@ class TextEncoder:
 
     def info(self) -> dict[str, Any]:
         return {"node_id": _node_id(), "model": self.encoder.spec.id}
+
+
+@serve.deployment(name="Prior")
+class Prior:
+    """The autoregressive prior (e.g. GLM-Image's vision-language model): a request -> its prior
+    tokens, generated with transformers' ``generate`` and the request's seed; one request at a time
+    per replica (``stages.Prior``), off the replica's event loop."""
+
+    @staticmethod
+    def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
+        opts = cfg.prior
+        return {
+            **_common_options(opts),
+            "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus if gpu else 0.0,
+                                  "resources": _resources(opts)},
+        }
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.prior = PriorStage(cfg.engine)
+
+    async def generate(self, req: ResolvedRequest) -> PriorTokens:
+        return await asyncio.to_thread(self.prior.generate, req)
+
+    def info(self) -> dict[str, Any]:
+        return {"node_id": _node_id(), "replica_id": serve.get_replica_context().replica_id.unique_id,
+                "pid": os.getpid(), "model": self.prior.spec.id}
 
 
 class _GroupCoordinator:
@@ -175,8 +207,8 @@ class DiT(_GroupCoordinator):
 
         self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.engine.lora.max_loras_per_replica)(adapter)
 
-    async def denoise(self, req: ResolvedRequest, encoded: Encoded) -> Denoised:
-        denoised = await self._call(req, encoded, _request_id())
+    async def denoise(self, req: ResolvedRequest, encoded: Encoded, prior: PriorTokens | None = None) -> Denoised:
+        denoised = await self._call(req, encoded.with_prior(prior), _request_id())
         if req.lora:
             for lora in req.lora:
                 await self.adapter(lora.name)

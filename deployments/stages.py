@@ -4,9 +4,11 @@ report (timings, statistics) of the stage that produced it.
 
 The reference runner (``engine.Engine``) composes them in one process; every served replica and
 rank runs exactly these objects (the TextEncoder replica an ``Encoder``, each DiT rank a
-``Denoiser``, each VAE worker a ``Decoder``). Room is left, in the same shape, for a ``Prior``
-stage (autoregressive prior tokens, e.g. GLM-Image) and a VAE ``encode`` (editing, image to
-video): a stage object per role, a result type per hand-off.
+``Denoiser``, each VAE worker a ``Decoder``, the Prior replica a ``Prior``). ``Prior`` is the
+autoregressive prior of families that declare one (``Conditioning.PRIOR_TOKENS``, GLM-Image): its
+``PriorTokens`` reach the Denoiser beside the ``Encoded`` conditioning (``Encoded.prior``) and are
+merged into the denoiser kwargs there (``adapter.with_prior``). Room is left, in the same shape, for
+a VAE ``encode`` (editing, image to video): a stage object per role, a result type per hand-off.
 
 A result keeps the reports of the stages before it, untouched, in ``reports``: the next stage
 appends its own and never merges or rewrites them, and whoever composes (the Router, the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -65,8 +68,8 @@ class StageReport:
     """What one stage measured for one request.
 
     Attributes:
-        stage: ``encode``, ``denoise`` or ``decode``.
-        timings: seconds by name (``encode``; ``prepare`` and ``denoise``; ``decode``).
+        stage: ``prior``, ``encode``, ``denoise`` or ``decode``.
+        timings: seconds by name (``prior``; ``encode``; ``prepare`` and ``denoise``; ``decode``).
         cache: cache statistics of the denoiser (``CacheStats.as_dict``), when the request ran one.
         bytes_sent: bytes this rank handed to collectives for the request (benchmarks).
         lora: the adapters of the request and what the DiT's store did for them (loads, hits, ...).
@@ -80,11 +83,24 @@ class StageReport:
 
 
 @dataclasses.dataclass
+class PriorTokens:
+    """Prior -> Denoiser: one request's prior tokens (the adapter's ``prior_tokens``, on the CPU)."""
+
+    tokens: torch.Tensor
+    reports: tuple[StageReport, ...]
+
+
+@dataclasses.dataclass
 class Encoded:
-    """Encoder -> Denoiser: one request's conditioning."""
+    """Encoder -> Denoiser: one request's conditioning, and the prior's tokens where the family
+    has a prior (set by whoever joins the two hand-offs: the DiT replica, the reference runner)."""
 
     cond: TextConditioning
     reports: tuple[StageReport, ...]
+    prior: PriorTokens | None = None
+
+    def with_prior(self, prior: PriorTokens | None) -> Encoded:
+        return self if prior is None else dataclasses.replace(self, prior=prior)
 
 
 @dataclasses.dataclass
@@ -210,6 +226,31 @@ class Encoder(_Stage):
         return [Encoded(c, (report,)) for c in conds]
 
 
+class Prior(_Stage):
+    """The autoregressive prior (families with ``Conditioning.PRIOR_TOKENS``): a prompt -> its
+    prior tokens, sampled with transformers' ``generate`` (KV cache) and the request's seed.
+
+    One request generates at a time per process: the seed goes through torch's global generator
+    (as the diffusers pipeline seeds ``generate``), so two requests must not interleave there.
+    """
+
+    stage = "prior"
+
+    def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
+                 caps: Support | None = None) -> None:
+        super().__init__(config, adapter, resolved, caps)
+        if not self.adapter.has_prior():
+            raise ValueError(f"model {self.spec.id} ({self.spec.family}) has no autoregressive prior")
+        self._lock = threading.Lock()
+
+    def generate(self, req: ResolvedRequest) -> PriorTokens:
+        start = time.perf_counter()
+        p = req.params
+        with self._lock, self.scope():
+            tokens = self.adapter.prior_tokens(req.prompt, p.height, p.width, req.seed)
+        return PriorTokens(tokens, (StageReport("prior", {"prior": time.perf_counter() - start}),))
+
+
 class Denoiser(_Stage):
     """The DiT: prepare + the whole denoising loop, with the request's cache, on this rank's share
     of the parallel layout.
@@ -237,6 +278,10 @@ class Denoiser(_Stage):
         timer = Timer()
         sent_before = self.groups.bytes_sent()
         cond = encoded.cond.to(self.adapter.device, self.adapter.dtype)
+        if self.adapter.has_prior():
+            if encoded.prior is None:
+                raise ValueError(f"model {self.spec.id} denoises with its prior's tokens; none came with the request")
+            cond = self.adapter.with_prior(cond, encoded.prior.tokens)
         # Same as diffusers: the initial noise is drawn on the CPU from a seeded generator.
         generator = torch.Generator("cpu").manual_seed(req.seed)
         ctx = RequestContext(id=request_id, seed=req.seed, num_inference_steps=req.params.num_inference_steps)
@@ -252,7 +297,8 @@ class Denoiser(_Stage):
                 latents = self.adapter.denoise(state, cond, callback=on_step)
         report = StageReport("denoise", timer.timings, run.stats.as_dict() if run is not None else None,
                              self.groups.bytes_sent() - sent_before, lora)
-        return Denoised(latents.cpu(), (*encoded.reports, report))
+        prior_reports = encoded.prior.reports if encoded.prior is not None else ()
+        return Denoised(latents.cpu(), (*prior_reports, *encoded.reports, report))
 
     @contextlib.contextmanager
     def _lora(self, store: LoraStore | None, req: ResolvedRequest, timer: Timer) -> Iterator[dict[str, Any] | None]:
@@ -329,6 +375,8 @@ def build_stage(config: Any, stages: Sequence[str], *, aborted: Callable[[], boo
         return Decoder(config, vae_group), None, vae_group
     if stages == ["encode"]:
         return Encoder(config), None, None
+    if stages == ["prior"]:
+        return Prior(config), None, None
     from .engine import Engine
 
     return Engine(config, stages, groups, vae_group=vae_group, aborted=aborted), groups, vae_group

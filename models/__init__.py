@@ -9,7 +9,7 @@ and the data it declares: ``contract.py``; ``SamplingParams``, ``TextConditionin
 if __name__ != "ditserve.models":  # one copy of every module: see the README, "Packaging"
     raise ImportError(f"import ditserve.models, not {__name__}: the layers are subpackages of ditserve only")
 
-from .adapter import STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .adapter import ALL_STAGES, PRIOR_STAGE, STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
 from .contract import (
     CacheBlocks,
     Capabilities,
@@ -47,6 +47,8 @@ from .registry import (
 __all__ = [
     "DEFAULT_MODEL",
     "STAGES",
+    "ALL_STAGES",
+    "PRIOR_STAGE",
     "CFGEvaluation",
     "CFGStrategy",
     "CacheBlocks",

@@ -5,6 +5,11 @@ A request runs through the adapter as separate calls (the stages may live in dif
     encode_prompt -> prepare -> [denoiser_for -> predict_noise -> scheduler_step -> callback]* -> decode
     -> postprocess
 
+A family whose ``conditioning`` has ``PRIOR_TOKENS`` (GLM-Image) has one more stage before the
+DiT, ``"prior"`` (``PRIOR_STAGE``): ``prior_tokens(prompt, height, width, seed)`` runs its
+autoregressive model, and ``with_prior(cond, tokens)`` adds the tokens to the denoiser kwargs of
+the conditioning before ``prepare``.
+
 **Declared as class data** (read without loading weights; see ``contract.py``):
 
 - ``component_types`` / ``stage_components``: the diffusers components and which stage loads them;
@@ -53,8 +58,11 @@ from .registry import Feature, Guidance
 
 logger = logging.getLogger(__name__)
 
-Stage = str  # "encode" | "denoise" | "decode"
+Stage = str  # "prior" | "encode" | "denoise" | "decode"
 STAGES: tuple[Stage, ...] = ("encode", "denoise", "decode")
+#: the stage of an autoregressive prior (families whose ``conditioning`` has ``PRIOR_TOKENS``)
+PRIOR_STAGE: Stage = "prior"
+ALL_STAGES: tuple[Stage, ...] = (PRIOR_STAGE, *STAGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,13 +253,13 @@ class FamilyAdapter:
             host_components: components left on the CPU after loading: an offload feature places
                 their weights itself (a model larger than the device never has to fit on it).
         """
-        unknown = set(stages) - set(STAGES)
+        unknown = set(stages) - set(ALL_STAGES)
         if unknown:
-            raise ValueError(f"stages={sorted(unknown)} unknown; choose from {list(STAGES)}")
+            raise ValueError(f"stages={sorted(unknown)} unknown; choose from {list(ALL_STAGES)}")
         info = read_checkpoint(path)
         components = {}
         for stage in stages:
-            for name in cls.stage_components[stage]:
+            for name in cls.stage_components.get(stage, ()):
                 if name not in components:
                     module = load_component(info, name, cls.component_types[name], dtype=dtype, loader=(loaders or {}).get(name))
                     on_device = isinstance(module, torch.nn.Module) and name not in host_components
@@ -259,6 +267,21 @@ class FamilyAdapter:
         return cls(components, info, device=device, dtype=dtype)
 
     # ---- declarations read without weights ----------------------------------------------------
+
+    @classmethod
+    def has_prior(cls) -> bool:
+        """Whether the family conditions on an autoregressive prior's tokens (its own stage,
+        ``PRIOR_STAGE``: ``prior_tokens`` then ``with_prior``)."""
+        return Conditioning.PRIOR_TOKENS in cls.conditioning
+
+    @classmethod
+    def stages_with_prior(cls, stages: Sequence[Stage]) -> tuple[Stage, ...]:
+        """``stages``, with the prior's in front where the family has one and ``stages`` encode
+        (the process that encodes the prompt also runs its prior)."""
+        stages = tuple(stages)
+        if cls.has_prior() and "encode" in stages and PRIOR_STAGE not in stages:
+            return (PRIOR_STAGE, *stages)
+        return stages
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -323,6 +346,17 @@ class FamilyAdapter:
         missing = [n for n in names if self.components.get(n) is None]
         if missing:
             raise RuntimeError(f"{self.family} adapter was loaded without {missing}; load the stage that needs them")
+
+    # ---- prior (families with Conditioning.PRIOR_TOKENS) ----------------------------------------
+
+    def prior_tokens(self, prompt: str, height: int, width: int, seed: int) -> torch.Tensor:
+        """The autoregressive prior's tokens for one prompt, sampled with the request's ``seed``
+        (a CPU tensor, what travels to the DiT)."""
+        raise NotImplementedError(f"{self.family} has no prior")
+
+    def with_prior(self, cond: TextConditioning, tokens: torch.Tensor) -> TextConditioning:
+        """``cond`` with the prior's ``tokens`` added to the denoiser kwargs of its branches."""
+        raise NotImplementedError(f"{self.family} has no prior")
 
     # ---- encode -------------------------------------------------------------------------------
 

@@ -15,13 +15,15 @@ _TINY_DEFAULTS = dict(
 )
 
 
-def _tiny(flagship: str, model_id: str, name: str, family_flag: str) -> ModelSpec:
+def _tiny(flagship: str, model_id: str, name: str, family_flag: str, **defaults: object) -> ModelSpec:
+    """The tiny entry of ``flagship``'s family: ``_TINY_DEFAULTS``, then the family's own ``defaults``."""
     base = next(spec for spec in MODELS if spec.id == flagship)
     return base.model_copy(
         update={
             "id": model_id,
             "name": name,
             **_TINY_DEFAULTS,
+            **defaults,
             "notes": f"built on first use by `ditserve make-tiny --family {family_flag}`; random weights (noise images)",
         }
     )
@@ -39,6 +41,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
           "flux2-klein"),
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
     _tiny("meituan-longcat/LongCat-Image", "ditserve/tiny-longcat-image", "Tiny LongCat-Image (random weights)", "longcat-image"),
+    _tiny("THUDM/glm-4-vision", "ditserve/tiny-glm-image", "Tiny GLM-Image (random weights)", "glm-image",
+          min_size=32),  # sizes are multiples of 32 (the prior's token grid)
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

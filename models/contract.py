@@ -73,6 +73,8 @@ class CacheBlocks:
         hidden_arg: the block's argument holding the (image) stream.
         encoder_arg: the argument holding the text stream; ``None``: a single-stream block that
             takes one sequence and returns it alone (Z-Image).
+        hidden_first: a dual-stream block that returns ``(hidden_states, encoder_hidden_states)``
+            (GLM-Image) instead of the default ``(encoder_hidden_states, hidden_states)``.
     """
 
     block_lists: tuple[str, ...]
@@ -82,6 +84,7 @@ class CacheBlocks:
     positional_args: tuple[str, ...] = ()
     hidden_arg: str = "hidden_states"
     encoder_arg: str | None = "encoder_hidden_states"
+    hidden_first: bool = False
 
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The blocks of ``transformer`` in call order."""

@@ -28,6 +28,7 @@ _ADAPTERS = {
     "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
     "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
     "longcat-image": "ditserve.models.longcat_image:LongCatImageAdapter",
+    "glm-image": "ditserve.models.glm_image:GlmImageAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

@@ -78,10 +78,20 @@ def _check_safetensors_only(folder: Path) -> None:
         )
 
 
+def _library(ref: ComponentRef) -> str:
+    """``diffusers`` or ``transformers``: diffusers' ``save_pretrained`` records some transformers
+    classes by their model module instead (``["glm_image", "GlmImageProcessor"]``)."""
+    if ref.library in ("diffusers", "transformers"):
+        return ref.library
+    import importlib.util
+
+    if ref.library.isidentifier() and importlib.util.find_spec(f"transformers.models.{ref.library}") is not None:
+        return "transformers"
+    raise CheckpointError(f"component {ref.name!r}: library {ref.library!r} is not supported")
+
+
 def _resolve_class(ref: ComponentRef, expected: type) -> type:
-    if ref.library not in ("diffusers", "transformers"):
-        raise CheckpointError(f"component {ref.name!r}: library {ref.library!r} is not supported")
-    module = __import__(ref.library)
+    module = __import__(_library(ref))
     cls = getattr(module, ref.class_name, None)
     if cls is None:
         raise CheckpointError(f"component {ref.name!r}: {ref.library} has no class {ref.class_name!r}")

@@ -37,13 +37,15 @@ def run_and_compare(model: str, degrees: dict, requests: list, references: list,
     return ranks
 
 
-def serve_and_compare(name: str, engine: dict, requests: list, references: list, check=None,
+def serve_and_compare(name: str, engine: dict, requests: list, references: list, check=None, *,
+                      app: dict | None = None, route_prefix: str | None = None,
                       max_changed_fraction: float = 1.0) -> None:
     """Deploy the graph for ``engine`` (``EngineConfig`` fields; the session's simulated cluster) as
     app ``name``, and assert every request answered through the handle equals its in-process
     ``references`` entry (latents within 1e-4, images within one uint8 level, on at most
     ``max_changed_fraction`` of the values); ``check(name)`` runs once the app is up (placement
-    assertions)."""
+    assertions). ``app``: further ``AppConfig`` fields (a stage's options); ``route_prefix``: serve it
+    over HTTP there too."""
     import numpy as np
     from ray import serve
 
@@ -55,8 +57,9 @@ def serve_and_compare(name: str, engine: dict, requests: list, references: list,
         "accelerator": "gpu",
         "distributed_timeout_s": 60,
         "text_encoder": {"num_cpus": 0.1, "num_gpus": 0},
+        **(app or {}),
     })
-    handle = serve.run(build_app(cfg), name=name, route_prefix=None)
+    handle = serve.run(build_app(cfg), name=name, route_prefix=route_prefix)
     try:
         if check is not None:
             check(name)

@@ -127,6 +127,8 @@ class CacheRun:
             if index == first:
                 state.range_input = (hidden, encoder)
             out = forward(*args, **kwargs)
+            if io.hidden_first:
+                out = (out[1], out[0])
             if io.encoder_arg is None:
                 out = (encoder, out)
             elif joined:
@@ -142,6 +144,8 @@ class CacheRun:
             self._end_call(state, step.branch)
         if io.encoder_arg is None:
             return out[1]
+        if io.hidden_first:
+            return out[1], out[0]
         return torch.cat(out, dim=1) if joined else out
 
     def _end_call(self, state: BranchState, branch: str) -> None:

@@ -277,3 +277,40 @@ def t5_special_token_ids(tok: transformers.PreTrainedTokenizerBase) -> dict[str,
         tok: A tokenizer from :func:`build_t5_tokenizer`, or its reloaded copy.
     """
     return {f"{name}_token_id": getattr(tok, f"{name}_token_id") for name in ("pad", "eos", "unk")}
+
+
+# GLM-Image's processor tokens: the user/assistant turn markers, the image placeholder, the grid
+# brackets of the target shape ("<sop>H W<eop>"), the image begin/end markers of source images, and
+# the DiT-token start/end (the prior's bos, which its rope index finds as ``image_start_token_id``, and
+# its eos, ``image_end_token_id``). The names are the real tokenizer's; the ids are this small one's.
+GLM_IMAGE_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image|>",
+    "<sop>", "<eop>", "<|dit_token_16384|>", "<|dit_token_16385|>",
+)  # fmt: skip
+GLM_IMAGE_CHAT_TEMPLATE = (
+    "{%- for message in messages %}<|user|>\n{%- for item in message['content'] %}"
+    "{%- if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{%- else %}{{ item['text'] }}{%- endif %}{%- endfor %}{%- endfor %}<|assistant|>\n"
+)
+
+
+def build_glm_image_tokenizer(extra_tokens: tuple[str, ...] = ()) -> transformers.Qwen2Tokenizer:
+    """Builds a small byte-level BPE tokenizer for ``GlmImageProcessor`` (the Qwen2 one's vocab and
+    merges, with GLM-Image's special tokens after them, then ``extra_tokens``).
+
+    ``GlmImageProcessor`` reads ``image_token``, ``grid_bos_token`` and ``grid_eos_token`` from the
+    tokenizer (saved as its ``extra_special_tokens``) and appends its ``bos_token`` (the DiT-token
+    start) to every prompt.
+    """
+    merges = _train_bpe_merges(transformers.Qwen2Tokenizer(), end_of_word=False)
+    tok = transformers.Qwen2Tokenizer(
+        vocab=_bpe_vocab(_bytes_to_unicode(), merges),
+        merges=merges,
+        bos_token="<|dit_token_16384|>",
+        eos_token="<|dit_token_16385|>",
+        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
+        model_max_length=131072,
+    )
+    rest = [t for t in (*GLM_IMAGE_SPECIAL_TOKENS, *extra_tokens) if t not in tok.get_vocab()]
+    tok.add_special_tokens({"additional_special_tokens": rest}, replace_extra_special_tokens=False)
+    return tok
