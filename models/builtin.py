@@ -14,6 +14,13 @@ _TINY_DEFAULTS = dict(
     num_inference_steps=8, default_width=128, default_height=128, min_size=16, max_size=1024, builtin=True
 )
 
+# per tiny family, over _TINY_DEFAULTS: video runs 5 frames (2 latent frames) by default; TI2V's
+# sizes are multiples of 32
+_TINY_FAMILY_DEFAULTS = {
+    "wan": dict(num_frames=5, default_width=64, default_height=64),
+    "wan-ti2v": dict(num_frames=5, default_width=64, default_height=64, min_size=32),
+}
+
 
 def _tiny(flagship: str, model_id: str, name: str, family_flag: str) -> ModelSpec:
     base = next(spec for spec in MODELS if spec.id == flagship)
@@ -22,6 +29,7 @@ def _tiny(flagship: str, model_id: str, name: str, family_flag: str) -> ModelSpe
             "id": model_id,
             "name": name,
             **_TINY_DEFAULTS,
+            **_TINY_FAMILY_DEFAULTS.get(family_flag, {}),
             "notes": f"built on first use by `ditserve make-tiny --family {family_flag}`; random weights (noise images)",
         }
     )
@@ -38,6 +46,10 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("black-forest-labs/FLUX.2-klein-4B", "ditserve/tiny-flux2-klein", "Tiny FLUX.2-klein (random weights)",
           "flux2-klein"),
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
+    _tiny("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "ditserve/tiny-wan", "Tiny Wan2.2 T2V, two experts (random weights)",
+          "wan"),
+    _tiny("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "ditserve/tiny-wan-ti2v", "Tiny Wan2.2 TI2V (random weights)",
+          "wan-ti2v"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",
