@@ -206,7 +206,8 @@ def _check_quant(caps: Support, config: EngineConfig) -> None:
 
 
 def _apply_cache(adapter: Any, config: EngineConfig, groups: Any) -> None:
-    apply_cache(adapter.transformer, adapter.cache_blocks)
+    for module in adapter.denoiser_modules():  # each expert keeps its own cache state
+        apply_cache(module, adapter.cache_blocks)
 
 
 def _apply_lora(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
@@ -223,7 +224,8 @@ def _remove_lora(adapter: Any) -> None:
 
 
 def _apply_sp(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
-    apply_sequence_parallel(adapter.transformer, groups, adapter.sequence_plan(), adapter.cp_attention)
+    for module in adapter.denoiser_modules():
+        apply_sequence_parallel(module, groups, adapter.sequence_plan(), adapter.cp_attention)
 
 
 def _apply_cfg(adapter: Any, config: EngineConfig, groups: ParallelGroups) -> None:
@@ -320,12 +322,12 @@ FEATURES: tuple[FeatureEntry, ...] = (
     # the cache hooks are always attached where the model has them (idle until a request asks),
     # so a request may turn a cache on even when the deployment has no default
     FeatureEntry("cache", "denoise", 10, lambda c: c.cache_backend is not None, _check_cache, _apply_cache,
-                 lambda a: remove_cache(a.transformer, a.cache_blocks), attached=_has_cache),
+                 lambda a: [remove_cache(m, a.cache_blocks) for m in a.denoiser_modules()], attached=_has_cache),
     # hooks on the linears (leaves): orthogonal to the block-level cache and SP hooks
     FeatureEntry("lora", "denoise", 15, lambda c: c.lora.lora_dir is not None, _check_lora, _apply_lora,
                  _remove_lora),
     FeatureEntry("sequence_parallel", "denoise", 20, lambda c: c.parallel.sp_degree > 1, _check_parallel,
-                 _apply_sp, lambda a: remove_sequence_parallel(a.transformer)),
+                 _apply_sp, lambda a: [remove_sequence_parallel(m) for m in a.denoiser_modules()]),
     FeatureEntry("cfg_parallel", "denoise", 30, lambda c: c.parallel.cfg_parallel_size > 1, _check_parallel,
                  _apply_cfg, _remove_cfg),
     FeatureEntry("vae_parallel", "decode", 0, lambda c: True, _check_vae, _apply_vae,
@@ -354,8 +356,25 @@ def check_support(config: EngineConfig, stages: Sequence[str] = ("encode", "deno
         clash = names.intersection(entry.conflicts)
         if clash:
             raise ValueError(f"{entry.name} cannot be combined with {', '.join(sorted(clash))}")
-        entry.check(caps, config)
+        try:
+            entry.check(caps, config)
+        except ValueError as exc:
+            why = _unsupported_reason(caps, entry.name)
+            if why:
+                raise ValueError(f"{exc} ({why})") from None
+            raise
     return caps
+
+
+# table rows whose name is not the Feature they offer
+_ROW_FEATURES = {"cache": (Feature.TEA_CACHE, Feature.CACHE_DIT), "vae_parallel": (Feature.VAE_PATCH_PARALLEL,)}
+
+
+def _unsupported_reason(caps: Support, row: str) -> str | None:
+    """The adapter's reason for not offering the feature of table row ``row``, if it gives one."""
+    features = _ROW_FEATURES.get(row) or tuple(f for f in Feature if f.value == row)
+    reasons = getattr(caps.caps.adapter, "unsupported", {})
+    return next((reasons[f] for f in features if f in reasons and f not in caps.features), None)
 
 
 def attach(adapter: Any, config: EngineConfig, groups: Any, stage: str, caps: Support) -> list[str]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from ditserve.features.cache import CacheConfigError, CacheRequest, CacheSettings, cache_error, check_blocks, merge_cache
 from ditserve.features.lora import LoraConfig, LoraError, adapter_path, list_adapters
-from ditserve.models import Feature, Guidance, ModelSpec, SamplingParams
+from ditserve.models import Feature, Guidance, Modality, ModelSpec, SamplingParams
 from ditserve.parallel.vae import VaeConfig, size_error
 
 MAX_PROMPT_CHARS = 20_000
@@ -73,6 +73,12 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100, description="Guidance (distilled embedding or CFG).")
     true_cfg_scale: float | None = Field(None, ge=0, le=100, description="True CFG scale (with negative_prompt).")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the initial noise, as in diffusers.")
+    num_frames: int | None = Field(None, ge=1, description="Video: frames per video (k x 4 + 1 for Wan2.2); "
+                                   "default: the model's.")
+    guidance_scale_2: float | None = Field(
+        None, ge=0, le=100, description="Two-expert video models (Wan2.2 A14B): CFG scale of the low-noise "
+        "expert; default: the model's, else guidance_scale.",
+    )
     lora: LoraField | None = Field(
         None, description="LoRA adapter(s) for this request: {'name': ..., 'scale': 1.0} or a list of them "
         "(combined as a weighted sum; at most the deployment's max_loras_per_request).",
@@ -211,10 +217,34 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
         guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale,
         num_images_per_prompt=req.n,
+        **_video_params(req, spec, guidance_scale),
     )
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     lora = req.lora if isinstance(req.lora, list) else [req.lora] if req.lora is not None else []
     return ResolvedRequest(spec.id, req.prompt, negative, params, seed, tuple(lora))
+
+
+def _video_params(req: GenerationRequest, spec: ModelSpec, guidance_scale: float | None) -> dict[str, Any]:
+    """``num_frames`` and ``guidance_scale_2`` of a video request, checked against the model."""
+    if spec.modality != Modality.VIDEO:
+        for field in ("num_frames", "guidance_scale_2"):
+            if getattr(req, field) is not None:
+                raise RequestError(field, f"applies to video models; model {spec.id} generates {spec.modality.value}")
+        return {}
+    frames = req.num_frames or spec.num_frames or 1
+    step = spec.frame_multiple
+    if (frames - 1) % step:
+        below = (frames - 1) // step * step + 1
+        raise RequestError("num_frames", f"{frames} is not k x {step} + 1 for model {spec.id} (e.g. {below} or "
+                           f"{below + step})")
+    if frames > spec.max_frames:
+        raise RequestError("num_frames", f"{frames} exceeds the model's maximum of {spec.max_frames} frames")
+    scale_2 = req.guidance_scale_2
+    if scale_2 is not None and spec.boundary_ratio is None:
+        raise RequestError("guidance_scale_2", f"model {spec.id} has one denoiser; use guidance_scale")
+    if scale_2 is None and spec.boundary_ratio is not None:
+        scale_2 = spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance_scale
+    return {"num_frames": frames, "guidance_scale_2": scale_2}
 
 
 def select_model(req: GenerationRequest, served: Mapping[str, ModelSpec], default: str,

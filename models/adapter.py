@@ -75,6 +75,8 @@ class SamplingParams:
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     num_images_per_prompt: int = 1
+    num_frames: int = 1  # video: frames per sample
+    guidance_scale_2: float | None = None  # two-expert video models: the low-noise expert's CFG scale
 
 
 @dataclasses.dataclass
@@ -173,6 +175,9 @@ class FamilyAdapter:
     stage_components: ClassVar[dict[Stage, tuple[str, ...]]]
     #: denoiser component names; the first is ``adapter.transformer``
     denoisers: ClassVar[tuple[str, ...]] = ("transformer",)
+    #: components a checkpoint may leave out (``null`` in model_index.json; e.g. Wan2.2 TI2V-5B has
+    #: no ``transformer_2``): not loaded, ``None`` in ``components``
+    optional_components: ClassVar[frozenset[str]] = frozenset()
     latent_layout: ClassVar[LatentLayout]
     output: ClassVar[Output] = Output.IMAGE
     conditioning: ClassVar[frozenset[Conditioning]] = frozenset({Conditioning.TEXT})
@@ -181,6 +186,9 @@ class FamilyAdapter:
     #: features implemented and verified for this family (sequence / tensor parallel also need the
     #: denoiser class's diffusers ``_cp_plan`` / ``_tp_plan``: see ``verified_features``)
     supported_features: ClassVar[frozenset[Feature]] = frozenset()
+    #: why a feature is not in ``supported_features`` (said in its start-up refusal), where a reason
+    #: is known (e.g. a norm over all heads that tensor parallel would have to all-reduce)
+    unsupported: ClassVar[dict[Feature, str]] = {}
     #: what the block caches need to know about the denoiser (``None``: no cache support)
     cache_blocks: ClassVar[CacheBlocks | None] = None
     #: sequence-parallel split/gather plan (diffusers' ``_cp_plan`` format) for a denoiser class that
@@ -260,7 +268,9 @@ class FamilyAdapter:
         components = {}
         for stage in stages:
             for name in cls.stage_components.get(stage, ()):
-                if name not in components:
+                if name in cls.optional_components and name not in info.components:
+                    components[name] = None
+                elif name not in components:
                     module = load_component(info, name, cls.component_types[name], dtype=dtype, loader=(loaders or {}).get(name))
                     on_device = isinstance(module, torch.nn.Module) and name not in host_components
                     components[name] = module.to(device) if on_device else module
@@ -319,6 +329,12 @@ class FamilyAdapter:
         return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
 
     @classmethod
+    def checkpoint_spec_fields(cls, info: CheckpointInfo) -> dict[str, Any]:
+        """Registry fields that are facts of the checkpoint (read from its JSON files): they
+        override the family's flagship entry for a folder (default: ``size_multiple``)."""
+        return {"size_multiple": cls.size_multiple_from_config(info)}
+
+    @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
         """Width and height must be multiples of this (VAE scale x any latent packing)."""
         return cls.vae_scale_from_config(info)
@@ -336,6 +352,10 @@ class FamilyAdapter:
         if module is None:
             raise RuntimeError(f"this adapter was loaded without the 'denoise' stage; it has no {name}")
         return module
+
+    def denoiser_modules(self) -> list[torch.nn.Module]:
+        """Every loaded denoiser (features that hook the denoiser hook each: Wan2.2's two experts)."""
+        return [m for name in self.denoisers if (m := self.components.get(name)) is not None]
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -449,6 +469,11 @@ class FamilyAdapter:
         """The denoiser component step ``index`` calls (default: the only one)."""
         return self.denoisers[0]
 
+    def step_cfg_scale(self, state: DenoiseState, index: int, t: torch.Tensor) -> float | None:
+        """The scale combining the CFG branches at step ``index`` (default: the request's, every
+        step; Wan2.2's low-noise expert has its own)."""
+        return state.cfg_scale
+
     def timestep_input(self, t: torch.Tensor, state: DenoiseState, batch: int) -> torch.Tensor:
         """The denoiser's ``timestep`` argument for scheduler timestep ``t`` (default: as is, per sample)."""
         return t.expand(batch)
@@ -477,7 +502,9 @@ class FamilyAdapter:
         latents = state.latents
         name = self.denoiser_for(state, index, t)
         module = self.denoiser(name)
-        label = "+".join(branches)
+        # a second denoiser's calls are their own branches (per-branch state such as a cache's
+        # residuals never crosses from one expert to the other)
+        label = "+".join(branches) + ("" if name == self.denoisers[0] else f"@{name}")
         n = len(branches)
         texts = [self.branch_text(cond, b) for b in branches]
         if n == 1:
@@ -517,9 +544,10 @@ class FamilyAdapter:
     def predict_noise(self, state: DenoiseState, cond: TextConditioning, index: int, t: torch.Tensor) -> torch.Tensor:
         """The guided prediction of step ``index`` (all CFG branches, combined)."""
         branches = state.branches
+        scale = self.step_cfg_scale(state, index, t)
 
         def combine(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-            return self.combine_cfg(c, u, state.cfg_scale)
+            return self.combine_cfg(c, u, scale)
 
         if len(branches) > 1 and self.cfg_evaluation is CFGEvaluation.BATCHED and self.cfg_strategy is serial_cfg:
             return combine(*self.run_branches(state, cond, branches, index, t).chunk(len(branches)))

@@ -14,16 +14,25 @@ _TINY_DEFAULTS = dict(
     num_inference_steps=8, default_width=128, default_height=128, min_size=16, max_size=1024, builtin=True
 )
 
+# per tiny family, over _TINY_DEFAULTS: video runs 5 frames (2 latent frames) by default; TI2V's and GLM-Image's
+# sizes are multiples of 32
+_TINY_FAMILY_DEFAULTS = {
+    "wan": dict(num_frames=5, default_width=64, default_height=64),
+    "wan-ti2v": dict(num_frames=5, default_width=64, default_height=64, min_size=32),
+    "glm-image": dict(min_size=32),  # sizes are multiples of 32 (the prior's token grid)
+}
 
-def _tiny(flagship: str, model_id: str, name: str, family_flag: str, **defaults: object) -> ModelSpec:
-    """The tiny entry of ``flagship``'s family: ``_TINY_DEFAULTS``, then the family's own ``defaults``."""
+
+def _tiny(flagship: str, model_id: str, name: str, family_flag: str) -> ModelSpec:
+    """The tiny entry of ``flagship``'s family: ``_TINY_DEFAULTS``, then the family's own
+    (``_TINY_FAMILY_DEFAULTS``; ``make_tiny`` writes the same values into the checkpoint)."""
     base = next(spec for spec in MODELS if spec.id == flagship)
     return base.model_copy(
         update={
             "id": model_id,
             "name": name,
             **_TINY_DEFAULTS,
-            **defaults,
+            **_TINY_FAMILY_DEFAULTS.get(family_flag, {}),
             "notes": f"built on first use by `ditserve make-tiny --family {family_flag}`; random weights (noise images)",
         }
     )
@@ -41,8 +50,11 @@ BUILTIN_MODELS: list[ModelSpec] = [
           "flux2-klein"),
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
     _tiny("meituan-longcat/LongCat-Image", "ditserve/tiny-longcat-image", "Tiny LongCat-Image (random weights)", "longcat-image"),
-    _tiny("THUDM/glm-4-vision", "ditserve/tiny-glm-image", "Tiny GLM-Image (random weights)", "glm-image",
-          min_size=32),  # sizes are multiples of 32 (the prior's token grid)
+    _tiny("THUDM/glm-4-vision", "ditserve/tiny-glm-image", "Tiny GLM-Image (random weights)", "glm-image"),
+    _tiny("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "ditserve/tiny-wan", "Tiny Wan2.2 T2V, two experts (random weights)",
+          "wan"),
+    _tiny("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "ditserve/tiny-wan-ti2v", "Tiny Wan2.2 TI2V (random weights)",
+          "wan-ti2v"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

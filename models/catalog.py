@@ -89,7 +89,8 @@ def _with_pipeline(components: Components, pipeline: str) -> Components:
 _QWEN_DEFAULTS = dict(guidance=Guidance.TRUE_CFG, num_inference_steps=50, true_cfg_scale=4.0, guidance_scale=None)
 _WAN_A14B_NOTE = (
     "Two 14B experts: transformer (high noise) and transformer_2 (low noise), switched at "
-    "boundary_ratio {ratio}; guidance_scale_2 (low-noise expert) defaults to guidance_scale."
+    "boundary_ratio {ratio}; guidance_scale_2 (low-noise expert) defaults to guidance_scale. Defaults "
+    "as diffusers' Wan2.2 A14B example (40 steps, 1280x720, 81 frames at 16 fps)."
 )
 
 # Stable Diffusion 3.5: classic CFG with guidance_scale; like StableDiffusion3Pipeline, the negative
@@ -405,10 +406,13 @@ MODELS: list[ModelSpec] = [
         task="text-to-video",
         components=_WAN,
         guidance=Guidance.CFG,
-        num_inference_steps=50,
-        guidance_scale=5.0,
-        **_video_sizes(16),
+        num_inference_steps=40,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        boundary_ratio=0.875,
+        **_video_sizes(16, 1280, 720),
         num_frames=81,
+        fps=16,
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=_WAN_A14B_NOTE.format(ratio=0.875),
     ),
@@ -420,10 +424,12 @@ MODELS: list[ModelSpec] = [
         task="image-to-video",
         components=_with_pipeline(_WAN, "WanImageToVideoPipeline"),
         guidance=Guidance.CFG,
-        num_inference_steps=50,
-        guidance_scale=5.0,
-        **_video_sizes(16),
+        num_inference_steps=40,
+        guidance_scale=3.5,
+        boundary_ratio=0.9,
+        **_video_sizes(16, 1280, 720),
         num_frames=81,
+        fps=16,
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=_WAN_A14B_NOTE.format(ratio=0.9) + " No CLIP image encoder (Wan2.2 conditions on VAE latents).",
     ),
@@ -437,8 +443,9 @@ MODELS: list[ModelSpec] = [
         guidance=Guidance.CFG,
         num_inference_steps=50,
         guidance_scale=5.0,
-        **_video_sizes(32),
-        num_frames=81,
+        **_video_sizes(32, 1280, 704),
+        num_frames=121,
+        fps=24,
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=(
             "One 5B transformer; its VAE compresses 16x spatially, so sizes are multiples of 32. The checkpoint "

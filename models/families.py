@@ -29,6 +29,7 @@ _ADAPTERS = {
     "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
     "longcat-image": "ditserve.models.longcat_image:LongCatImageAdapter",
     "glm-image": "ditserve.models.glm_image:GlmImageAdapter",
+    "wan2.2": "ditserve.models.wan:WanAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides
@@ -69,10 +70,17 @@ class ResolvedModel:
 
 
 def _family_of_folder(path: Path) -> ModelSpec:
+    """The registered model a folder is a checkpoint of: its pipeline class's entry, the one whose
+    checkpoint facts (``checkpoint_spec_fields``: e.g. Wan2.2's expert boundary, its size multiple)
+    agree when several share the class."""
     info = read_checkpoint(path)
-    for spec in list_specs():
-        if spec.components.pipeline == info.pipeline_class and not spec.builtin:
+    candidates = [s for s in list_specs() if s.components.pipeline == info.pipeline_class and not s.builtin]
+    for spec in candidates:
+        facts = adapter_class(spec.family).checkpoint_spec_fields(info) if spec.family in _ADAPTERS else {}
+        if all(getattr(spec, k) == v for k, v in facts.items()):
             return spec
+    if candidates:
+        return candidates[0]
     raise CheckpointError(
         f"{path}: pipeline class {info.pipeline_class!r} belongs to no registered model family "
         f"(implemented: {', '.join(implemented_families())})"
@@ -86,9 +94,11 @@ def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
         update.update(json.loads(override_file.read_text()))
         if "features" in update:  # a checkpoint narrows what its family runs; it cannot add to it
             update["feature_limit"] = update.pop("features")
-    # Sizes must follow the checkpoint's real geometry, whatever its family's flagship uses.
+    # Sizes (and other facts of the checkpoint) must follow the checkpoint, whatever its family's
+    # flagship uses.
     adapter = adapter_class(spec.family)
-    update.setdefault("size_multiple", adapter.size_multiple_from_config(read_checkpoint(path)))
+    for key, value in adapter.checkpoint_spec_fields(read_checkpoint(path)).items():
+        update.setdefault(key, value)
     return ModelSpec.model_validate({**spec.model_dump(), **update})
 
 

@@ -86,6 +86,18 @@ class ModelSpec(BaseModel):
     min_size: int = Field(gt=0, description="Smallest allowed width/height in pixels.")
     max_size: int = Field(gt=0, description="Largest allowed width/height in pixels.")
     num_frames: int | None = Field(None, description="Default frame count (video).")
+    frame_multiple: int = Field(4, gt=0, description="Video: frame counts are k x this + 1 (the VAE's temporal "
+                                "compression).")
+    max_frames: int = Field(241, gt=0, description="Video: the largest frame count a request may ask.")
+    fps: int | None = Field(None, gt=0, description="Video: frames per second of the output.")
+    guidance_scale_2: float | None = Field(
+        None, ge=0, description="Two-expert video models: default CFG scale of the low-noise expert (None: "
+        "guidance_scale)."
+    )
+    boundary_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Two-expert video models: the fraction of the training timesteps below which "
+        "the low-noise expert denoises (from the checkpoint's model_index.json; None: one expert)."
+    )
     audio_seconds: float | None = Field(None, description="Default duration (audio).")
     seed_features: frozenset[Feature] = Field(
         frozenset(), description="The seed table's feature row (reference; see ``features`` for what runs)."

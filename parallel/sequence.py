@@ -198,24 +198,32 @@ class _SplitHook(ModelHook):
         self.params = list(inspect.signature(module.forward).parameters)
         return module
 
+    def _split(self, x: torch.Tensor | None, spec: Any) -> torch.Tensor | None:
+        # as diffusers: a tensor of another rank than the plan expects is left whole (e.g. Wan's
+        # ``timestep``: split only when it is one per token, ``expand_timesteps``)
+        expected = getattr(spec, "expected_dims", None)
+        if x is None or (expected is not None and x.dim() != expected):
+            return x
+        return _shard(x, spec.split_dim, self.group)
+
     def pre_forward(self, module, *args, **kwargs):
         args = list(args)
         for name, spec in self.inputs.items():
-            if name in kwargs and kwargs[name] is not None:
-                kwargs[name] = _shard(kwargs[name], spec.split_dim, self.group)
-            elif name in self.params and self.params.index(name) < len(args) and args[self.params.index(name)] is not None:
+            if name in kwargs:
+                kwargs[name] = self._split(kwargs[name], spec)
+            elif name in self.params and self.params.index(name) < len(args):
                 i = self.params.index(name)
-                args[i] = _shard(args[i], spec.split_dim, self.group)
+                args[i] = self._split(args[i], spec)
         return tuple(args), kwargs
 
     def post_forward(self, module, output):
         if not self.outputs:
             return output
         if isinstance(output, torch.Tensor):  # a module returning one tensor: plan index 0 is it
-            return _shard(output, self.outputs[0].split_dim, self.group)
+            return self._split(output, self.outputs[0])
         output = list(output)
         for index, spec in self.outputs.items():
-            output[index] = _shard(output[index], spec.split_dim, self.group)
+            output[index] = self._split(output[index], spec)
         return tuple(output)
 
 

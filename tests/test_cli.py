@@ -104,7 +104,7 @@ def test_generate_unimplemented_family_exits_2(capsys):
 
 def test_make_tiny_unknown_family_is_refused(tmp_path):
     with pytest.raises(SystemExit):
-        main(["make-tiny", "--family", "wan", "--out", str(tmp_path)])
+        main(["make-tiny", "--family", "no-such-family", "--out", str(tmp_path)])
 
 
 def _actions(command: str) -> dict:

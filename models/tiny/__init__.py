@@ -19,11 +19,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image", "glm-image")
+FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image", "glm-image", "wan",
+            "wan-ti2v")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
                   "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-longcat-image": "longcat-image",
-                  "ditserve/tiny-glm-image": "glm-image"}
+                  "ditserve/tiny-glm-image": "glm-image", "ditserve/tiny-wan": "wan", "ditserve/tiny-wan-ti2v": "wan-ti2v"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -166,12 +167,16 @@ def _glm_image_pipeline():
     from .glm_image import glm_image_pipeline
 
     return glm_image_pipeline()
+def _wan_pipeline(ti2v: bool = False):
+    from .wan import wan_pipeline
+
+    return wan_pipeline(ti2v=ti2v)
 
 
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
              "ovis-image": _ovis_image_pipeline, "longcat-image": _longcat_image_pipeline,
-             "glm-image": _glm_image_pipeline}
+             "glm-image": _glm_image_pipeline, "wan": _wan_pipeline, "wan-ti2v": lambda: _wan_pipeline(ti2v=True)}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
@@ -189,11 +194,9 @@ def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overri
     torch.manual_seed(seed)
     pipe = _BUILDERS[family]()
     pipe.save_pretrained(out, safe_serialization=True)
-    from ..builtin import _TINY_DEFAULTS, BUILTIN_MODELS
+    from ..builtin import _TINY_DEFAULTS, _TINY_FAMILY_DEFAULTS
 
-    # the family's tiny registry entry's values of the tiny defaults (a family may differ, e.g. min_size)
-    tiny = next(s for s in BUILTIN_MODELS if BUILTIN_FAMILY.get(s.id) == family)
-    overrides = {k: getattr(tiny, k) for k in _TINY_DEFAULTS if k != "builtin"}
+    overrides = {k: v for k, v in {**_TINY_DEFAULTS, **_TINY_FAMILY_DEFAULTS.get(family, {})}.items() if k != "builtin"}
     overrides.update(spec_overrides or {})
     (out / "ditserve.json").write_text(json.dumps(overrides, indent=2) + "\n")
     logger.info("wrote tiny %s checkpoint to %s", family, out)

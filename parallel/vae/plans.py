@@ -11,6 +11,8 @@ AutoencoderKL               exact: halo convs, GroupNorm stats reduced,         
 AutoencoderKLQwenImage      exact: halo causal convs (and their frame cache),    approximate (overlap 1/4,
                             RMS norm is per position over channels (local),      linear blend)
                             mid-block attention with gathered K/V
+AutoencoderKLWan            exact: as AutoencoderKLQwenImage (the same           approximate (overlap 1/4,
+                            Wan2.1 decoder design)                               linear blend)
 AutoencoderKLFlux2          exact: the AutoencoderKL decoder (halo convs,        approximate (overlap 1/4,
                             GroupNorm stats reduced, gathered K/V); its latent   linear blend)
                             batch-norm is undone by the adapter before decode
@@ -53,6 +55,12 @@ def _qwen_attention() -> tuple[type, ...]:
     return (QwenImageAttentionBlock,)
 
 
+def _wan_attention() -> tuple[type, ...]:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock
+
+    return (WanAttentionBlock,)
+
+
 def _kl_attention() -> tuple[type, ...]:
     from diffusers.models.attention_processor import Attention
 
@@ -90,6 +98,11 @@ VAE_PLANS: dict[str, VaePlan] = {
         _qwen_attention, False, _qwen_tiles,
         "halo causal convs (frame cache included); RMS norm is per position (local); mid-block attention "
         "over gathered K/V", _qwen_frames,
+    ),
+    "AutoencoderKLWan": VaePlan(
+        _wan_attention, False, _qwen_tiles,
+        "Qwen-Image's VAE is Wan2.1's: halo causal convs (frame cache included); RMS norm is per position "
+        "(local); mid-block attention over gathered K/V", _qwen_frames,
     ),
     "AutoencoderKLFlux2": VaePlan(
         _kl_attention, True, _kl_tiles,
