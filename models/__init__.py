@@ -11,6 +11,7 @@ if __name__ != "ditserve.models":  # one copy of every module: see the README, "
 
 from .adapter import STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
 from .contract import (
+    Audio,
     CacheBlocks,
     Capabilities,
     CFGEvaluation,
@@ -47,6 +48,7 @@ from .registry import (
 __all__ = [
     "DEFAULT_MODEL",
     "STAGES",
+    "Audio",
     "CFGEvaluation",
     "CFGStrategy",
     "CacheBlocks",

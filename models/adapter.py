@@ -67,6 +67,10 @@ class SamplingParams:
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     num_images_per_prompt: int = 1
+    #: audio: where the clip ends and starts, in seconds (diffusers' ``audio_end_in_s`` /
+    #: ``audio_start_in_s``); ``None`` for images and video
+    seconds: float | None = None
+    seconds_start: float | None = None
 
 
 @dataclasses.dataclass
@@ -296,6 +300,13 @@ class FamilyAdapter:
         return 2 ** (len(info.config("vae")["block_out_channels"]) - 1)
 
     @classmethod
+    def spec_from_config(cls, info: CheckpointInfo) -> dict[str, Any]:
+        """Registry fields the checkpoint's configs fix (no weights needed), applied over the
+        family's entry unless the checkpoint's ``ditserve.json`` sets them; default: none (the
+        size multiple has its own method)."""
+        return {}
+
+    @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
         """Width and height must be multiples of this (VAE scale x any latent packing)."""
         return cls.vae_scale_from_config(info)
@@ -339,6 +350,13 @@ class FamilyAdapter:
     def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
         """One batch of texts -> the denoiser's text kwargs (the family's pipeline helpers)."""
         raise NotImplementedError
+
+    def request_conditioning(self, cond: TextConditioning, params: SamplingParams) -> TextConditioning:
+        """One request's conditioning from its encoded texts and its parameters (the encode stage
+        calls it once per request). Default: the texts alone. Stable Audio adds the
+        ``seconds_start``/``seconds`` embeddings, and its unconditional branch when CFG runs
+        without a negative prompt."""
+        return cond
 
     def text_shape_key(self, text: str) -> Hashable:
         """Texts with equal keys encode to equal shapes and can share one encoder batch, with the
@@ -514,9 +532,20 @@ class FamilyAdapter:
         """Final latents -> decoded output (images: (B, 3, H, W) in [-1, 1])."""
         raise NotImplementedError
 
+    def decode_output(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Final latents -> decoded output for a request (default: ``decode`` at its height and
+        width; audio crops the waveform to the requested seconds)."""
+        return self.decode(latents, params.height, params.width)
+
     def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
         """Decoded output -> what the user gets (``"pil"``, ``"np"`` or ``"pt"`` for images)."""
         raise NotImplementedError
+
+    def deliverable(self, decoded: torch.Tensor) -> Any:
+        """Decoded output -> what the decode stage hands on, per ``output``: images as uint8 arrays
+        (n, H, W, 3), rounded as diffusers' ``numpy_to_pil``; an audio adapter returns a
+        ``contract.Audio`` (float waveforms and the sample rate)."""
+        return (self.postprocess(decoded, output_type="np") * 255).round().astype("uint8")
 
     # ---- helpers for subclasses ---------------------------------------------------------------
 

@@ -38,6 +38,10 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("black-forest-labs/FLUX.2-klein-4B", "ditserve/tiny-flux2-klein", "Tiny FLUX.2-klein (random weights)",
           "flux2-klein"),
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
+    # the tiny audio geometry (models/tiny/stable_audio.py): 128 Hz stereo, at most 1 s
+    _tiny("stabilityai/stable-audio-open-1.0", "ditserve/tiny-stable-audio", "Tiny Stable-Audio-Open (random weights)",
+          "stable-audio").model_copy(update={"audio_seconds": 1.0, "max_audio_seconds": 1.0, "audio_sample_rate": 128,
+                                             "default_width": 1, "default_height": 1, "min_size": 1, "max_size": 1}),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

@@ -27,6 +27,7 @@ _ADAPTERS = {
     "z-image": "ditserve.models.z_image:ZImageAdapter",
     "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
     "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
+    "stable-audio": "ditserve.models.stable_audio:StableAudioAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides
@@ -86,7 +87,10 @@ def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
             update["feature_limit"] = update.pop("features")
     # Sizes must follow the checkpoint's real geometry, whatever its family's flagship uses.
     adapter = adapter_class(spec.family)
-    update.setdefault("size_multiple", adapter.size_multiple_from_config(read_checkpoint(path)))
+    info = read_checkpoint(path)
+    update.setdefault("size_multiple", adapter.size_multiple_from_config(info))
+    for key, value in adapter.spec_from_config(info).items():  # e.g. an audio model's sample rate
+        update.setdefault(key, value)
     return ModelSpec.model_validate({**spec.model_dump(), **update})
 
 

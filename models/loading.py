@@ -79,9 +79,17 @@ def _check_safetensors_only(folder: Path) -> None:
 
 
 def _resolve_class(ref: ComponentRef, expected: type) -> type:
-    if ref.library not in ("diffusers", "transformers"):
-        raise CheckpointError(f"component {ref.name!r}: library {ref.library!r} is not supported")
-    module = __import__(ref.library)
+    if ref.library in ("diffusers", "transformers"):
+        module = __import__(ref.library)
+    else:
+        # a class that lives in a diffusers pipeline package is saved under that package's name
+        # (StableAudioPipeline's ``["stable_audio", "StableAudioProjectionModel"]``)
+        import importlib
+
+        try:
+            module = importlib.import_module(f"diffusers.pipelines.{ref.library}")
+        except ImportError:
+            raise CheckpointError(f"component {ref.name!r}: library {ref.library!r} is not supported") from None
     cls = getattr(module, ref.class_name, None)
     if cls is None:
         raise CheckpointError(f"component {ref.name!r}: {ref.library} has no class {ref.class_name!r}")

@@ -19,10 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image")
+FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "stable-audio")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
-                  "ditserve/tiny-ovis-image": "ovis-image"}
+                  "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-stable-audio": "stable-audio"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -179,9 +179,15 @@ def _ovis_image_pipeline():
     return ovis_image_pipeline()
 
 
+def _stable_audio_pipeline():
+    from .stable_audio import stable_audio_pipeline
+
+    return stable_audio_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
-             "ovis-image": _ovis_image_pipeline}
+             "ovis-image": _ovis_image_pipeline, "stable-audio": _stable_audio_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:

@@ -1,0 +1,117 @@
+"""Stable Audio Open (family ``stable-audio``): the runner equals ``StableAudioPipeline`` on the
+waveform and the latents (classic CFG at the default guidance 7 with zero unconditional
+conditioning, with a negative prompt and n=2, and without CFG); the registry carries the
+pipeline's defaults and the checkpoint's geometry; bad audio fields are refused naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableAudioPipeline
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.deployments.schema import RequestError
+from ditserve.models.tiny import make_tiny
+
+pytestmark = pytest.mark.timeout(600)
+
+PROMPT, SEED, STEPS = "a dog barking in the rain", 5, 3
+# the tiny checkpoint: 128 Hz stereo, at most 1 s (32 latent frames x hop 4)
+RATE, LONGEST = 128, 1.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny("stable-audio", tmp_path_factory.mktemp("stable-audio") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    pipe = StableAudioPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = [
+    ({}, {}),  # the default guidance 7: CFG, the unconditional branch on zero conditioning
+    ({"guidance_scale": 3.0, "negative_prompt": "static", "n": 2},
+     {"guidance_scale": 3.0, "negative_prompt": "static", "num_waveforms_per_prompt": 2}),
+    ({"guidance_scale": 1.0}, {"guidance_scale": 1.0}),  # no CFG: one branch
+]
+
+
+@pytest.mark.parametrize(("fields", "pipe_kwargs"), CASES, ids=["cfg-null-uncond", "cfg-negative-n2", "no-cfg"])
+def test_runner_matches_diffusers_pipeline(engine, pipeline, fields, pipe_kwargs):
+    seconds = dict(seconds=0.75, seconds_start=0.25)
+    ours = engine.generate(GenerationRequest(prompt=PROMPT, num_inference_steps=STEPS, seed=SEED, **seconds, **fields),
+                           output_type="pt")
+    common = dict(prompt=PROMPT, audio_end_in_s=0.75, audio_start_in_s=0.25, num_inference_steps=STEPS, **pipe_kwargs)
+    ref_latents = pipeline(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).audios
+    ref_audio = pipeline(generator=torch.Generator("cpu").manual_seed(SEED), **common).audios
+    n = fields.get("n", 1)
+    assert ours.latents.shape == ref_latents.shape == (n, 4, 32)
+    assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+    # [0.25 s, 0.75 s) at 128 Hz: 64 stereo samples
+    assert ours.images.shape == ref_audio.shape == (n, 2, int(0.75 * RATE) - int(0.25 * RATE))
+    assert (ours.images - ref_audio).abs().max().item() <= 1e-4
+
+
+def test_seconds_condition_the_denoiser(engine):
+    req = dict(prompt=PROMPT, num_inference_steps=2, seed=3, guidance_scale=1.0)
+    a = engine.generate(GenerationRequest(seconds=0.5, **req), output_type="pt").latents
+    again = engine.generate(GenerationRequest(seconds=0.5, **req), output_type="pt").latents
+    b = engine.generate(GenerationRequest(seconds=1.0, **req), output_type="pt").latents
+    # small (seconds are normalised by the conditioner's range, 512 s) but real: a rerun is bit-equal
+    assert torch.equal(a, again) and not torch.equal(a, b)
+
+
+def test_registry_defaults_are_the_pipelines(engine):
+    import inspect
+
+    from ditserve.models import Modality
+    from ditserve.models.registry import get_spec
+
+    spec = get_spec("stabilityai/stable-audio-open-1.0")
+    call = inspect.signature(StableAudioPipeline.__call__).parameters
+    assert spec.modality == Modality.AUDIO
+    assert spec.num_inference_steps == call["num_inference_steps"].default == 100
+    assert spec.guidance_scale == call["guidance_scale"].default == 7.0
+    assert (spec.audio_sample_rate, spec.audio_channels) == (44100, 2)
+    assert spec.max_audio_seconds == pytest.approx(47.5545, abs=1e-4)  # 1024 latent frames x hop 2048 / 44.1 kHz
+    assert spec.cfg_null_uncond
+    # a checkpoint's geometry comes from its configs; the pipeline's default length is the longest
+    assert (engine.spec.audio_sample_rate, engine.spec.audio_channels, engine.spec.max_audio_seconds) == (RATE, 2, LONGEST)
+    resolved = engine.resolve(GenerationRequest(prompt="x"))
+    assert (resolved.params.seconds, resolved.params.seconds_start) == (LONGEST, 0.0)
+    assert resolved.params.guidance_scale == 7.0 and resolved.negative_prompt is None  # CFG on zero conditioning
+    tiny = get_spec("ditserve/tiny-stable-audio")
+    assert (tiny.family, tiny.audio_sample_rate, tiny.max_audio_seconds) == ("stable-audio", RATE, LONGEST)
+
+
+@pytest.mark.parametrize(("fields", "field", "match"), [
+    ({"seconds": 0}, "seconds", "greater than 0"),
+    ({"seconds": -1.0}, "seconds", "greater than 0"),
+    ({"seconds": 1.5}, "seconds", "beyond the model's maximum of 1 s"),
+    ({"seconds": 0.5, "seconds_start": 0.5}, "seconds_start", "must be less than seconds=0.5"),
+    ({"seconds_start": 1.0}, "seconds_start", "must be less than seconds=1"),
+    ({"seconds_start": -0.1}, "seconds_start", "greater than or equal to 0"),
+    ({"size": "64x64"}, "size", "generates audio"),
+], ids=["zero", "negative", "beyond-max", "start-equals-end", "start-at-default-end", "negative-start", "size"])
+def test_bad_audio_fields_are_refused_naming_the_field(engine, fields, field, match):
+    with pytest.raises(RequestError, match=match) as info:
+        engine.resolve(GenerationRequest.parse({"prompt": "x", **fields}))
+    assert info.value.field == field and info.value.status == 422
+
+
+def test_image_models_refuse_audio_fields():
+    from ditserve.deployments.schema import resolve_request
+    from ditserve.models.registry import get_spec
+
+    with pytest.raises(RequestError, match="applies to audio models only") as info:
+        resolve_request(GenerationRequest(prompt="x", seconds=2.0), get_spec("ditserve/tiny-sd3"))
+    assert info.value.field == "seconds"
