@@ -115,3 +115,92 @@ def test_image_models_refuse_audio_fields():
     with pytest.raises(RequestError, match="applies to audio models only") as info:
         resolve_request(GenerationRequest(prompt="x", seconds=2.0), get_spec("ditserve/tiny-sd3"))
     assert info.value.field == "seconds"
+
+
+# ---- served: the handle's float clips and the HTTP route's WAV/FLAC/base64 ------------------------
+
+def _post_audio(url: str, body: dict) -> tuple[int, bytes, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/audio/generations", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def _pcm16(waveform):
+    """The reference clip as the encoder writes it: clipped, x 32767, rounded; (samples, channels)."""
+    import numpy as np
+
+    return np.round(np.clip(waveform, -1, 1) * 32767).astype(int).T
+
+
+def test_served_audio_matches_reference_over_handle_and_http(ray_cluster, checkpoint, engine):
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    import soundfile
+    from ray import serve
+
+    from ditserve.deployments.app import build_app
+    from ditserve.deployments.config import AppConfig
+
+    base = dict(prompt=PROMPT, num_inference_steps=2, seed=11)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the served stages compute with one thread; so does the reference
+    try:
+        ref = engine.generate(GenerationRequest(seconds=0.75, seconds_start=0.25, **base), output_type="np").images
+        ref2 = engine.generate(GenerationRequest(seconds=0.5, n=2, **base), output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+    cfg = AppConfig.model_validate({"engine": {"device": "cpu", "model": str(checkpoint)}, "accelerator": "gpu",
+                                    "distributed_timeout_s": 60, "text_encoder": {"num_cpus": 0.1, "num_gpus": 0}})
+    name, prefix = "stable-audio-test", "/stable-audio"
+    handle = serve.run(build_app(cfg), name=name, route_prefix=prefix)
+    url = ray_cluster["url"] + prefix
+    try:
+        # the Python handle: float waveforms and the sample rate
+        got = handle.generate.remote(GenerationRequest(seconds=0.75, seconds_start=0.25, **base)).result()
+        assert got.images is None and got.audio.sample_rate == RATE
+        assert got.audio.waveforms.shape == ref.shape == (1, 2, 64)
+        assert float(np.abs(got.audio.waveforms - ref).max()) <= 1e-4
+
+        # WAV and FLAC bodies: the requested duration, channels and rate, equal within 16-bit rounding
+        request = dict(seconds=0.75, seconds_start=0.25, **base)
+        clips = {}
+        for fmt, media in (("wav", "audio/wav"), ("flac", "audio/flac")):
+            status, body, headers = _post_audio(url, {**request, "response_format": fmt})
+            assert status == 200 and headers["content-type"] == media, body[:200]
+            data, rate = soundfile.read(io.BytesIO(body), dtype="int16")
+            info = soundfile.info(io.BytesIO(body))
+            assert (info.format, info.subtype, rate, info.channels) == (fmt.upper(), "PCM_16", RATE, 2)
+            assert data.shape == (64, 2) and data.shape[0] / rate == 0.75 - 0.25
+            assert np.abs(data.astype(int) - _pcm16(ref[0])).max() <= 1
+            clips[fmt] = data
+        assert np.array_equal(clips["wav"], clips["flac"])  # both lossless 16-bit
+
+        # base64 JSON, n=2
+        status, body, _ = _post_audio(url, {"seconds": 0.5, "n": 2, "response_format": "b64_json", **base})
+        answer = json.loads(body)
+        assert status == 200 and (answer["sample_rate"], answer["channels"], answer["seconds"]) == (RATE, 2, 0.5)
+        for clip, want in zip(answer["data"], ref2, strict=True):
+            data, _ = soundfile.read(io.BytesIO(base64.b64decode(clip["b64_json"])), dtype="int16")
+            assert np.abs(data.astype(int) - _pcm16(want)).max() <= 1
+
+        # bad input: 4xx naming the field (refused before any stage runs)
+        for fields, param in (({"seconds": 0}, "seconds"), ({"seconds": 5.0}, "seconds"),
+                              ({"seconds": 0.5, "seconds_start": 0.5}, "seconds_start"),
+                              ({"response_format": "mp3"}, "response_format"),
+                              ({"n": 2, "response_format": "wav"}, "n")):
+            status, body, _ = _post_audio(url, {"prompt": "x", **fields})
+            error = json.loads(body)["error"]
+            assert 400 <= status < 500 and error["param"] == param, (fields, status, error)
+    finally:
+        serve.delete(name)
