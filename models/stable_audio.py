@@ -90,8 +90,22 @@ class StableAudioAdapter(FamilyAdapter):
     # LoRA (StableAudioPipeline has no LoRA loader), TeaCache (no timestep-modulated block input to
     # probe), VAE patch parallel (no plan for AutoencoderOobleck's 1-D decoder), TP and FP8 and
     # offload (not verified for this family).
-    supported_features = frozenset()
+    supported_features = frozenset({Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL})
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (1.0, 0.0), encoder_arg=None)
+    # Sequence parallel (the class has no _cp_plan). The DiT prepends the global (seconds + timestep)
+    # token to the projected latents inside its forward, so the joined sequence is split at the first
+    # block's input (every rank holds a contiguous shard; the global token is on rank 0's), the 1-D
+    # RoPE tables (a (cos, sin) tuple over the same positions) at the model's input, and the tokens
+    # are gathered after proj_out, before the forward drops the global token. Only the
+    # self-attentions (attn1) run sequence-parallel: the cross-attentions (attn2) attend from the
+    # local queries to the whole text, which every rank holds, so they need no communication.
+    cp_plan = {
+        "": {"rotary_embedding": ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)},
+        "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3,
+                                                                       split_output=False)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+    cp_attention = "transformer_blocks.*.attn1"
 
     def _helper_pipeline(self) -> Any:
         # StableAudioPipeline.__init__ reads the transformer's config (rotary size), which the encode

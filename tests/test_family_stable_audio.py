@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableAudioPipeline
+from layouts import layout_ids, run_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.deployments.schema import RequestError
@@ -68,6 +69,20 @@ def test_seconds_condition_the_denoiser(engine):
     b = engine.generate(GenerationRequest(seconds=1.0, **req), output_type="pt").latents
     # small (seconds are normalised by the conditioner's range, 512 s) but real: a rerun is bit-equal
     assert torch.equal(a, again) and not torch.equal(a, b)
+
+
+def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
+    from ditserve.models.tiny.stable_audio import stable_audio_pipeline
+
+    torch.manual_seed(2)
+    path = tmp_path / "other"
+    stable_audio_pipeline(n_layers=3, n_heads=2, n_kv_heads=1).save_pretrained(path, safe_serialization=True)
+    other = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"))
+    transformer = other.adapter.transformer
+    assert len(transformer.transformer_blocks) == 3 and transformer.config.num_attention_heads == 2
+    out = other.generate(GenerationRequest(prompt="x", seconds=0.5, num_inference_steps=2, seed=0), output_type="np")
+    assert out.images.shape == (1, 2, 64)
+    assert other.spec.num_inference_steps == 100  # the real model's default (no ditserve.json here)
 
 
 def test_registry_defaults_are_the_pipelines(engine):
@@ -204,3 +219,73 @@ def test_served_audio_matches_reference_over_handle_and_http(ray_cluster, checkp
             assert 400 <= status < 500 and error["param"] == param, (fields, status, error)
     finally:
         serve.delete(name)
+
+
+# ---- Cache-DiT on the single-stream blocks (cross-attention context passed through) ----------------
+
+CACHE_STEPS = 6
+CACHE_BASE = dict(prompt=PROMPT, seconds=0.5, num_inference_steps=CACHE_STEPS, seed=1)
+
+
+def _cached(engine, cache=None, **extra):
+    return engine.generate(GenerationRequest(**CACHE_BASE, **extra, cache=cache), output_type="np")
+
+
+def test_cache_dit_zero_threshold_equals_uncached_and_skips_when_allowed(engine):
+    uncached = _cached(engine)
+    exact = _cached(engine, {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}})
+    assert torch.equal(uncached.latents, exact.latents)
+    assert exact.cache["calls_cached"] == 0 and exact.cache["blocks_evaluated"] == exact.cache["blocks_total"]
+    assert set(exact.cache["decisions"]) == {"cond+uncond"}  # both CFG branches in one batched call
+    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
+    out = _cached(engine, {"backend": "cache_dit", "config": db})
+    blocks = 2  # Fn=1 computes, the other is skipped
+    assert out.cache["decisions"] == {"cond+uncond": "CCSSCS"}
+    assert out.cache["blocks_evaluated"] == (CACHE_STEPS - 3) * blocks + 3 * 1
+    assert not torch.equal(out.latents, uncached.latents)
+
+
+def test_refused_features_say_why(checkpoint, engine, tmp_path):
+    """LoRA: StableAudioPipeline has no LoRA loader. TeaCache: the blocks have no timestep-modulated
+    input to probe. VAE patch parallel: no plan for AutoencoderOobleck's 1-D decoder."""
+    from ditserve.features.lora import LoraConfig
+    from ditserve.parallel.vae import VaeConfig
+
+    assert not hasattr(StableAudioPipeline, "lora_state_dict")
+    with pytest.raises(ValueError, match="does not support LoRA"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
+    with pytest.raises(RequestError, match="does not support tea_cache") as info:
+        engine.resolve(GenerationRequest(prompt="x", cache={"backend": "tea_cache"}))
+    assert info.value.field == "cache.backend"
+    with pytest.raises(ValueError, match="AutoencoderOobleck"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", vae=VaeConfig(vae_patch_parallel_size=2)))
+
+
+# ---- parallel: every rank equals one rank ----------------------------------------------------------
+
+PAR_BASE = dict(prompt=PROMPT, seconds=1.0, num_inference_steps=2)  # 33 tokens: uneven shards on purpose
+PAR_REQUESTS = [
+    GenerationRequest(seed=1, **PAR_BASE),  # CFG on zero conditioning
+    GenerationRequest(seed=2, guidance_scale=3.0, negative_prompt="static", **PAR_BASE),
+    GenerationRequest(seed=3, guidance_scale=1.0, **PAR_BASE),  # one branch: CFG-parallel must not deadlock
+    # composes with Cache-DiT: the skip decisions are reduced over the ranks of a branch
+    GenerationRequest(seed=4, prompt=PROMPT, seconds=1.0, num_inference_steps=4,
+                      cache={"backend": "cache_dit", "config": {"residual_diff_threshold": 9.0, "max_warmup_steps": 1}}),
+]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}]
+
+
+@pytest.fixture(scope="module")
+def par_references(engine):
+    refs = [engine.generate(r, output_type="np") for r in PAR_REQUESTS]
+    assert "S" in refs[-1].cache["decisions"]["cond+uncond"]  # the cached request did skip
+    return refs
+
+
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
+def test_layout_matches_single_rank(checkpoint, par_references, degrees):
+    ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
+    assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk on the CFG request
+    want = par_references[-1].cache["decisions"]["cond+uncond"]
+    for rank in ranks:  # the cache decided as one rank did (CFG-parallel: per branch, each rank its own)
+        assert set(rank[-1]["cache"]["decisions"].values()) == {want}, degrees
