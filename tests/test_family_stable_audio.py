@@ -62,6 +62,24 @@ def test_runner_matches_diffusers_pipeline(engine, pipeline, fields, pipe_kwargs
     assert (ours.images - ref_audio).abs().max().item() <= 1e-4
 
 
+def test_real_cosine_sde_scheduler_matches_pipeline(tmp_path):
+    """The real checkpoint's CosineDPMSolverMultistepScheduler draws Brownian noise seeded from the
+    request's generator (torchsde; skipped where it is not installed)."""
+    pytest.importorskip("torchsde")
+    from ditserve.models.tiny.stable_audio import stable_audio_pipeline
+
+    torch.manual_seed(0)
+    path = tmp_path / "cosine"
+    stable_audio_pipeline(scheduler="cosine").save_pretrained(path, safe_serialization=True)
+    ours = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32")).generate(
+        GenerationRequest(prompt=PROMPT, seconds=0.5, num_inference_steps=STEPS, seed=SEED), output_type="pt")
+    pipe = StableAudioPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, audio_end_in_s=0.5, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED)).audios
+    assert ours.images.shape == ref.shape == (1, 2, 64)
+    assert (ours.images - ref).abs().max().item() <= 1e-4
+
+
 def test_seconds_condition_the_denoiser(engine):
     req = dict(prompt=PROMPT, num_inference_steps=2, seed=3, guidance_scale=1.0)
     a = engine.generate(GenerationRequest(seconds=0.5, **req), output_type="pt").latents
