@@ -53,11 +53,6 @@ from .worker import RequestAborted
 logger = logging.getLogger(__name__)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] -> uint8, rounded exactly as diffusers' ``numpy_to_pil``."""
-    return (images * 255).round().astype("uint8")
-
-
 # ---- results -----------------------------------------------------------------------------------------
 
 

@@ -307,6 +307,12 @@ class FamilyAdapter:
         return {}
 
     @classmethod
+    def decoded_extent_from_config(cls, info: CheckpointInfo) -> tuple[int, int] | None:
+        """(width, height) the VAE decodes for a default request, where it is not the model's default
+        image size (``None``): an audio decoder decodes every latent frame, (samples, 1)."""
+        return None
+
+    @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
         """Width and height must be multiples of this (VAE scale x any latent packing)."""
         return cls.vae_scale_from_config(info)

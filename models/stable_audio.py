@@ -86,11 +86,14 @@ class StableAudioAdapter(FamilyAdapter):
     output = Output.AUDIO
     guidance = frozenset({Guidance.NONE, Guidance.CFG})
     cfg_evaluation = CFGEvaluation.BATCHED  # as the pipeline: [cond; uncond] in one call
-    # Verified in tests/test_family_stable_audio.py (see there); the rest is refused at start-up:
-    # LoRA (StableAudioPipeline has no LoRA loader), TeaCache (no timestep-modulated block input to
-    # probe), VAE patch parallel (no plan for AutoencoderOobleck's 1-D decoder), TP and FP8 and
-    # offload (not verified for this family).
-    supported_features = frozenset({Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL})
+    # Verified in tests/test_family_stable_audio.py: Cache-DiT (threshold 0 equals uncached,
+    # evaluations drop), CFG-parallel, Ulysses and Ring at degree 2 equal one rank, exact VAE patch
+    # parallel decode (1-D bands: parallel/vae/plans.py) equals one worker. The rest is refused at
+    # start-up: LoRA (StableAudioPipeline has no LoRA loader), TeaCache (no timestep-modulated block
+    # input to probe), VAE tiling (no tiled decode for AutoencoderOobleck), TP, offload and FP8 (not
+    # verified for this family).
+    supported_features = frozenset({Feature.CACHE_DIT, Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL,
+                                    Feature.VAE_PATCH_PARALLEL})
     cache_blocks = CacheBlocks(("transformer_blocks",), _modulated_input, (1.0, 0.0), encoder_arg=None)
     # Sequence parallel (the class has no _cp_plan). The DiT prepends the global (seconds + timestep)
     # token to the projected latents inside its forward, so the joined sequence is split at the first
@@ -129,6 +132,12 @@ class StableAudioAdapter(FamilyAdapter):
     @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
         return 1  # no image size: length is in seconds
+
+    @classmethod
+    def decoded_extent_from_config(cls, info: CheckpointInfo) -> tuple[int, int]:
+        """Every latent frame is decoded (the clip is cut afterwards): (samples, 1)."""
+        frames = int(info.config("transformer").get("sample_size", 1024))
+        return frames * cls.vae_scale_from_config(info), 1
 
     @classmethod
     def spec_from_config(cls, info: CheckpointInfo) -> dict[str, Any]:

@@ -265,7 +265,7 @@ def test_cache_dit_zero_threshold_equals_uncached_and_skips_when_allowed(engine)
 
 def test_refused_features_say_why(checkpoint, engine, tmp_path):
     """LoRA: StableAudioPipeline has no LoRA loader. TeaCache: the blocks have no timestep-modulated
-    input to probe. VAE patch parallel: no plan for AutoencoderOobleck's 1-D decoder."""
+    input to probe. VAE tiling: diffusers has no tiled decode for AutoencoderOobleck."""
     from ditserve.features.lora import LoraConfig
     from ditserve.parallel.vae import VaeConfig
 
@@ -275,8 +275,8 @@ def test_refused_features_say_why(checkpoint, engine, tmp_path):
     with pytest.raises(RequestError, match="does not support tea_cache") as info:
         engine.resolve(GenerationRequest(prompt="x", cache={"backend": "tea_cache"}))
     assert info.value.field == "cache.backend"
-    with pytest.raises(ValueError, match="AutoencoderOobleck"):
-        Engine(EngineConfig(model=str(checkpoint), device="cpu", vae=VaeConfig(vae_patch_parallel_size=2)))
+    with pytest.raises(ValueError, match="vae_use_tiling: .*AutoencoderOobleck has no tiled decode"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", vae=VaeConfig(vae_use_tiling=True)))
 
 
 # ---- parallel: every rank equals one rank ----------------------------------------------------------
@@ -307,3 +307,23 @@ def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     want = par_references[-1].cache["decisions"]["cond+uncond"]
     for rank in ranks:  # the cache decided as one rank did (CFG-parallel: per branch, each rank its own)
         assert set(rank[-1]["cache"]["decisions"].values()) == {want}, degrees
+
+
+def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, engine):
+    """Exact mode on AutoencoderOobleck: 1-D bands over time, halo (dilated) convs and transposed-conv
+    upsampling; two workers equal one worker's decode (a whole clip, and a cut clip of two)."""
+    from ditserve.deployments.local import run_local_decode
+
+    items = []
+    for fields, n, seed in (({"seconds": 1.0}, 1, 1), ({"seconds": 0.75, "seconds_start": 0.25}, 2, 2)):
+        latents = torch.randn(n, 4, 32, generator=torch.Generator().manual_seed(seed))
+        items.append((GenerationRequest(prompt="x", n=n, seed=seed, **fields), latents))
+    refs = [engine.postprocess(engine.decode(engine.resolve(r), lat), output_type="np") for r, lat in items]
+    config = EngineConfig(model=str(checkpoint), device="cpu", vae={"vae_patch_parallel_size": 2})
+    workers = run_local_decode(config, items)
+    assert len(workers) == 2
+    for results in workers:
+        for ref, got in zip(refs, results):
+            assert got["images"].shape == ref.shape
+            assert float(abs(got["images"] - ref).max()) <= 1e-4
+            assert got["bytes_sent"] > 0  # the workers did talk

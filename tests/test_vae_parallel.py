@@ -182,10 +182,10 @@ def test_bad_vae_options_fail_at_start_up_naming_them(tiny_qwen, vae, message):
 
 
 def test_vae_without_a_plan_is_refused_naming_the_option():
-    with pytest.raises(ValueError, match=r"vae_patch_parallel_size=2: model m's VAE class AutoencoderOobleck has no "
+    with pytest.raises(ValueError, match=r"vae_patch_parallel_size=2: model m's VAE class AutoencoderKLWan has no "
                                          r"patch-parallel/tiling plan \(classes with one: AutoencoderKL, "
-                                         r"AutoencoderKLQwenImage, AutoencoderKLFlux2\)"):
-        check_vae_config(VaeConfig(vae_patch_parallel_size=2), "AutoencoderOobleck", model="m",
+                                         r"AutoencoderKLQwenImage, AutoencoderKLFlux2, AutoencoderOobleck\)"):
+        check_vae_config(VaeConfig(vae_patch_parallel_size=2), "AutoencoderKLWan", model="m",
                          default_size=(1024, 1024), vae_scale=8)
 
 
