@@ -327,3 +327,18 @@ def test_vae_patch_parallel_decode_matches_one_worker(checkpoint, engine):
             assert got["images"].shape == ref.shape
             assert float(abs(got["images"] - ref).max()) <= 1e-4
             assert got["bytes_sent"] > 0  # the workers did talk
+
+
+def test_cli_generate_writes_the_clip(checkpoint, engine, tmp_path):
+    import numpy as np
+    import soundfile
+
+    from ditserve.cluster.cli import main
+
+    out = tmp_path / "clip.flac"
+    assert main(["generate", "--model", str(checkpoint), "--device", "cpu", "--prompt", PROMPT, "--seconds", "0.5",
+                 "--num-inference-steps", "2", "--seed", "4", "--output", str(out)]) == 0
+    data, rate = soundfile.read(out, dtype="int16")
+    assert rate == RATE and data.shape == (64, 2)
+    ref = engine.generate(GenerationRequest(prompt=PROMPT, seconds=0.5, num_inference_steps=2, seed=4), output_type="np")
+    assert np.abs(data.astype(int) - _pcm16(ref.images[0])).max() <= 1
