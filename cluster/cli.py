@@ -65,9 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from tqdm import tqdm
 
-    from ditserve.deployments import Engine, GenerationRequest, ParallelEngine, RequestError
-    from ditserve.deployments.http import encode_audio
-    from ditserve.models import Modality
+    from ditserve.deployments import Engine, GenerationRequest, Modality, ParallelEngine, RequestError, encode_audio
 
     config = _engine_config(args)
     parallel = config.parallel.world_size > 1 or config.vae.parallel

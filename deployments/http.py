@@ -1,6 +1,5 @@
 """The HTTP face of the Router: OpenAI-style routes on FastAPI, request and response models,
-OpenAI's error shape, and the image and audio encoding of answers (audio: 16-bit PCM WAV or FLAC
-through ``soundfile``, which writes both; the stdlib ``wave`` module has no FLAC).
+OpenAI's error shape, and the image encoding of answers (audio clips are encoded by ``audio.py``).
 
 ``build_http_app(backend, max_request_bytes=...)`` returns the FastAPI app a Router replica serves
 through Serve's ingress (``@serve.ingress``). The routes only translate: HTTP in, a call to the
@@ -32,6 +31,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .audio import AUDIO_MEDIA_TYPES, encode_audio
 from .executor import RequestTimeoutError
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
@@ -63,9 +63,6 @@ class ImagesRequest(GenerationRequest):
         """What the fields' own validators cannot tell (raises ``RequestError``)."""
         if self.output_compression is not None and self.output_format == "png":
             raise RequestError("output_compression", "applies to jpeg and webp only")
-
-
-AUDIO_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
 
 
 class AudioRequest(GenerationRequest):
@@ -238,18 +235,6 @@ def encode_image(array: np.ndarray, fmt: str, quality: int | None) -> bytes:
 def encode_images(images: np.ndarray, req: ImagesRequest) -> list[ImageData]:
     return [ImageData(b64_json=base64.b64encode(encode_image(a, req.output_format, req.output_compression))
                       .decode("ascii")) for a in images]
-
-
-def encode_audio(waveform: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    """One float clip (channels, samples) as 16-bit PCM WAV or FLAC bytes (soundfile: libsndfile
-    writes both). Samples are clipped to [-1, 1] and scaled by 32767, rounded, here, so the
-    rounding is ours and documented rather than the library's."""
-    import soundfile
-
-    pcm = np.round(np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0) * 32767).astype(np.int16)
-    buf = io.BytesIO()
-    soundfile.write(buf, pcm.T, sample_rate, format=fmt.upper(), subtype="PCM_16")
-    return buf.getvalue()
 
 
 def audio_answer(req: AudioRequest, result: GenerationResult) -> AudioAnswer:
