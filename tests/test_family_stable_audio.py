@@ -152,12 +152,12 @@ def test_image_models_refuse_audio_fields():
 
 # ---- served: the handle's float clips and the HTTP route's WAV/FLAC/base64 ------------------------
 
-def _post_audio(url: str, body: dict) -> tuple[int, bytes, dict]:
+def _post_audio(url: str, body: dict, route: str = "/v1/audio/generations") -> tuple[int, bytes, dict]:
     import json
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url + "/v1/audio/generations", data=json.dumps(body).encode(),
+    req = urllib.request.Request(url + route, data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:
@@ -235,6 +235,10 @@ def test_served_audio_matches_reference_over_handle_and_http(ray_cluster, checkp
             status, body, _ = _post_audio(url, {"prompt": "x", **fields})
             error = json.loads(body)["error"]
             assert 400 <= status < 500 and error["param"] == param, (fields, status, error)
+        # the image route does not serve an audio model
+        status, body, _ = _post_audio(url, {"prompt": "x"}, route="/v1/images/generations")
+        error = json.loads(body)["error"]
+        assert status == 404 and error["param"] == "model" and "/v1/audio/generations" in error["message"]
     finally:
         serve.delete(name)
 
