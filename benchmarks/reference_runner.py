@@ -1,7 +1,9 @@
 """Reference runner vs the plain diffusers pipeline on the same checkpoint: wall time per
-denoising step and end to end (prompt to decoded image), and the max abs difference of the images.
+denoising step and end to end (prompt to decoded image or waveform), and the max abs difference of
+the outputs (``stable-audio``: the tiny checkpoint's longest clip, 1 s; ``--size`` does not apply).
 
-    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein|ovis-image|longcat-image|glm-image] [--size 64]
+    python benchmarks/reference_runner.py [--family qwen-image|flux|z-image|sd3|flux2-klein|ovis-image|longcat-image|glm-image|stable-audio]
+        [--size 64]
         [--steps 4] [--threads 1]
 
 Prints one JSON object. The baseline is the diffusers pipeline in the same run; with tiny
@@ -27,6 +29,7 @@ from diffusers import (  # noqa: E402
     LongCatImagePipeline,
     OvisImagePipeline,
     QwenImagePipeline,
+    StableAudioPipeline,
     StableDiffusion3Pipeline,
     ZImagePipeline,
 )
@@ -36,7 +39,8 @@ from ditserve.models.tiny import make_tiny  # noqa: E402
 
 PIPELINES = {"qwen-image": QwenImagePipeline, "flux": FluxPipeline, "z-image": ZImagePipeline,
              "sd3": StableDiffusion3Pipeline, "flux2-klein": Flux2KleinPipeline, "ovis-image": OvisImagePipeline,
-             "longcat-image": LongCatImagePipeline, "glm-image": GlmImagePipeline}
+             "longcat-image": LongCatImagePipeline, "glm-image": GlmImagePipeline, "stable-audio": StableAudioPipeline}
+AUDIO = {"stable-audio"}  # sized in seconds, answered as waveforms
 # families whose pipeline default guidance differs from the model's registry default: the pipeline
 # is called with the guidance our runner resolves, so both compute the same thing
 EXPLICIT_GUIDANCE = {"z-image", "sd3", "flux2-klein", "ovis-image"}
@@ -61,15 +65,20 @@ def bench(family: str, path: str, size: int, steps: int, repeats: int) -> dict:
     load_off, call_off = PIPELINE_OFF.get(family, ({}, {}))
     pipe = PIPELINES[family].from_pretrained(path, dtype=torch.float32, **load_off)
     pipe.set_progress_bar_config(disable=True)
-    req = GenerationRequest(prompt=prompt, size=f"{size}x{size}", num_inference_steps=steps, seed=seed)
+    if family in AUDIO:
+        req = GenerationRequest(prompt=prompt, seconds=1.0, num_inference_steps=steps, seed=seed)
+        sized, output = {"audio_end_in_s": 1.0}, "audios"
+    else:
+        req = GenerationRequest(prompt=prompt, size=f"{size}x{size}", num_inference_steps=steps, seed=seed)
+        sized, output = {"width": size, "height": size}, "images"
     extra = dict(call_off)
     guidance = engine.resolve(req).params.guidance_scale
     if family in EXPLICIT_GUIDANCE and guidance is not None:
         extra["guidance_scale"] = guidance
     ours_s, ours = _time(lambda: engine.generate(req, output_type="pt"), repeats)
     ref_s, ref = _time(
-        lambda: pipe(prompt=prompt, width=size, height=size, num_inference_steps=steps,
-                     generator=torch.Generator("cpu").manual_seed(seed), output_type="pt", **extra).images,
+        lambda: getattr(pipe(prompt=prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+                             output_type="pt", **sized, **extra), output),
         repeats,
     )
     return {

@@ -65,7 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from tqdm import tqdm
 
-    from ditserve.deployments import Engine, GenerationRequest, ParallelEngine, RequestError
+    from ditserve.deployments import Engine, GenerationRequest, Modality, ParallelEngine, RequestError, encode_audio
 
     config = _engine_config(args)
     parallel = config.parallel.world_size > 1 or config.vae.parallel
@@ -79,12 +79,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     request = request.model_copy(update={"seed": resolved.seed})  # every rank draws the same noise
     bar = tqdm(total=resolved.params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr,
                disable=config.parallel.world_size > 1)  # the ranks' steps are not reported across processes
-    result = engine.generate(request, callback=lambda step: bar.update(1))
+    audio = engine.spec.modality == Modality.AUDIO
+    result = engine.generate(request, output_type="np" if audio else "pil", callback=lambda step: bar.update(1))
     bar.close()
 
     paths = _output_paths(Path(args.output), len(result.images))
     for image, path in zip(result.images, paths):
-        image.save(path)
+        if audio:  # a clip: 16-bit WAV or FLAC by the output's suffix, as the HTTP route writes it
+            fmt = "flac" if path.suffix.lower() == ".flac" else "wav"
+            path.write_bytes(encode_audio(image, engine.spec.audio_sample_rate, fmt))
+        else:
+            image.save(path)
     for path in paths:
         print(f"wrote {path}")
     timings = "  ".join(f"{k}={v:.3f}s" for k, v in result.timings.items())
@@ -333,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter of --lora-dir (or of the server's) at SCALE (default 1); repeat to combine "
                    "several (a weighted sum)")
     _add_engine_options(p)
-    p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...)")
+    p.add_argument("--output", default="out.png", help="image path (n>1: out-1.png, ...); an audio model writes "
+                   "16-bit WAV, or FLAC for a .flac path")
     p.set_defaults(func=_cmd_generate)
     return parser
 

@@ -18,6 +18,7 @@ from ditserve.models import (
     DEFAULT_MODEL,
     CheckpointError,
     FamilyNotImplementedError,
+    Modality,
     ModelNotFoundError,
     implemented_families,
     list_specs,
@@ -29,6 +30,7 @@ from ditserve.features.offload import OffloadConfig
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.vae import VaeConfig
 
+from .audio import encode_audio
 from .loading import quantize_checkpoint
 from .config import AppConfig, AutoscalingOptions, SequentialStageOptions, StageOptions
 from .engine import Engine, EngineConfig, GenerationResult
@@ -60,6 +62,7 @@ __all__ = [
     "GenerationResult",
     "LoraConfig",
     "LoraRequest",
+    "Modality",
     "ModelNotFoundError",
     "OffloadConfig",
     "ParallelConfig",
@@ -71,6 +74,7 @@ __all__ = [
     "StageOptions",
     "VaeConfig",
     "build_app",
+    "encode_audio",
     "implemented_families",
     "list_specs",
     "make_tiny",

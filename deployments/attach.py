@@ -116,8 +116,10 @@ class Support:
 def model_support(resolved: ResolvedModel) -> Support:
     spec = resolved.spec
     caps = capabilities(resolved)
-    return Support(spec.id, caps, spec.components.vae, caps.adapter.vae_scale_from_config(read_checkpoint(resolved.path)),
-                   (spec.default_width, spec.default_height))
+    info = read_checkpoint(resolved.path)
+    # what the VAE decodes for a default request: the default image, or the adapter's own extent (audio)
+    extent = caps.adapter.decoded_extent_from_config(info) or (spec.default_width, spec.default_height)
+    return Support(spec.id, caps, spec.components.vae, caps.adapter.vae_scale_from_config(info), extent)
 
 
 # ---- checks ----------------------------------------------------------------------------------------

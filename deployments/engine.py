@@ -24,6 +24,7 @@ from ditserve.features.offload import OffloadConfig
 from ditserve.features.quantization import QuantizationConfig
 from ditserve.models import (
     STAGES,
+    Audio,
     FamilyAdapter,
     ModelSpec,
     RequestContext,
@@ -112,6 +113,9 @@ class GenerationResult:
         cache: cache statistics (``CacheStats.as_dict``) when the request ran with a cache.
         lora: what the DiT's adapter store did for the request (``adapters``, ``loads``, ``hits``, ...),
             when it ran with LoRA.
+        audio: for an audio model served through the Router: the waveforms and their sample rate
+            (``images`` is then ``None``); the reference runner returns the waveforms in ``images``
+            as ``output_type`` asks ("pt" tensors, "np" arrays).
     """
 
     images: Any
@@ -122,6 +126,7 @@ class GenerationResult:
     latents: torch.Tensor | None = None
     cache: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
+    audio: Audio | None = None  # an audio model's output: float waveforms (n, channels, samples), sample rate
 
 
 class Engine:

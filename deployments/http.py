@@ -1,5 +1,5 @@
 """The HTTP face of the Router: OpenAI-style routes on FastAPI, request and response models,
-OpenAI's error shape, and the image encoding of answers.
+OpenAI's error shape, and the image encoding of answers (audio clips are encoded by ``audio.py``).
 
 ``build_http_app(backend, max_request_bytes=...)`` returns the FastAPI app a Router replica serves
 through Serve's ingress (``@serve.ingress``). The routes only translate: HTTP in, a call to the
@@ -12,17 +12,18 @@ route, wrong method), is answered in OpenAI's shape ``{"error": {"message", "typ
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.metadata
 import io
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray.exceptions import RayActorError
@@ -30,6 +31,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .audio import AUDIO_MEDIA_TYPES, encode_audio
 from .executor import RequestTimeoutError
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
@@ -37,6 +39,7 @@ from .schema import GenerationRequest, RequestError, field_error
 logger = logging.getLogger("ray.serve")
 
 IMAGES_PATH = "/v1/images/generations"
+AUDIO_PATH = "/v1/audio/generations"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
 OPENAPI_PATH = "/openapi.json"
@@ -60,6 +63,24 @@ class ImagesRequest(GenerationRequest):
         """What the fields' own validators cannot tell (raises ``RequestError``)."""
         if self.output_compression is not None and self.output_format == "png":
             raise RequestError("output_compression", "applies to jpeg and webp only")
+
+
+class AudioRequest(GenerationRequest):
+    """Body of ``POST /v1/audio/generations``: the generation fields (``seconds``,
+    ``seconds_start`` for the length) and the answer's form."""
+
+    response_format: Literal["wav", "flac", "b64_json"] = Field(
+        "wav", description="'wav' or 'flac': the clip as the body (16-bit PCM; n must be 1); 'b64_json': JSON "
+        "with each clip as base64 16-bit WAV.")
+    user: str | None = Field(None, max_length=256, description="End-user id, logged with the request.")
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(self.model_dump(include=set(GenerationRequest.model_fields)))
+
+    def check(self) -> None:
+        """What the fields' own validators cannot tell (raises ``RequestError``)."""
+        if self.response_format != "b64_json" and self.n > 1:
+            raise RequestError("n", f"response_format={self.response_format!r} returns one clip; use b64_json for n > 1")
 
 
 class _Response(BaseModel):
@@ -99,6 +120,37 @@ class ImagesResponse(_Response):
         "('loads' from lora_dir, 'hits' already loaded, 'restores' from CPU memory, 'evictions').",
     )
     usage: ImagesUsage = Field(description="What the request consumed.")
+
+
+class AudioData(_Response):
+    """One clip."""
+
+    b64_json: str = Field(description="The clip as 16-bit PCM WAV, base64.")
+
+
+class AudioResponse(_Response):
+    """JSON answer of ``POST /v1/audio/generations`` (``response_format=b64_json``)."""
+
+    created: int = Field(description="Unix time of the answer.")
+    data: list[AudioData] = Field(description="The clips, in order.")
+    model: str = Field(description="Model that generated them.")
+    sample_rate: int = Field(description="Samples per second.")
+    channels: int = Field(description="Channels (2: stereo).")
+    seconds: float = Field(description="Length of each clip in seconds (samples / sample_rate).")
+    seed: int = Field(description="Seed of the initial noise (drawn when the request gave none).")
+    request_id: str = Field(description="Id of the request (logs, metrics, x-request-id).")
+    timings: dict[str, float] = Field(description="Seconds per stage, as for images.")
+    cache: dict[str, Any] | None = Field(None, description="Cache statistics when the request ran with a cache.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioAnswer:
+    """What the backend answers an audio request with: a JSON body or one encoded clip."""
+
+    body: AudioResponse | bytes
+    request_id: str
+    seed: int
+    media_type: str = "application/json"
 
 
 class ModelCard(_Response):
@@ -183,6 +235,23 @@ def encode_image(array: np.ndarray, fmt: str, quality: int | None) -> bytes:
 def encode_images(images: np.ndarray, req: ImagesRequest) -> list[ImageData]:
     return [ImageData(b64_json=base64.b64encode(encode_image(a, req.output_format, req.output_compression))
                       .decode("ascii")) for a in images]
+
+
+def audio_answer(req: AudioRequest, result: GenerationResult) -> AudioAnswer:
+    """The answer to ``req`` from a finished result (``result.audio`` set)."""
+    audio = result.audio
+    if req.response_format != "b64_json":
+        body = encode_audio(audio.waveforms[0], audio.sample_rate, req.response_format)
+        return AudioAnswer(body, result.request_id, result.seed, AUDIO_MEDIA_TYPES[req.response_format])
+    data = [AudioData(b64_json=base64.b64encode(encode_audio(w, audio.sample_rate, "wav")).decode("ascii"))
+            for w in audio.waveforms]
+    body = AudioResponse(
+        created=int(time.time()), data=data, model=result.model, sample_rate=audio.sample_rate,
+        channels=int(audio.waveforms.shape[1]), seconds=audio.seconds, seed=result.seed,
+        request_id=result.request_id, timings={k: round(v, 6) for k, v in result.timings.items()},
+        cache=result.cache,
+    )
+    return AudioAnswer(body, result.request_id, result.seed)
 
 
 def images_response(req: ImagesRequest, result: GenerationResult, data: Sequence[ImageData], size: tuple[int, int],
@@ -273,6 +342,9 @@ class HttpBackend(Protocol):
     async def images(self, req: ImagesRequest) -> ImagesResponse:
         """Generate and shape the answer; raises ``RequestError`` and the stages' errors."""
 
+    async def audio(self, req: AudioRequest) -> AudioAnswer:
+        """Generate audio and shape the answer; raises as ``images``."""
+
     def models(self) -> ModelList: ...
 
     def failed(self, status: int) -> None:
@@ -287,7 +359,7 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
         "code}}, param naming the field.",
     )
     app.add_middleware(BodyLimit, limit=max_request_bytes, refused=backend.failed)
-    routes = (f"POST {IMAGES_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}", f"GET {OPENAPI_PATH}")
+    routes = (f"POST {IMAGES_PATH}", f"POST {AUDIO_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}", f"GET {OPENAPI_PATH}")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -311,6 +383,13 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
     async def images(req: ImagesRequest) -> JSONResponse:
         return await _answer(backend, req)
 
+    @app.post(AUDIO_PATH, response_model=AudioResponse, responses={
+        200: {"content": {t: {} for t in AUDIO_MEDIA_TYPES.values()},
+              "description": "The clip (wav, flac) or JSON with base64 WAV clips (b64_json)."},
+        **_error_docs(400, 404, 413, 422, 429, 500, 503)}, summary="Generate audio from a prompt.")
+    async def audio(req: AudioRequest) -> Response:
+        return await _answer(backend, req, _audio_response)
+
     @app.get(MODELS_PATH, response_model=ModelList, summary="List the served models.")
     async def models() -> ModelList:
         return backend.models()
@@ -322,14 +401,27 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
     return app
 
 
-async def _answer(backend: HttpBackend, req: ImagesRequest) -> JSONResponse:
+async def _images_response(backend: HttpBackend, req: ImagesRequest) -> Response:
+    resp = await backend.images(req)
+    return JSONResponse(resp.model_dump(mode="json"), headers={"x-request-id": resp.request_id})
+
+
+async def _audio_response(backend: HttpBackend, req: AudioRequest) -> Response:
+    answer = await backend.audio(req)
+    headers = {"x-request-id": answer.request_id, "x-seed": str(answer.seed)}
+    if isinstance(answer.body, bytes):
+        return Response(answer.body, media_type=answer.media_type, headers=headers)
+    return JSONResponse(answer.body.model_dump(mode="json"), headers=headers)
+
+
+async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
+                  respond: Callable[[HttpBackend, Any], Awaitable[Response]] = _images_response) -> Response:
     status = 200
     try:
         req.check()
         if req.user:
             logger.info("request for user %s", req.user)
-        resp = await backend.images(req)
-        return JSONResponse(resp.model_dump(mode="json"), headers={"x-request-id": resp.request_id})
+        return await respond(backend, req)
     except RequestError as exc:
         status = exc.status
         # from the fields: a stage's refusal arrives wrapped by Ray, whose str() is a traceback

@@ -83,14 +83,17 @@ class ParallelEngine:
         timer = Timer()
         with timer.stage("postprocess"):
             images = decoded.images
-            if output_type == "pil":
+            if decoded.audio is not None:  # an audio model: float waveforms, whatever output_type
+                images = decoded.audio.waveforms
+            elif output_type == "pil":
                 from PIL import Image
 
                 images = [Image.fromarray(a) for a in images]
             elif output_type == "np":
                 images = images.astype("float32") / 255.0
         timings.update(timer.timings)
-        return GenerationResult(images, request_id, self.spec.id, resolved.seed, timings, decoded.latents, cache, lora)
+        return GenerationResult(images, request_id, self.spec.id, resolved.seed, timings, decoded.latents, cache, lora,
+                                decoded.audio)
 
 
 # ---- every rank's result (tests, benchmarks) ---------------------------------------------------------

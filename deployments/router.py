@@ -28,20 +28,26 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ditserve.features.lora import list_adapters
+from ditserve.models import Modality
 
 from .config import AppConfig
 from .engine import GenerationResult
 from .http import (
+    AUDIO_PATH,
+    IMAGES_PATH,
+    AudioAnswer,
+    AudioRequest,
     ImagesRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
+    audio_answer,
     build_http_app,
     encode_images,
     images_response,
 )
 from .metrics import RouterMetrics
-from .schema import GenerationRequest, ResolvedRequest
+from .schema import GenerationRequest, RequestError, ResolvedRequest
 from .served import ServedModel
 from .stages import Decoded, merge_reports
 
@@ -100,7 +106,8 @@ class Router:
         denoised = dit.denoise.remote(resolved, encoded, *prior)
         return await self.vae.decode.remote(resolved, denoised, return_latents)
 
-    async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
+    async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray | None, GenerationResult]:
+        """Images (uint8) and the result; an audio model's clips are in ``result.audio`` (images ``None``)."""
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
         resolved = self.served.validate(req)
@@ -109,7 +116,7 @@ class Router:
         timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
         return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings,
-                                                decoded.latents, cache, lora)
+                                                decoded.latents, cache, lora, decoded.audio)
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         """Close the request's timings (``queue``: time not spent computing) and record its metrics."""
@@ -138,17 +145,21 @@ class Router:
         Returns:
             ``GenerationResult`` with PIL images (or uint8 arrays), the seed, the request id and
             the seconds per stage (``queue`` is the time not spent computing: queues, transfers).
+            An audio model's result has ``audio`` instead (float32 waveforms (n, channels,
+            samples) and the sample rate; ``output_type`` does not apply) and ``images=None``.
         """
         if isinstance(req, dict):
             req = GenerationRequest.parse(req)
         images, result = await self._run(req, return_latents)
         start = time.perf_counter()
-        result.images = [Image.fromarray(a) for a in images] if output_type == "pil" else list(images)
+        if images is not None:
+            result.images = [Image.fromarray(a) for a in images] if output_type == "pil" else list(images)
         return self._finish(result, time.perf_counter() - start)
 
     # ---- HTTP backend (http.HttpBackend) ------------------------------------------------------
 
     async def images(self, req: ImagesRequest) -> ImagesResponse:
+        self._check_route(audio=False)
         images, result = await self._run(req.generation_request(), return_latents=False)
         start = time.perf_counter()
         data = encode_images(images, req)
@@ -156,6 +167,22 @@ class Router:
         height, width = images.shape[1:3]
         steps = req.num_inference_steps or self.served.specs[result.model].num_inference_steps
         return images_response(req, result, data, (width, height), steps)
+
+    def _check_route(self, audio: bool) -> None:
+        """Refuse, before any stage runs, a route that does not fit the served model's output."""
+        spec = self.served.spec
+        if (spec.modality == Modality.AUDIO) != audio:
+            route = AUDIO_PATH if spec.modality == Modality.AUDIO else IMAGES_PATH
+            raise RequestError("model", f"model {spec.id} generates {spec.modality.value}; use {route}", status=404)
+
+    async def audio(self, req: AudioRequest) -> AudioAnswer:
+        """``POST /v1/audio/generations``: the clip(s) as WAV/FLAC or base64 JSON."""
+        self._check_route(audio=True)
+        _, result = await self._run(req.generation_request(), return_latents=False)
+        start = time.perf_counter()
+        answer = audio_answer(req, result)
+        self._finish(result, time.perf_counter() - start)
+        return answer
 
     def models(self) -> ModelList:
         """The served models, then each adapter of ``lora_dir`` (read now) with the base as parent."""

@@ -88,6 +88,11 @@ class GenerationRequest(BaseModel):
         "{'backend': 'none'}, or {'config': {...}} merged over the deployment's; default: the deployment's "
         "cache_backend/cache_config.",
     )
+    # audio models only (StableAudioPipeline's audio_end_in_s / audio_start_in_s)
+    seconds: float | None = Field(None, gt=0, description="Audio: where the clip ends, in seconds (its length when "
+                                  "seconds_start is 0); at most the model's maximum; default: the model's default.")
+    seconds_start: float | None = Field(None, ge=0, description="Audio: where the clip starts, in seconds "
+                                        "(less than seconds); default 0.")
 
     @field_validator("prompt")
     @classmethod
@@ -162,8 +167,11 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
     Raises:
         RequestError: an option the model does not accept, or a size it cannot produce.
     """
+    seconds, seconds_start = resolve_seconds(req, spec)
     if req.size is None:
         width, height = spec.default_width, spec.default_height
+    elif spec.modality == Modality.AUDIO:
+        raise RequestError("size", f"model {spec.id} generates audio: give seconds (and seconds_start), not a size")
     else:
         width, height = parse_size(req.size)
         for name, value in (("width", width), ("height", height)):
@@ -196,7 +204,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
     cfg_field = "guidance_scale" if spec.guidance == Guidance.CFG else "true_cfg_scale"
     cfg_scale = guidance_scale if spec.guidance == Guidance.CFG else true_cfg_scale
     default_negative = spec.default_negative_prompt
-    if default_negative is None and spec.guidance == Guidance.CFG:
+    if default_negative is None and spec.guidance == Guidance.CFG and not spec.cfg_null_uncond:
         default_negative = ""  # classic CFG pipelines (SD3) encode "" when no negative prompt is given
     negative = req.negative_prompt
     # classic CFG's threshold is the pipeline's (1 in most, 0 in ZImagePipeline); true CFG's is 1
@@ -217,6 +225,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
         guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale,
         num_images_per_prompt=req.n,
+        seconds=seconds,
+        seconds_start=seconds_start,
         **_video_params(req, spec, guidance_scale),
     )
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
@@ -245,6 +255,29 @@ def _video_params(req: GenerationRequest, spec: ModelSpec, guidance_scale: float
     if scale_2 is None and spec.boundary_ratio is not None:
         scale_2 = spec.guidance_scale_2 if spec.guidance_scale_2 is not None else guidance_scale
     return {"num_frames": frames, "guidance_scale_2": scale_2}
+
+
+def resolve_seconds(req: GenerationRequest, spec: ModelSpec) -> tuple[float | None, float | None]:
+    """An audio request's (seconds, seconds_start), defaulted and checked against the model;
+    ``(None, None)`` for other models, which refuse the fields."""
+    if spec.modality != Modality.AUDIO:
+        for name in ("seconds", "seconds_start"):
+            if getattr(req, name) is not None:
+                raise RequestError(name, f"applies to audio models only; model {spec.id} generates {spec.modality.value}")
+        return None, None
+    longest = spec.max_audio_seconds
+    end = req.seconds if req.seconds is not None else (spec.audio_seconds or longest)
+    start = req.seconds_start or 0.0
+    if end is None:
+        raise RequestError("seconds", f"model {spec.id} has no default length; give seconds")
+    if longest is not None and end > longest + 1e-9:
+        raise RequestError("seconds", f"{end:g} is beyond the model's maximum of {longest:.4g} s for model {spec.id}")
+    if start >= end:
+        raise RequestError("seconds_start", f"{start:g} must be less than seconds={end:g}")
+    rate = spec.audio_sample_rate
+    if rate is not None and int(end * rate) - int(start * rate) < 1:
+        raise RequestError("seconds_start", f"[{start:g}, {end:g}) s holds no sample at {rate} Hz; ask for a longer clip")
+    return end, start
 
 
 def select_model(req: GenerationRequest, served: Mapping[str, ModelSpec], default: str,
@@ -332,7 +365,7 @@ def validate_request(
     spec = select_model(req, served, default, adapters)
     resolved = resolve_request(req, spec)
     resolved = dataclasses.replace(resolved, lora=resolve_lora(req, resolved, lora, adapters))
-    if vae is not None:
+    if vae is not None and spec.modality != Modality.AUDIO:  # audio has no image size to split
         # the registry's size multiple is the VAE scale x the 2x2 latent packing (Engine checks it
         # against the checkpoint at start-up), so no model files are needed here
         why = size_error(vae, resolved.params.width, resolved.params.height, spec.size_multiple // 2)

@@ -32,6 +32,7 @@ import torch
 from ditserve.features.cache import cache_run
 from ditserve.features.lora import LoraError, LoraStore
 from ditserve.models import (
+    Audio,
     FamilyAdapter,
     ModelSpec,
     RequestContext,
@@ -53,11 +54,6 @@ from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
 
 logger = logging.getLogger(__name__)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] -> uint8, rounded exactly as diffusers' ``numpy_to_pil``."""
-    return (images * 255).round().astype("uint8")
 
 
 # ---- results -----------------------------------------------------------------------------------------
@@ -113,11 +109,14 @@ class Denoised:
 
 @dataclasses.dataclass
 class Decoded:
-    """Decoder -> Router: images as uint8 arrays (n, H, W, 3), rounded as the PIL path rounds."""
+    """Decoder -> Router: what the adapter delivers for its ``output`` kind (``adapter.deliverable``):
+    images as uint8 arrays (n, H, W, 3), rounded as the PIL path rounds, or, for an audio model,
+    ``audio`` (float waveforms and the sample rate) and ``images=None``."""
 
-    images: np.ndarray
+    images: np.ndarray | None
     reports: tuple[StageReport, ...]
     latents: torch.Tensor | None = None
+    audio: Audio | None = None
 
 
 def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dict[str, Any] | None,
@@ -216,7 +215,9 @@ class Encoder(_Stage):
         for r in reqs:
             n = r.params.num_images_per_prompt
             negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[r.negative_prompt], n)
-            out.append(TextConditioning(self.adapter.repeat_text(encoded[r.prompt], n), negative, batch_size=1))
+            cond = TextConditioning(self.adapter.repeat_text(encoded[r.prompt], n), negative, batch_size=1)
+            with torch.inference_mode(), self.scope():
+                out.append(self.adapter.request_conditioning(cond, r.params))  # e.g. audio seconds
         return out
 
     def encode(self, reqs: Sequence[ResolvedRequest]) -> list[Encoded]:
@@ -343,18 +344,21 @@ class Decoder(_Stage):
         super().__init__(config, adapter, resolved, caps, group)
 
     def images(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, H, W) in [-1, 1]."""
+        """Latents -> the decoded output: images (B, 3, H, W) in [-1, 1], or waveforms
+        (B, channels, samples) cut to the request's seconds."""
         latents = latents.to(self.adapter.device)
         with torch.inference_mode(), self.scope():
-            return self.adapter.decode(latents, req.params.height, req.params.width)
+            return self.adapter.decode_output(latents, req.params)
 
     def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         start = time.perf_counter()
         sent_before = self.group.sent if self.group is not None else 0
-        images = to_uint8(self.adapter.postprocess(self.images(req, denoised.latents), output_type="np"))
+        out = self.adapter.deliverable(self.images(req, denoised.latents))
         report = StageReport("decode", {"decode": time.perf_counter() - start},
                              bytes_sent=(self.group.sent - sent_before) if self.group is not None else 0)
-        return Decoded(images, (*denoised.reports, report), denoised.latents if return_latents else None)
+        audio = out if isinstance(out, Audio) else None
+        return Decoded(None if audio else out, (*denoised.reports, report),
+                       denoised.latents if return_latents else None, audio)
 
 
 def build_stage(config: Any, stages: Sequence[str], *, aborted: Callable[[], bool] | None = None

@@ -11,6 +11,7 @@ if __name__ != "ditserve.models":  # one copy of every module: see the README, "
 
 from .adapter import ALL_STAGES, PRIOR_STAGE, STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
 from .contract import (
+    Audio,
     CacheBlocks,
     Capabilities,
     CFGEvaluation,
@@ -49,6 +50,7 @@ __all__ = [
     "STAGES",
     "ALL_STAGES",
     "PRIOR_STAGE",
+    "Audio",
     "CFGEvaluation",
     "CFGStrategy",
     "CacheBlocks",

@@ -77,6 +77,10 @@ class SamplingParams:
     num_images_per_prompt: int = 1
     num_frames: int = 1  # video: frames per sample
     guidance_scale_2: float | None = None  # two-expert video models: the low-noise expert's CFG scale
+    #: audio: where the clip ends and starts, in seconds (diffusers' ``audio_end_in_s`` /
+    #: ``audio_start_in_s``); ``None`` for images and video
+    seconds: float | None = None
+    seconds_start: float | None = None
 
 
 @dataclasses.dataclass
@@ -330,9 +334,16 @@ class FamilyAdapter:
 
     @classmethod
     def checkpoint_spec_fields(cls, info: CheckpointInfo) -> dict[str, Any]:
-        """Registry fields that are facts of the checkpoint (read from its JSON files): they
-        override the family's flagship entry for a folder (default: ``size_multiple``)."""
+        """Registry fields that are facts of the checkpoint (read from its JSON files, no weights):
+        they override the family's flagship entry for a folder unless its ``ditserve.json`` sets
+        them (default: ``size_multiple``; e.g. an audio model's sample rate, Wan2.2's expert boundary)."""
         return {"size_multiple": cls.size_multiple_from_config(info)}
+
+    @classmethod
+    def decoded_extent_from_config(cls, info: CheckpointInfo) -> tuple[int, int] | None:
+        """(width, height) the VAE decodes for a default request, where it is not the model's default
+        image size (``None``): an audio decoder decodes every latent frame, (samples, 1)."""
+        return None
 
     @classmethod
     def size_multiple_from_config(cls, info: CheckpointInfo) -> int:
@@ -393,6 +404,13 @@ class FamilyAdapter:
     def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
         """One batch of texts -> the denoiser's text kwargs (the family's pipeline helpers)."""
         raise NotImplementedError
+
+    def request_conditioning(self, cond: TextConditioning, params: SamplingParams) -> TextConditioning:
+        """One request's conditioning from its encoded texts and its parameters (the encode stage
+        calls it once per request). Default: the texts alone. Stable Audio adds the
+        ``seconds_start``/``seconds`` embeddings, and its unconditional branch when CFG runs
+        without a negative prompt."""
+        return cond
 
     def text_shape_key(self, text: str) -> Hashable:
         """Texts with equal keys encode to equal shapes and can share one encoder batch, with the
@@ -576,9 +594,20 @@ class FamilyAdapter:
         """Final latents -> decoded output (images: (B, 3, H, W) in [-1, 1])."""
         raise NotImplementedError
 
+    def decode_output(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Final latents -> decoded output for a request (default: ``decode`` at its height and
+        width; audio crops the waveform to the requested seconds)."""
+        return self.decode(latents, params.height, params.width)
+
     def postprocess(self, images: torch.Tensor, output_type: str = "pil") -> Any:
         """Decoded output -> what the user gets (``"pil"``, ``"np"`` or ``"pt"`` for images)."""
         raise NotImplementedError
+
+    def deliverable(self, decoded: torch.Tensor) -> Any:
+        """Decoded output -> what the decode stage hands on, per ``output``: images as uint8 arrays
+        (n, H, W, 3), rounded as diffusers' ``numpy_to_pil``; an audio adapter returns a
+        ``contract.Audio`` (float waveforms and the sample rate)."""
+        return (self.postprocess(decoded, output_type="np") * 255).round().astype("uint8")
 
     # ---- helpers for subclasses ---------------------------------------------------------------
 

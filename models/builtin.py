@@ -20,6 +20,9 @@ _TINY_FAMILY_DEFAULTS = {
     "wan": dict(num_frames=5, default_width=64, default_height=64),
     "wan-ti2v": dict(num_frames=5, default_width=64, default_height=64, min_size=32),
     "glm-image": dict(min_size=32),  # sizes are multiples of 32 (the prior's token grid)
+    # the tiny audio geometry (models/tiny/stable_audio.py): 128 Hz stereo, at most 1 s; sizes do not apply
+    "stable-audio": dict(audio_seconds=1.0, max_audio_seconds=1.0, audio_sample_rate=128, default_width=1,
+                         default_height=1, min_size=1, max_size=1),
 }
 
 
@@ -55,6 +58,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
           "wan"),
     _tiny("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "ditserve/tiny-wan-ti2v", "Tiny Wan2.2 TI2V (random weights)",
           "wan-ti2v"),
+    _tiny("stabilityai/stable-audio-open-1.0", "ditserve/tiny-stable-audio", "Tiny Stable-Audio-Open (random weights)",
+          "stable-audio"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

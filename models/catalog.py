@@ -479,11 +479,18 @@ MODELS: list[ModelSpec] = [
         max_size=1,
         # pipeline default = the longest clip: transformer sample_size x VAE hop_length / sampling rate
         audio_seconds=1024 * 2048 / 44100,
+        max_audio_seconds=1024 * 2048 / 44100,
+        audio_sample_rate=44100,
+        audio_channels=2,
+        cfg_null_uncond=True,  # the pipeline's unconditional branch without a negative prompt: zeros
         seed_features=_row("❌ ❌ ❌ ❌ ❌ ❌ ✅ ❌", _VIDEO_COLUMNS),
         notes=(
             "Width/height do not apply (all size fields are 1); length is audio_seconds, at most about "
             "47.55 s of 44.1 kHz stereo, in steps of the VAE hop length (2048 samples). Also loads a "
-            "StableAudioProjectionModel (projection_model) for the text and timing conditioning."
+            "StableAudioProjectionModel (projection_model) for the text and timing conditioning. Defaults are "
+            "StableAudioPipeline's (100 steps, guidance 7.0, the longest clip); without a negative prompt CFG's "
+            "unconditional branch is zero conditioning, as in the pipeline. Its CosineDPMSolverMultistepScheduler "
+            "needs the torchsde package at run time."
         ),
     ),
 ]

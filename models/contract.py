@@ -52,6 +52,24 @@ class Output(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Audio:
+    """Decoded audio as the Decoder hands it on (``Output.AUDIO``).
+
+    Attributes:
+        waveforms: float32 samples, (n, channels, samples), as the pipeline returns them (not
+            clipped to [-1, 1]; encoders to 16-bit PCM clip).
+        sample_rate: samples per second.
+    """
+
+    waveforms: Any
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.waveforms.shape[-1] / self.sample_rate
+
+
+@dataclasses.dataclass(frozen=True)
 class CacheBlocks:
     """What the block caches (``features/cache``) need to know about a denoiser class.
 

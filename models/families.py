@@ -30,6 +30,7 @@ _ADAPTERS = {
     "longcat-image": "ditserve.models.longcat_image:LongCatImageAdapter",
     "glm-image": "ditserve.models.glm_image:GlmImageAdapter",
     "wan2.2": "ditserve.models.wan:WanAdapter",
+    "stable-audio": "ditserve.models.stable_audio:StableAudioAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides
@@ -97,7 +98,7 @@ def _apply_overrides(spec: ModelSpec, path: Path, model_id: str) -> ModelSpec:
     # Sizes (and other facts of the checkpoint) must follow the checkpoint, whatever its family's
     # flagship uses.
     adapter = adapter_class(spec.family)
-    for key, value in adapter.checkpoint_spec_fields(read_checkpoint(path)).items():
+    for key, value in adapter.checkpoint_spec_fields(read_checkpoint(path)).items():  # e.g. an audio model's sample rate
         update.setdefault(key, value)
     return ModelSpec.model_validate({**spec.model_dump(), **update})
 

@@ -78,20 +78,28 @@ def _check_safetensors_only(folder: Path) -> None:
         )
 
 
-def _library(ref: ComponentRef) -> str:
-    """``diffusers`` or ``transformers``: diffusers' ``save_pretrained`` records some transformers
-    classes by their model module instead (``["glm_image", "GlmImageProcessor"]``)."""
-    if ref.library in ("diffusers", "transformers"):
-        return ref.library
+def _library_module(ref: ComponentRef) -> Any:
+    """The module a component's class lives in: ``diffusers`` or ``transformers``, or what
+    diffusers' ``save_pretrained`` records instead for some classes — a transformers model module
+    (``["glm_image", "GlmImageProcessor"]``: transformers) or a diffusers pipeline package
+    (``["stable_audio", "StableAudioProjectionModel"]``)."""
+    import importlib
     import importlib.util
 
-    if ref.library.isidentifier() and importlib.util.find_spec(f"transformers.models.{ref.library}") is not None:
-        return "transformers"
+    if ref.library in ("diffusers", "transformers"):
+        return importlib.import_module(ref.library)
+    if ref.library.isidentifier():
+        if importlib.util.find_spec(f"transformers.models.{ref.library}") is not None:
+            return importlib.import_module("transformers")
+        try:
+            return importlib.import_module(f"diffusers.pipelines.{ref.library}")
+        except ImportError:
+            pass
     raise CheckpointError(f"component {ref.name!r}: library {ref.library!r} is not supported")
 
 
 def _resolve_class(ref: ComponentRef, expected: type) -> type:
-    module = __import__(_library(ref))
+    module = _library_module(ref)
     cls = getattr(module, ref.class_name, None)
     if cls is None:
         raise CheckpointError(f"component {ref.name!r}: {ref.library} has no class {ref.class_name!r}")

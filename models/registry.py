@@ -99,6 +99,14 @@ class ModelSpec(BaseModel):
         "the low-noise expert denoises (from the checkpoint's model_index.json; None: one expert)."
     )
     audio_seconds: float | None = Field(None, description="Default duration (audio).")
+    max_audio_seconds: float | None = Field(None, description="Longest clip (audio): the denoiser's latent "
+                                            "frames x the VAE hop length / the sample rate.")
+    audio_sample_rate: int | None = Field(None, description="Samples per second of the output (audio).")
+    audio_channels: int | None = Field(None, description="Channels of the output (audio; 2 is stereo).")
+    cfg_null_uncond: bool = Field(
+        False, description="Classic CFG without a negative prompt runs its unconditional branch on zero "
+        "conditioning (StableAudioPipeline), not on an encoded \"\".",
+    )
     seed_features: frozenset[Feature] = Field(
         frozenset(), description="The seed table's feature row (reference; see ``features`` for what runs)."
     )

@@ -45,7 +45,11 @@ def shard_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def _shard(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+def _shard(x: torch.Tensor | tuple[torch.Tensor, ...], dim: int, group: Group) -> Any:
+    """This rank's shard of ``x``; a tuple of tensors (e.g. RoPE's ``(cos, sin)``, Stable Audio's
+    ``rotary_embedding``) is split part by part along the same dim."""
+    if isinstance(x, tuple | list):
+        return type(x)(_shard(part, dim, group) for part in x)
     return torch.tensor_split(x, group.size, dim=dim)[group.rank]
 
 

@@ -157,7 +157,10 @@ def test_models_and_health(http):
 def test_openapi_documents_routes_with_our_models(http):
     status, spec, _ = http("GET", "/openapi.json")
     assert status == 200
-    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/models", "/health"}
+    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/audio/generations", "/v1/models", "/health"}
+    audio = spec["paths"]["/v1/audio/generations"]["post"]
+    assert audio["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/AudioRequest"
+    assert {"audio/wav", "audio/flac", "application/json"} <= set(audio["responses"]["200"]["content"])
     post = spec["paths"]["/v1/images/generations"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ImagesRequest"
     schemas = spec["components"]["schemas"]

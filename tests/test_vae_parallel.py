@@ -186,7 +186,7 @@ def test_vae_without_a_plan_is_refused_naming_the_option():
 
     from ditserve.parallel.vae.plans import VAE_PLANS
 
-    assert {"AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLWan"} <= set(VAE_PLANS)
+    assert {"AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLWan", "AutoencoderOobleck"} <= set(VAE_PLANS)
     with pytest.raises(ValueError, match=r"vae_patch_parallel_size=2: model m's VAE class AutoencoderNoPlan has no "
                                          r"patch-parallel/tiling plan \(classes with one: "
                                          + re.escape(", ".join(VAE_PLANS)) + r"\)"):

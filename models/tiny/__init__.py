@@ -20,11 +20,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image", "glm-image", "wan",
-            "wan-ti2v")
+            "wan-ti2v", "stable-audio")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
                   "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-longcat-image": "longcat-image",
-                  "ditserve/tiny-glm-image": "glm-image", "ditserve/tiny-wan": "wan", "ditserve/tiny-wan-ti2v": "wan-ti2v"}
+                  "ditserve/tiny-glm-image": "glm-image", "ditserve/tiny-wan": "wan", "ditserve/tiny-wan-ti2v": "wan-ti2v",
+                  "ditserve/tiny-stable-audio": "stable-audio"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -167,16 +168,25 @@ def _glm_image_pipeline():
     from .glm_image import glm_image_pipeline
 
     return glm_image_pipeline()
+
+
 def _wan_pipeline(ti2v: bool = False):
     from .wan import wan_pipeline
 
     return wan_pipeline(ti2v=ti2v)
 
 
+def _stable_audio_pipeline():
+    from .stable_audio import stable_audio_pipeline
+
+    return stable_audio_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
              "ovis-image": _ovis_image_pipeline, "longcat-image": _longcat_image_pipeline,
-             "glm-image": _glm_image_pipeline, "wan": _wan_pipeline, "wan-ti2v": lambda: _wan_pipeline(ti2v=True)}
+             "glm-image": _glm_image_pipeline, "wan": _wan_pipeline, "wan-ti2v": lambda: _wan_pipeline(ti2v=True),
+             "stable-audio": _stable_audio_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:

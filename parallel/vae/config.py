@@ -95,6 +95,9 @@ def check_vae_config(config: VaeConfig, vae_class: type | str, *, model: str, de
             f"{what}: model {model}'s VAE class {name} has no patch-parallel/tiling plan "
             f"(classes with one: {', '.join(VAE_PLANS)}); use vae_patch_parallel_size=1 without tiling"
         )
+    if config.vae_use_tiling and plan is not None and not plan.tiling:
+        raise ValueError(f"vae_use_tiling: model {model}'s VAE class {name} has no tiled decode; "
+                         "use vae_patch_parallel_size (exact) without tiling")
     if config.vae_tile_size is not None:
         if not config.vae_use_tiling:
             raise ValueError(f"vae_tile_size={config.vae_tile_size} is set but vae_use_tiling is off; enable it")

@@ -5,11 +5,14 @@ patch-parallel VAE.
 
 - the decoder's input is split along its longer spatial axis into M bands (``config.band_sizes``);
   every frame of a video gets the same split, so the decoder's per-frame feature cache stays
-  band-shaped;
+  band-shaped; a 1-D (audio) decoder's input (B, C, T) is split along time;
 - before every convolution whose kernel reaches across the split axis, each worker fetches the
   ``padding`` rows it needs from its neighbours, convolves, and crops what the halo added, so the
   band's rows are exactly the full decode's rows (nearest 2x upsampling keeps bands aligned: the
-  halo is exchanged at each resolution, never recomputed);
+  halo is exchanged at each resolution, never recomputed); dilated 'same' convolutions reach
+  ``dilation x (kernel - 1) / 2`` rows; a 1-D transposed convolution (AutoencoderOobleck's
+  upsampling) gets the input rows its band's outputs read and its output is cropped by ``stride``
+  rows per halo row;
 - operations with global reach are computed across the group: GroupNorm statistics from every
   band's count, mean and centred sum of squares (Chan's combination, float64); mid-block attention
   gathers K and V from every band (queries stay local);
@@ -68,15 +71,17 @@ def exchange_halo(x: torch.Tensor, dim: int, halo: int, group: Group) -> tuple[t
 
 
 def _conv_halo(module: torch.nn.Module) -> dict[int, int]:
-    """Rows a convolution reads beyond each output row, per spatial axis (-2, -1); refuses a
-    convolution the halo exchange cannot make exact."""
+    """Rows a convolution reads beyond each output row, per spatial axis (-2, -1; -1 alone for a
+    1-D convolution over time); refuses a convolution the halo exchange cannot make exact."""
+    axes = (-1,) if isinstance(module, torch.nn.Conv1d) else (-2, -1)
     if hasattr(module, "_padding"):  # causal 3-D convs pad themselves: (w, w, h, h, 2t, 0)
         pads = {-1: module._padding[0], -2: module._padding[2]}
     else:
-        pads = {-2: module.padding[-2], -1: module.padding[-1]}
-    kernel = module.kernel_size[-2:]
-    for axis, k in zip((-2, -1), kernel):
-        ok = (module.stride[axis] == 1 and module.dilation[axis] == 1 and k == 2 * pads[axis] + 1
+        pads = {axis: module.padding[axis] for axis in axes}
+    kernel = module.kernel_size[-len(axes):]
+    for axis, k in zip(axes, kernel):
+        # a 'same' convolution: stride 1, its reach (dilated or not) padded equally on both sides
+        ok = (module.stride[axis] == 1 and module.dilation[axis] * (k - 1) == 2 * pads[axis]
               and module.padding_mode == "zeros")
         if k > 1 and not ok:
             raise ValueError(
@@ -107,6 +112,41 @@ class _HaloConvHook(ModelHook):
             kwargs["cache_x"] = exchange_halo(kwargs["cache_x"], dim, halo, self.group)[0]
         out = self.fn_ref.original_forward(x, *args, **kwargs)
         return out.narrow(dim, before, out.shape[dim] - before - after)
+
+
+def _transposed_halo(module: torch.nn.ConvTranspose1d) -> int:
+    """Input rows a 1-D transposed convolution needs from each neighbour so that its output over a
+    band is exactly the full output's rows of that band; refuses one whose output does not tile
+    its input's bands (output length = input length x stride needs kernel - 2 x padding = stride).
+
+    Output row ``o`` sums input rows ``i`` with ``o + padding - kernel < i x stride <= o + padding``:
+    the band's first output row reaches ``(kernel - padding - 1) // stride`` rows before the band,
+    its last one ``(padding - 1) // stride + 1`` rows after it (none without padding)."""
+    k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
+    if k - 2 * p != s or module.dilation[0] != 1 or module.output_padding[0] != 0 or module.padding_mode != "zeros":
+        raise ValueError(
+            f"{type(module).__name__}(kernel={k}, stride={s}, padding={p}, output_padding={module.output_padding[0]}) "
+            "does not map input bands onto output bands (kernel - 2 x padding must equal stride): no exact patch plan"
+        )
+    return max((k - p - 1) // s, (p - 1) // s + 1 if p else 0)
+
+
+class _HaloTransposedConvHook(ModelHook):
+    """Attaches neighbours' input rows before a 1-D transposed convolution (the upsampling of a
+    1-D decoder) and crops the output rows they produced (``stride`` per input row)."""
+
+    def __init__(self, group: Group, state: _PatchState, halo: int, stride: int) -> None:
+        super().__init__()
+        self.group, self.state, self.halo, self.stride = group, state, halo, stride
+
+    def new_forward(self, module, x, *args, **kwargs):
+        dim = self.state.dim
+        if dim is None or self.halo == 0:
+            return self.fn_ref.original_forward(x, *args, **kwargs)
+        x, before, after = exchange_halo(x, dim, self.halo, self.group)
+        out = self.fn_ref.original_forward(x, *args, **kwargs)
+        crop = before * self.stride
+        return out.narrow(dim, crop, out.shape[dim] - crop - after * self.stride)
 
 
 class _GroupNormHook(ModelHook):
@@ -189,7 +229,8 @@ class _DecoderBandHook(ModelHook):
         self.group, self.state, self.min_rows = group, state, min_rows
 
     def new_forward(self, module, x, *args, **kwargs):
-        dim = split_dim(x.shape[-2], x.shape[-1])
+        # a 1-D decoder's input (B, C, T) is cut along time; an image's along its longer side
+        dim = -1 if x.dim() == 3 else split_dim(x.shape[-2], x.shape[-1])
         sizes = band_sizes(x.shape[dim], self.group.size)
         if min(sizes) < self.min_rows:  # the same on every worker: all refuse, none waits
             raise ValueError(
@@ -212,13 +253,20 @@ def apply_vae_patch_parallel(decoder: torch.nn.Module, plan: VaePlan, group: Gro
     state = _PatchState()
     min_rows = 1
     attention = plan.attention()
-    for module in decoder.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+    scale = 1  # rows per latent row at this point of the decoder (1-D transposed convs upsample)
+    for module in decoder.modules():  # in call order for the decoders planned
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
             halo = _conv_halo(module)
             if any(halo.values()):
-                min_rows = max(min_rows, *halo.values())
+                min_rows = max(min_rows, *(-(-h // scale) for h in halo.values()))
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(
                     _HaloConvHook(group, state, halo), VAE_HALO_HOOK)
+        elif isinstance(module, torch.nn.ConvTranspose1d):
+            halo = _transposed_halo(module)
+            min_rows = max(min_rows, -(-halo // scale))
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                _HaloTransposedConvHook(group, state, halo, module.stride[0]), VAE_HALO_HOOK)
+            scale *= module.stride[0]
         elif isinstance(module, torch.nn.GroupNorm):
             if not plan.group_norm:
                 raise ValueError(f"{type(decoder).__name__} has a GroupNorm its plan does not declare")

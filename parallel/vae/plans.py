@@ -16,6 +16,9 @@ AutoencoderKLWan            exact: as AutoencoderKLQwenImage (the same          
 AutoencoderKLFlux2          exact: the AutoencoderKL decoder (halo convs,        approximate (overlap 1/4,
                             GroupNorm stats reduced, gathered K/V); its latent   linear blend)
                             batch-norm is undone by the adapter before decode
+AutoencoderOobleck          exact: 1-D bands over time; halo (dilated) convs     none (refused: diffusers
+                            and transposed-conv upsampling; Snake is pointwise,  has no tiled decode for
+                            no norm or attention                                 it)
 ==========================  ===================================================  ==========================
 
 A plan names only what differs between classes (which attention modules see the whole image,
@@ -49,6 +52,14 @@ def _no_frames(decoder: torch.nn.Module) -> int:
     return 1
 
 
+def _no_tiles(vae: torch.nn.Module, size: int, scale: int) -> None:
+    raise ValueError(f"vae_use_tiling: {type(vae).__name__} has no tiled decode")
+
+
+def _no_attention() -> tuple[type, ...]:
+    return ()
+
+
 def _qwen_attention() -> tuple[type, ...]:
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageAttentionBlock
 
@@ -80,6 +91,7 @@ class VaePlan:
         frame_scale: output frames per latent frame of a decoder call after a video's first (a
             causal video decoder turns the first latent frame into one frame); the tiled mode
             over M workers sizes the tiles it does not decode with it.
+        tiling: whether diffusers has a tiled decode for the class (``vae_use_tiling``).
     """
 
     attention: Callable[[], tuple[type, ...]]
@@ -87,6 +99,7 @@ class VaePlan:
     set_tile_size: Callable[[torch.nn.Module, int, int], None]
     exact: str
     frame_scale: Callable[[torch.nn.Module], int] = _no_frames
+    tiling: bool = True
 
 
 VAE_PLANS: dict[str, VaePlan] = {
@@ -108,6 +121,12 @@ VAE_PLANS: dict[str, VaePlan] = {
         _kl_attention, True, _kl_tiles,
         "AutoencoderKL's decoder: halo convs; GroupNorm statistics reduced over the group; mid-block attention "
         "over gathered K/V",
+    ),
+    "AutoencoderOobleck": VaePlan(
+        _no_attention, False, _no_tiles,
+        "1-D bands over time: halo convs (dilated ones reach dilation x 3 rows) and transposed-conv upsampling "
+        "(neighbours' input rows, output cropped by the stride); Snake activations are pointwise",
+        tiling=False,
     ),
 }
 
