@@ -419,7 +419,7 @@ MODELS: list[ModelSpec] = [
     ModelSpec(
         id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         name="Wan2.2-I2V",
-        family="wan2.2",
+        family="wan2.2-i2v",  # WanImageToVideoPipeline: its own adapter (an input image), not yet
         modality=Modality.VIDEO,
         task="image-to-video",
         components=_with_pipeline(_WAN, "WanImageToVideoPipeline"),

@@ -98,8 +98,8 @@ def test_config_carries_the_cache_default(capsys):
 
 
 def test_generate_unimplemented_family_exits_2(capsys):
-    assert main(["generate", "--model", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "--prompt", "x"]) == 2
-    assert "family 'wan2.2' is registered but not implemented yet" in capsys.readouterr().err
+    assert main(["generate", "--model", "ByteDance-Seed/BAGEL-7B-MoT", "--prompt", "x"]) == 2
+    assert "family 'bagel' is registered but not implemented yet" in capsys.readouterr().err
 
 
 def test_make_tiny_unknown_family_is_refused(tmp_path):

@@ -59,8 +59,8 @@ def test_folder_without_model_index_is_refused(tmp_path):
 
 
 def test_unimplemented_family_says_so():
-    with pytest.raises(FamilyNotImplementedError, match="family 'wan2.2' is registered but not implemented yet"):
-        resolve_model("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    with pytest.raises(FamilyNotImplementedError, match="family 'bagel' is registered but not implemented yet"):
+        resolve_model("ByteDance-Seed/BAGEL-7B-MoT")
 
 
 def test_registered_model_without_local_copy_says_how_to_get_one(monkeypatch, tmp_path):
