@@ -205,6 +205,8 @@ class _SplitHook(ModelHook):
     def _split(self, x: torch.Tensor | None, spec: Any) -> torch.Tensor | None:
         # as diffusers: a tensor of another rank than the plan expects is left whole (e.g. Wan's
         # ``timestep``: split only when it is one per token, ``expand_timesteps``)
+        if isinstance(x, tuple | list):  # e.g. a RoPE (cos, sin) pair: each is split
+            return type(x)(self._split(t, spec) for t in x)
         expected = getattr(spec, "expected_dims", None)
         if x is None or (expected is not None and x.dim() != expected):
             return x
