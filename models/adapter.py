@@ -159,6 +159,23 @@ def serial_cfg(
     return preds[0] if len(preds) == 1 else combine(preds[0], preds[1])
 
 
+def count_local_heads(transformer: torch.nn.Module | None, attention_types: type | tuple[type, ...],
+                      head_dim: Callable[[torch.nn.Module], int]) -> None:
+    """Set ``heads`` of each attention module of ``transformer`` to the heads its Q projection holds.
+
+    Attention processors split Q/K/V into heads by ``attn.heads``; a tensor-parallel rank's
+    column-sharded Q/K/V hold fewer heads of the same size (``head_dim(module)``, read from the
+    unsharded module), so after a sharded load the count must be the local one.
+    """
+    if transformer is None:
+        return
+    for module in transformer.modules():
+        if isinstance(module, attention_types):
+            dim = head_dim(module)
+            if module.to_q.out_features != module.heads * dim:
+                module.heads = module.to_q.out_features // dim
+
+
 ComponentLoader = Callable[[type, Path, torch.dtype], torch.nn.Module]  # (class, component folder, dtype)
 
 

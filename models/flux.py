@@ -26,6 +26,14 @@ def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Te
     return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
 
 
+def flux_cache_blocks(coefficients: tuple[float, ...]) -> CacheBlocks:
+    """The cache's view of a FLUX.1-shaped transformer (also Ovis-Image's and LongCat-Image's): the
+    double-stream list, then the single-stream list (which takes and returns both streams), probed
+    by the first block's modulated input; ``coefficients``: the TeaCache polynomial."""
+    return CacheBlocks(("transformer_blocks", "single_transformer_blocks"), _modulated_input, coefficients,
+                       layer_config_keys=("num_layers", "num_single_layers"))
+
+
 class FluxAdapter(FlowMatchImageAdapter):
     family = "flux"
     pipeline_class = FluxPipeline
@@ -57,10 +65,7 @@ class FluxAdapter(FlowMatchImageAdapter):
     quant_ignored_layers = ("time_text_embed.*", "x_embedder", "context_embedder", "*.norm1.linear", "*.norm1_context.linear",
                             "*.norm.linear", "norm_out.*", "proj_out")
     # TeaCache polynomial: TeaCache's published fit for FLUX.1-dev.
-    cache_blocks = CacheBlocks(
-        ("transformer_blocks", "single_transformer_blocks"), _modulated_input,
-        (498.65, -283.78, 55.86, -3.82, 0.264), layer_config_keys=("num_layers", "num_single_layers"),
-    )
+    cache_blocks = flux_cache_blocks((498.65, -283.78, 55.86, -3.82, 0.264))
 
     def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
         embeds, pooled, text_ids = self.pipe.encode_prompt(

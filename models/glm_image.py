@@ -29,7 +29,7 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.attention_processor import Attention
 from transformers import ByT5Tokenizer, GlmImageForConditionalGeneration, GlmImageProcessor, T5EncoderModel
 
-from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .adapter import FamilyAdapter, SamplingParams, TextConditioning, count_local_heads
 from .contract import CacheBlocks, CFGEvaluation, Conditioning, LatentLayout
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
@@ -119,13 +119,7 @@ class GlmImageAdapter(FamilyAdapter):
 
     def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
         super().__init__(components, info, **kwargs)
-        transformer = components.get(self.denoisers[0])
-        if transformer is not None:
-            # the attention processor splits heads by ``attn.heads``: a tensor-parallel rank's
-            # column-sharded Q/K/V hold fewer heads of the same size
-            for module in transformer.modules():
-                if isinstance(module, Attention) and module.to_q.out_features != module.heads * module.norm_q.normalized_shape[0]:
-                    module.heads = module.to_q.out_features // module.norm_q.normalized_shape[0]
+        count_local_heads(components.get(self.denoisers[0]), Attention, lambda m: m.norm_q.normalized_shape[0])
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

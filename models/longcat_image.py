@@ -33,10 +33,9 @@ from diffusers.hooks.tensor_parallel import PackedRowwiseParallel
 from diffusers.models.transformers.transformer_longcat_image import LongCatImageAttention
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 
-from .adapter import SamplingParams, TextConditioning
-from .contract import CacheBlocks
+from .adapter import SamplingParams, TextConditioning, count_local_heads
 from .flow_match import FlowMatchImageAdapter
-from .flux import FluxAdapter, _modulated_input  # the same double-stream block probe as FLUX.1's
+from .flux import FluxAdapter, flux_cache_blocks
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
 
@@ -83,20 +82,11 @@ class LongCatImageAdapter(FlowMatchImageAdapter):
     # distance of the modulated input is used as is; fit one with tools/fit_tea_cache.py). Blocks:
     # the double-stream list, then the single-stream list (which, like FLUX.1's, takes and returns
     # both streams).
-    cache_blocks = CacheBlocks(
-        ("transformer_blocks", "single_transformer_blocks"), _modulated_input,
-        (1.0, 0.0), layer_config_keys=("num_layers", "num_single_layers"),
-    )
+    cache_blocks = flux_cache_blocks((1.0, 0.0))
 
     def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
         super().__init__(components, info, **kwargs)
-        transformer = components.get(self.denoisers[0])
-        if transformer is not None:
-            # The attention processor splits heads by ``attn.heads``: a tensor-parallel rank's
-            # column-sharded Q/K/V hold fewer heads of the same size.
-            for module in transformer.modules():
-                if isinstance(module, LongCatImageAttention) and module.to_q.out_features != module.heads * module.head_dim:
-                    module.heads = module.to_q.out_features // module.head_dim
+        count_local_heads(components.get(self.denoisers[0]), LongCatImageAttention, lambda m: m.head_dim)
 
     def encode_text_kwargs(self, texts: Sequence[str], num_images_per_prompt: int) -> dict[str, torch.Tensor | None]:
         embeds, text_ids = self.pipe.encode_prompt(prompt=list(texts), num_images_per_prompt=num_images_per_prompt)

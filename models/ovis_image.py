@@ -22,10 +22,9 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.transformers.transformer_ovis_image import OvisImageAttention
 from transformers import Qwen2TokenizerFast, Qwen3Model
 
-from .adapter import SamplingParams
-from .contract import CacheBlocks
+from .adapter import SamplingParams, count_local_heads
 from .flow_match import FlowMatchImageAdapter
-from .flux import FluxAdapter, _modulated_input  # the same double-stream block probe as FLUX.1's
+from .flux import FluxAdapter, flux_cache_blocks
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
 
@@ -102,10 +101,7 @@ class OvisImageAdapter(FlowMatchImageAdapter):
     # distance of the modulated input is used as is; fit one with tools/fit_tea_cache.py). Blocks:
     # the double-stream list, then the single-stream list (which, like FLUX.1's, takes and returns
     # both streams).
-    cache_blocks = CacheBlocks(
-        ("transformer_blocks", "single_transformer_blocks"), _modulated_input,
-        (1.0, 0.0), layer_config_keys=("num_layers", "num_single_layers"),
-    )
+    cache_blocks = flux_cache_blocks((1.0, 0.0))
 
     def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
         super().__init__(components, info, **kwargs)
@@ -114,9 +110,7 @@ class OvisImageAdapter(FlowMatchImageAdapter):
             # The attention processor splits heads by ``attn.heads`` and the single blocks split
             # ``proj_mlp``'s output by ``mlp_hidden_dim``: a tensor-parallel rank's column-sharded
             # linears hold fewer heads of the same size and its slice of each MLP half.
-            for module in transformer.modules():
-                if isinstance(module, OvisImageAttention) and module.to_q.out_features != module.heads * module.head_dim:
-                    module.heads = module.to_q.out_features // module.head_dim
+            count_local_heads(transformer, OvisImageAttention, lambda m: m.head_dim)
             for block in getattr(transformer, "single_transformer_blocks", ()):
                 block.mlp_hidden_dim = block.proj_mlp.out_features // 2
 

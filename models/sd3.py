@@ -21,7 +21,7 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from .adapter import FamilyAdapter, SamplingParams, TextConditioning
+from .adapter import FamilyAdapter, SamplingParams, TextConditioning, count_local_heads
 from .contract import CacheBlocks, CFGEvaluation, LatentLayout
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
@@ -31,14 +31,6 @@ def _modulated_input(block: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Te
     """TeaCache's probe: the first block's timestep-modulated image input (``norm1``'s first output,
     for the plain and the SD3.5-Medium dual-attention blocks alike)."""
     return block.norm1(kwargs["hidden_states"], emb=kwargs["temb"])[0]
-
-
-def _heads_to_shards(transformer: torch.nn.Module) -> None:
-    """SD3's attention processor reshapes Q/K/V by ``attn.heads`` (head_dim = width / heads), so an
-    attention whose Q/K/V were column-sharded by tensor parallel must count only its own heads."""
-    for module in transformer.modules():
-        if isinstance(module, Attention) and module.to_q.out_features != module.inner_dim:
-            module.heads = module.heads * module.to_q.out_features // module.inner_dim
 
 
 class SD3Adapter(FamilyAdapter):
@@ -102,9 +94,7 @@ class SD3Adapter(FamilyAdapter):
 
     def __init__(self, components: dict[str, Any], info: CheckpointInfo, **kwargs: Any) -> None:
         super().__init__(components, info, **kwargs)
-        transformer = components.get("transformer")
-        if transformer is not None:
-            _heads_to_shards(transformer)
+        count_local_heads(components.get("transformer"), Attention, lambda m: m.inner_dim // m.heads)
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -23,7 +23,7 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .adapter import DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, count_local_heads, serial_cfg
 from .contract import CacheBlocks, CFGEvaluation, LatentLayout
 from .loading import CheckpointInfo
 from .registry import Feature, Guidance
@@ -111,9 +111,7 @@ class ZImageAdapter(FamilyAdapter):
             # The attention processor splits heads by the module's head count: a tensor-parallel
             # rank's column-sharded Q/K/V hold fewer heads of the same size.
             head_dim = transformer.config.dim // transformer.config.n_heads
-            for module in transformer.modules():
-                if isinstance(module, Attention) and module.to_q.out_features != module.heads * head_dim:
-                    module.heads = module.to_q.out_features // head_dim
+            count_local_heads(transformer, Attention, lambda m: head_dim)
 
     def _helper_pipeline(self) -> Any:
         pipe = super()._helper_pipeline()

@@ -233,9 +233,9 @@ def test_tensor_parallel_shards_are_cut_at_load_and_heads_follow(tiny_sd3):
                                              Group((0, 1), 1, None), plan)
     mods = dict(shard.named_modules())
     assert all(isinstance(mods[n], (ColumnParallelLinear, RowParallelLinear)) for n in plan_names)
-    from ditserve.models.sd3 import _heads_to_shards
+    from ditserve.models.adapter import count_local_heads
 
-    _heads_to_shards(shard)
+    count_local_heads(shard, Attention, lambda m: m.inner_dim // m.heads)  # as SD3Adapter does
     assert {m.heads for m in shard.modules() if isinstance(m, Attention)} == {2}  # 4 heads over 2 ranks
 
 
