@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import GlmImagePipeline
+from family_checks import check_caches
 from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -322,31 +323,6 @@ def test_served_prior_runs_in_its_own_replica(ray_cluster, checkpoint, engine):
 
 # ---- caches (dual-stream blocks called positionally, returning the image stream first) --------------
 
-CACHE_STEPS = 6
-CACHE_BASE = dict(prompt=PROMPT, size="64x64", num_inference_steps=CACHE_STEPS, seed=1)
-
-
-def _cached(engine, cache=None):
-    return engine.generate(GenerationRequest(**CACHE_BASE, cache=cache), output_type="np")
-
 
 def test_caches(engine):
-    """Threshold 0 equals uncached (both caches, both CFG branches through the hooks); high
-    thresholds skip what their policies say (TeaCache: first and last steps always run; DBCache:
-    warm-up, then Fn=1 block per skipped call) and change the result."""
-    uncached = _cached(engine)
-    blocks = 2
-    for cache in ({"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
-                  {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}}):
-        cached = _cached(engine, cache)
-        assert torch.equal(uncached.latents, cached.latents), cache
-        assert cached.cache["calls_cached"] == 0 and set(cached.cache["decisions"]) == {"cond", "uncond"}
-        assert cached.cache["blocks_evaluated"] == cached.cache["blocks_total"] == 2 * CACHE_STEPS * blocks
-    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
-    for cache, pattern, per_skip in (({"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, "CSSSSC", 0),
-                                     ({"backend": "cache_dit", "config": db}, "CCSSCS", 1)):
-        out = _cached(engine, cache)
-        assert out.cache["decisions"] == {"cond": pattern, "uncond": pattern}, cache
-        skipped = pattern.count("S")
-        assert out.cache["blocks_evaluated"] == 2 * ((CACHE_STEPS - skipped) * blocks + skipped * per_skip), cache
-        assert not torch.equal(out.latents, uncached.latents)
+    check_caches(engine, dict(prompt=PROMPT, size="64x64", seed=1), blocks=2)

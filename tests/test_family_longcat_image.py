@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from diffusers import LongCatImagePipeline
+from family_checks import check_caches
 from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -132,46 +133,8 @@ def test_shared_tiny_qwen2_5_vl_processor_feeds_an_image_to_the_encoder():
 
 # ---- caches (double-stream blocks, then single-stream blocks taking and returning both streams) ---
 
-CACHE_STEPS = 6
-CACHE_BASE = dict(prompt=PROMPT, size="64x48", num_inference_steps=CACHE_STEPS, seed=1)
-
-
-def _cached(engine, cache=None, **extra):
-    return engine.generate(GenerationRequest(**CACHE_BASE, **extra, cache=cache), output_type="np")
-
-
-@pytest.fixture(scope="module")
-def uncached(engine):
-    return _cached(engine)
-
-
-@pytest.mark.parametrize("cache", [
-    {"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
-    {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}},
-], ids=["tea_cache", "cache_dit"])
-def test_zero_threshold_equals_uncached(engine, uncached, cache):
-    cached = _cached(engine, cache)
-    assert torch.equal(uncached.latents, cached.latents)
-    assert cached.cache["calls_cached"] == 0
-    assert cached.cache["blocks_evaluated"] == cached.cache["blocks_total"]
-    assert set(cached.cache["decisions"]) == {"cond", "uncond"}  # CFG: both branches ran through the hooks
-
-
-def test_block_evaluations_drop_as_configured(engine, uncached):
-    blocks = 3  # one double-stream + two single-stream blocks
-    db = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
-    cases = [
-        ({"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}, "CSSSSC", 0),  # first/last always run
-        ({"backend": "cache_dit", "config": db}, "CCSSCS", 1),
-    ]
-    for cache, pattern, per_skip in cases:
-        out = _cached(engine, cache)
-        stats = out.cache
-        assert stats["decisions"] == {"cond": pattern, "uncond": pattern}, cache
-        skipped = pattern.count("S")
-        assert stats["blocks_total"] == 2 * CACHE_STEPS * blocks
-        assert stats["blocks_evaluated"] == 2 * ((CACHE_STEPS - skipped) * blocks + skipped * per_skip), cache
-        assert not torch.equal(out.latents, uncached.latents)  # skipping changed something
+def test_caches(engine):
+    check_caches(engine, dict(prompt=PROMPT, size="64x48", seed=1), blocks=3)  # one double-stream + two single-stream blocks
 
 
 # ---- parallel: every rank equals one rank ----------------------------------------------------------
