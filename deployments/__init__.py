@@ -32,6 +32,7 @@ from ditserve.parallel.vae import VaeConfig
 from .loading import quantize_checkpoint
 from .config import AppConfig, AutoscalingOptions, SequentialStageOptions, StageOptions
 from .engine import Engine, EngineConfig, GenerationResult
+from .images_in import ImageInputConfig
 from .local import ParallelEngine
 from .schema import GenerationRequest, LoraRequest, RequestError, ResolvedRequest, resolve_request, select_model
 
@@ -58,6 +59,7 @@ __all__ = [
     "FamilyNotImplementedError",
     "GenerationRequest",
     "GenerationResult",
+    "ImageInputConfig",
     "LoraConfig",
     "LoraRequest",
     "ModelNotFoundError",

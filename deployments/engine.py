@@ -30,7 +30,8 @@ from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support
 from .schema import GenerationRequest, ResolvedRequest, validate_request
-from .stages import Decoder, Denoiser, Encoded, Encoder, Timer, load_adapter, merge_reports
+from .images_in import ImageInputConfig
+from .stages import Decoder, Denoiser, Encoded, Encoder, Timer, conditioning_report, load_adapter, merge_reports
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class EngineConfig(BaseModel):
                                    description="CPU offload: model-level and layerwise (features/offload).")
     quant: QuantizationConfig = Field(default_factory=QuantizationConfig,
                                       description="FP8 quantization of the DiT's linear layers.")
+    images: ImageInputConfig = Field(default_factory=ImageInputConfig,
+                                     description="Input image limits (editing) and the conditioning cache.")
     # The deployment's default cache, as two options (DESIGN.md's names); together they are one
     # member of the cache union (features/cache/config.py), validated through it below.
     cache_backend: CacheBackend | None = Field(
@@ -102,6 +105,8 @@ class GenerationResult:
         cache: cache statistics (``CacheStats.as_dict``) when the request ran with a cache.
         lora: what the DiT's adapter store did for the request (``adapters``, ``loads``, ``hits``, ...),
             when it ran with LoRA.
+        conditioning: with input images, the conditioning cache's hits and misses (``vision_*`` of
+            the text encoder, ``latent_*`` of the VAE's encode).
     """
 
     images: Any
@@ -112,6 +117,7 @@ class GenerationResult:
     latents: torch.Tensor | None = None
     cache: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
+    conditioning: dict[str, int] | None = None
 
 
 class Engine:
@@ -157,7 +163,8 @@ class Engine:
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
         return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                num_blocks=self.num_blocks, vae=self.config.vae, lora=self.config.lora)
+                                num_blocks=self.num_blocks, vae=self.config.vae, lora=self.config.lora,
+                                images=self.config.images)
 
     # ---- one stage at a time (tests, tools) -----------------------------------------------------
 
@@ -188,7 +195,8 @@ class Engine:
         request_id = request_id or RequestContext().id
         resolved = self.resolve(req)
         encoded = self.encoder.encode([resolved])[0]
-        denoised = self.denoiser.denoise(resolved, encoded, request_id, callback)
+        images = self.decoder.encode(resolved) if resolved.images else None
+        denoised = self.denoiser.denoise(resolved, encoded, request_id, callback, images)
         timer = Timer()
         with timer.stage("decode"):
             images = self.decoder.images(resolved, denoised.latents)
@@ -196,4 +204,5 @@ class Engine:
             out = self.postprocess(images, output_type)
         timings, cache, lora = merge_reports(denoised.reports)
         timings.update(timer.timings)
-        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timings, denoised.latents, cache, lora)
+        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timings, denoised.latents, cache, lora,
+                                conditioning_report(denoised.reports))

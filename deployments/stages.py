@@ -30,6 +30,7 @@ from ditserve.features.cache import cache_run
 from ditserve.features.lora import LoraError, LoraStore
 from ditserve.models import (
     FamilyAdapter,
+    ImageConditioning,
     ModelSpec,
     RequestContext,
     ResolvedModel,
@@ -70,6 +71,9 @@ class StageReport:
         cache: cache statistics of the denoiser (``CacheStats.as_dict``), when the request ran one.
         bytes_sent: bytes this rank handed to collectives for the request (benchmarks).
         lora: the adapters of the request and what the DiT's store did for them (loads, hits, ...).
+        conditioning: the conditioning cache's hits and misses for the request's input images
+            (``vision_hits``/``vision_misses`` from the Encoder, ``latent_hits``/``latent_misses`` from
+            the VAE's ``encode``).
     """
 
     stage: str
@@ -77,6 +81,7 @@ class StageReport:
     cache: dict[str, Any] | None = None
     bytes_sent: int = 0
     lora: dict[str, Any] | None = None
+    conditioning: dict[str, int] | None = None
 
 
 @dataclasses.dataclass
@@ -84,6 +89,14 @@ class Encoded:
     """Encoder -> Denoiser: one request's conditioning."""
 
     cond: TextConditioning
+    reports: tuple[StageReport, ...]
+
+
+@dataclasses.dataclass
+class EncodedImages:
+    """VAE ``encode`` -> Denoiser: the latents of one request's input images (editing)."""
+
+    images: ImageConditioning
     reports: tuple[StageReport, ...]
 
 
@@ -115,6 +128,15 @@ def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dic
         cache = report.cache or cache
         lora = report.lora or lora
     return timings, cache, lora
+
+
+def conditioning_report(reports: Sequence[StageReport]) -> dict[str, int] | None:
+    """The conditioning cache's counts of all stages for one request (``None``: no input images)."""
+    out: dict[str, int] = {}
+    for report in reports:
+        for name, count in (report.conditioning or {}).items():
+            out[name] = out.get(name, 0) + count
+    return out or None
 
 
 class Timer:
@@ -149,6 +171,8 @@ def load_adapter(config: Any, stages: Sequence[str], groups: ParallelGroups | No
         loaders={name: loader for name in cls.denoisers} if loader else None,
         host_components=offloaded_components(config, stages, cls),
     )
+    if spec.condition_pixels:  # editing: the area input images are resized to (the registry's)
+        adapter.condition_pixels = spec.condition_pixels
     if adapter.size_multiple != spec.size_multiple:
         raise ValueError(
             f"model {spec.id}: registry says sizes are multiples of {spec.size_multiple}, "
@@ -188,19 +212,25 @@ class Encoder(_Stage):
         super().__init__(config, adapter, resolved, caps)
 
     def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
-        texts = sorted({t for r in reqs for t in (r.prompt, r.negative_prompt) if t is not None})
+        # texts alone batch by shape; a request with input images is read with its images, alone
+        texts = sorted({t for r in reqs if not r.images for t in (r.prompt, r.negative_prompt) if t is not None})
         by_shape: dict[Any, list[str]] = {}
         for text in texts:
             by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
-        encoded: dict[str, dict[str, torch.Tensor | None]] = {}
+        encoded: dict[Any, dict[str, torch.Tensor | None]] = {}
         with torch.inference_mode(), self.scope():
             for group in by_shape.values():
                 encoded.update(zip(group, self.adapter.encode_texts(group)))
+            for i, r in enumerate(reqs):
+                for text in (r.prompt, r.negative_prompt) if r.images else ():
+                    if text is not None:
+                        encoded[i, text] = self.adapter.encode_image_prompt([text], r.images, 1)
         out = []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             n = r.params.num_images_per_prompt
-            negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[r.negative_prompt], n)
-            out.append(TextConditioning(self.adapter.repeat_text(encoded[r.prompt], n), negative, batch_size=1))
+            key = (lambda t: (i, t)) if r.images else (lambda t: t)
+            negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[key(r.negative_prompt)], n)
+            out.append(TextConditioning(self.adapter.repeat_text(encoded[key(r.prompt)], n), negative, batch_size=1))
         return out
 
     def encode(self, reqs: Sequence[ResolvedRequest]) -> list[Encoded]:
@@ -233,7 +263,8 @@ class Denoiser(_Stage):
         super().__init__(config, adapter, resolved, caps, self.groups)
 
     def denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str,
-                callback: StepCallback | None = None) -> Denoised:
+                callback: StepCallback | None = None, images: EncodedImages | None = None) -> Denoised:
+        """The request's loop; ``images``: its input images' latents (editing), from the VAE's ``encode``."""
         timer = Timer()
         sent_before = self.groups.bytes_sent()
         cond = encoded.cond.to(self.adapter.device, self.adapter.dtype)
@@ -244,7 +275,8 @@ class Denoiser(_Stage):
         store = self.adapter.lora_store
         with request_context(ctx), self.scope(), self._lora(store, req, timer) as lora:
             with timer.stage("prepare"):
-                state = self.adapter.prepare(req.params, cond, generator)
+                image_cond = images.images.to(self.adapter.device, self.adapter.dtype) if images is not None else None
+                state = self.adapter.prepare(req.params, cond, generator, image_cond)
             steps = req.params.num_inference_steps
             # the ranks computing one CFG branch together reduce the skip metrics (same decisions)
             with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, self.adapter.cache_blocks,
@@ -252,7 +284,8 @@ class Denoiser(_Stage):
                 latents = self.adapter.denoise(state, cond, callback=on_step)
         report = StageReport("denoise", timer.timings, run.stats.as_dict() if run is not None else None,
                              self.groups.bytes_sent() - sent_before, lora)
-        return Denoised(latents.cpu(), (*encoded.reports, report))
+        before = (*encoded.reports, *(images.reports if images is not None else ()))
+        return Denoised(latents.cpu(), (*before, report))
 
     @contextlib.contextmanager
     def _lora(self, store: LoraStore | None, req: ResolvedRequest, timer: Timer) -> Iterator[dict[str, Any] | None]:
@@ -301,6 +334,16 @@ class Decoder(_Stage):
         latents = latents.to(self.adapter.device)
         with torch.inference_mode(), self.scope():
             return self.adapter.decode(latents, req.params.height, req.params.width)
+
+    def encode(self, req: ResolvedRequest) -> EncodedImages:
+        """The request's input images -> their VAE latents (editing; the VAE deployment's ``encode``).
+        Runs whole on each VAE worker: patch parallel splits decode only (start-up refuses it for
+        image-conditioned families)."""
+        start = time.perf_counter()
+        with torch.inference_mode(), self.scope():
+            images = self.adapter.encode_images(req.images).to("cpu")
+        report = StageReport("image_encode", {"image_encode": time.perf_counter() - start})
+        return EncodedImages(images, (report,))
 
     def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         start = time.perf_counter()

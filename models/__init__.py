@@ -9,7 +9,9 @@ and the data it declares: ``contract.py``; ``SamplingParams``, ``TextConditionin
 if __name__ != "ditserve.models":  # one copy of every module: see the README, "Packaging"
     raise ImportError(f"import ditserve.models, not {__name__}: the layers are subpackages of ditserve only")
 
-from .adapter import STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .adapter import (
+    STAGES, CFGStrategy, DenoiseState, FamilyAdapter, ImageConditioning, SamplingParams, TextConditioning, serial_cfg,
+)
 from .contract import (
     CacheBlocks,
     Capabilities,
@@ -70,6 +72,7 @@ __all__ = [
     "ResolvedModel",
     "SamplingParams",
     "TextConditioning",
+    "ImageConditioning",
     "adapter_class",
     "current_request",
     "current_step",

@@ -98,6 +98,27 @@ class TextConditioning:
 
 
 @dataclasses.dataclass
+class ImageConditioning:
+    """VAE ``encode`` -> denoiser: the latents of a request's input images (editing).
+
+    Attributes:
+        latents: one tensor per input image, in the VAE's latent layout, already normalized as the
+            pipeline normalizes them (before any packing).
+        sizes: (height, width) in pixels each image was resized to before encoding.
+    """
+
+    latents: list[torch.Tensor]
+    sizes: list[tuple[int, int]]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageConditioning:
+        return ImageConditioning([t.to(device=device, dtype=dtype or t.dtype) for t in self.latents], list(self.sizes))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.latents)
+
+
+@dataclasses.dataclass
 class DenoiseState:
     """Everything one request's denoising loop needs; built by ``prepare``.
 
@@ -340,6 +361,18 @@ class FamilyAdapter:
         """One batch of texts -> the denoiser's text kwargs (the family's pipeline helpers)."""
         raise NotImplementedError
 
+    def encode_image_prompt(
+        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int
+    ) -> dict[str, torch.Tensor | None]:
+        """Image-conditioned families: ``texts`` read together with the input ``images`` (uint8
+        (H, W, C) arrays) by a vision-language encoder -> the denoiser's text kwargs."""
+        raise NotImplementedError(f"{self.family} takes no input images")
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any]) -> ImageConditioning:
+        """Image-conditioned families: the input images (uint8 (H, W, C) arrays) -> their VAE latents."""
+        raise NotImplementedError(f"{self.family} takes no input images")
+
     def text_shape_key(self, text: str) -> Hashable:
         """Texts with equal keys encode to equal shapes and can share one encoder batch, with the
         same numbers as alone. Default: the family pads to a fixed length, so all texts batch."""
@@ -365,12 +398,17 @@ class FamilyAdapter:
     # ---- prepare ------------------------------------------------------------------------------
 
     def prepare(
-        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
+        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None,
+        images: ImageConditioning | None = None,
     ) -> DenoiseState:
-        """Initial latents, this request's scheduler and timesteps, and the shared denoiser kwargs."""
+        """Initial latents, this request's scheduler and timesteps, and the shared denoiser kwargs;
+        ``images``: the input images' latents of an image-conditioned family (``Conditioning.IMAGE``)."""
         self._require(self.denoisers[0], "scheduler")
         batch = cond.batch_size * params.num_images_per_prompt
-        latents, kwargs = self.prepare_latents(params, cond, batch, generator)
+        if images is not None:
+            latents, kwargs = self.prepare_latents(params, cond, batch, generator, images=images)
+        else:
+            latents, kwargs = self.prepare_latents(params, cond, batch, generator)
         scheduler = self._new_scheduler()
         timesteps = self.prepare_timesteps(scheduler, params, latents)
         return DenoiseState(

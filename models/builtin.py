@@ -38,6 +38,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("black-forest-labs/FLUX.2-klein-4B", "ditserve/tiny-flux2-klein", "Tiny FLUX.2-klein (random weights)",
           "flux2-klein"),
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
+    _tiny("Qwen/Qwen-Image-Edit", "ditserve/tiny-qwen-image-edit", "Tiny Qwen-Image-Edit (random weights)",
+          "qwen-image-edit").model_copy(update={"condition_pixels": 64 * 64}),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

@@ -276,6 +276,8 @@ MODELS: list[ModelSpec] = [
         task="image-edit",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPipeline"),
         **_QWEN_DEFAULTS,
+        max_input_images=1,
+        condition_pixels=1024 * 1024,
         **_image_sizes(16),
         seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
@@ -291,6 +293,8 @@ MODELS: list[ModelSpec] = [
         task="image-edit",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPlusPipeline"),
         **_QWEN_DEFAULTS,
+        max_input_images=3,
+        condition_pixels=1024 * 1024,
         **_image_sizes(16),
         seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
@@ -306,6 +310,8 @@ MODELS: list[ModelSpec] = [
         task="image-layered",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageLayeredPipeline"),
         **_QWEN_DEFAULTS,
+        max_input_images=1,
+        condition_pixels=640 * 640,
         **_image_sizes(16, width=640, height=640),
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(

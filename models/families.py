@@ -27,6 +27,7 @@ _ADAPTERS = {
     "z-image": "ditserve.models.z_image:ZImageAdapter",
     "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
     "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
+    "qwen-image-edit": "ditserve.models.qwen_image_edit:QwenImageEditAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

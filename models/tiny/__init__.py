@@ -19,10 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image")
+FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "qwen-image-edit")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
-                  "ditserve/tiny-ovis-image": "ovis-image"}
+                  "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-qwen-image-edit": "qwen-image-edit"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -179,9 +179,24 @@ def _ovis_image_pipeline():
     return ovis_image_pipeline()
 
 
+def _qwen_image_edit_pipeline():
+    from .qwen_image_edit import qwen_image_edit_pipeline
+
+    return qwen_image_edit_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
-             "ovis-image": _ovis_image_pipeline}
+             "ovis-image": _ovis_image_pipeline, "qwen-image-edit": _qwen_image_edit_pipeline}
+
+
+def _family_spec(family: str) -> dict:
+    """Registry fields a family's tiny checkpoint records besides the common tiny defaults."""
+    if family == "qwen-image-edit":
+        from .qwen_image_edit import TINY_CONDITION_PIXELS
+
+        return {"condition_pixels": TINY_CONDITION_PIXELS}
+    return {}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
@@ -202,6 +217,7 @@ def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overri
     from ..builtin import _TINY_DEFAULTS
 
     overrides = {k: v for k, v in _TINY_DEFAULTS.items() if k != "builtin"}
+    overrides.update(_family_spec(family))
     overrides.update(spec_overrides or {})
     (out / "ditserve.json").write_text(json.dumps(overrides, indent=2) + "\n")
     logger.info("wrote tiny %s checkpoint to %s", family, out)

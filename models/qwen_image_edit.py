@@ -1,0 +1,159 @@
+"""Qwen-Image-Edit family adapter (``Qwen/Qwen-Image-Edit``: one input image and an instruction).
+
+Subclasses the Qwen-Image adapter (same DiT, VAE, true CFG and decode) and adds the image path of
+``QwenImageEditPipeline``: the input image is resized to about ``condition_pixels`` (the pipeline's
+1024*1024 area, sides multiples of 32, aspect kept); Qwen2.5-VL reads it with the prompt (its vision
+tower, through the pipeline's ``Qwen2VLProcessor`` and prompt template); the VAE encodes it; its
+packed latents are appended to the noise tokens at every denoiser call and the prediction is cut
+back to the noise tokens. All of it through the pipeline's own helpers.
+
+The processor: ``Qwen2VLProcessor`` checks its video processor's class, which needs torchvision;
+``load_processor`` uses transformers' loader where that works and otherwise builds the processor
+from the PIL image processor (``Qwen2VLImageProcessorPil``) and the tokenizer, without a video
+processor (the edit pipelines never read videos).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import QwenImageEditPipeline
+from PIL import Image
+from transformers import Qwen2VLProcessor
+
+from .adapter import ImageConditioning, SamplingParams, TextConditioning
+from .contract import Conditioning
+from .qwen_image import QwenImageAdapter
+from .registry import Feature
+
+
+def image_only_processor(image_processor: Any, tokenizer: Any) -> Qwen2VLProcessor:
+    """A ``Qwen2VLProcessor`` over ``image_processor`` and ``tokenizer`` with no video processor
+    (built without ``ProcessorMixin``'s class check, which imports the torchvision video classes)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    processor = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self: Any, name: str, arg: Any) -> Any:  # the video processor is None: nothing to check
+        return None if arg is None else check(self, name, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = lenient
+    try:
+        Qwen2VLProcessor.__init__(processor, image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+    return processor
+
+
+def load_processor(folder: str | Path) -> Qwen2VLProcessor:
+    """A checkpoint's ``processor/`` folder as a ``Qwen2VLProcessor``: transformers' own loader where
+    it works (torchvision installed), else the PIL image processor and the tokenizer."""
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        return Qwen2VLProcessor.from_pretrained(folder, local_files_only=True)
+    except (ImportError, AttributeError, ValueError, OSError, TypeError):
+        pass
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True)
+    return image_only_processor(image_processor, Qwen2Tokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def _load_processor(cls: type, folder: Path, dtype: torch.dtype) -> Qwen2VLProcessor:
+    return load_processor(folder)
+
+
+class QwenImageEditAdapter(QwenImageAdapter):
+    family = "qwen-image-edit"
+    pipeline_class = QwenImageEditPipeline
+    component_types = {**QwenImageAdapter.component_types, "processor": Qwen2VLProcessor}
+    stage_components = {**QwenImageAdapter.stage_components, "encode": ("text_encoder", "tokenizer", "processor")}
+    conditioning = frozenset({Conditioning.TEXT, Conditioning.IMAGE})
+    max_sequence_length = 1024  # the pipeline's default
+    #: the pixel area input images are resized to (the registry's ``condition_pixels`` sets it per model)
+    condition_pixels: int = 1024 * 1024
+    #: the PIL mode input images are read in (the pipeline's VAE and vision tower take RGB)
+    image_mode: ClassVar[str] = "RGB"
+    # Verified: tests/test_family_qwen_image_edit.py
+    supported_features = frozenset({Feature.CFG_PARALLEL})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, loaders: dict | None = None, **kwargs: Any) -> QwenImageEditAdapter:
+        return super().from_pretrained(path, loaders={"processor": _load_processor, **(loaders or {})}, **kwargs)
+
+    def _helper_pipeline(self) -> Any:
+        pipe = super()._helper_pipeline()
+        # without its VAE the pipeline assumes 16 latent channels; take the checkpoint's
+        pipe.latent_channels = self.info.config("vae")["z_dim"]
+        return pipe
+
+    @classmethod
+    def condition_size(cls, width: int, height: int, area: int) -> tuple[int, int]:
+        """(width, height) an input image of ``width`` x ``height`` is resized to (the pipeline's
+        ``calculate_dimensions``): about ``area`` pixels, aspect kept, sides multiples of 32."""
+        module = importlib.import_module(cls.pipeline_class.__module__)
+        w, h, _ = module.calculate_dimensions(area, width / height)
+        return int(w), int(h)
+
+    def _resized(self, image: Any) -> tuple[Image.Image, int, int]:
+        """An input image (uint8 array or PIL) in ``image_mode``, resized as the pipeline resizes it."""
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        if pil.mode != self.image_mode:
+            pil = pil.convert(self.image_mode)
+        width, height = self.condition_size(pil.width, pil.height, self.condition_pixels)
+        return self.pipe.image_processor.resize(pil, height, width), height, width
+
+    def encode_image_prompt(
+        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int
+    ) -> dict[str, torch.Tensor | None]:
+        self._require(*self.stage_components["encode"])
+        prompt_image = self._resized(images[0])[0]
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=list(texts), image=prompt_image, device=self.device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any]) -> ImageConditioning:
+        self._require("vae")
+        vae = self.components["vae"]
+        latents, sizes = [], []
+        for image in images:
+            resized, height, width = self._resized(image)
+            pixels = self.pipe.image_processor.preprocess(resized, height, width).unsqueeze(2)
+            latents.append(self.pipe._encode_vae_image(pixels.to(self.device, vae.dtype), generator=None))
+            sizes.append((height, width))
+        return ImageConditioning(latents, sizes)
+
+    def prepare_latents(
+        self, params: SamplingParams, cond: TextConditioning, batch: int, generator: torch.Generator | None,
+        images: ImageConditioning | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if images is None:
+            raise ValueError(f"{self.family} edits an input image; the request has none")
+        dtype = cond.positive["encoder_hidden_states"].dtype
+        image = images.latents[0].to(self.device, dtype)
+        latents, image_latents = self.pipe.prepare_latents(
+            image, batch, self.latent_channels, params.height, params.width, dtype, self.device, generator,
+        )
+        vsf = self.vae_scale_factor
+        shapes = [(1, params.height // vsf // 2, params.width // vsf // 2)]
+        shapes += [(1, h // vsf // 2, w // vsf // 2) for h, w in images.sizes]
+        return latents, {"img_shapes": [shapes] * cond.batch_size, "attention_kwargs": {}, "image_latents": image_latents}
+
+    def call_denoiser(
+        self, module: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        # the input image's tokens follow the noise tokens; the prediction is the noise tokens' part
+        kwargs = dict(kwargs)
+        image_latents = kwargs.pop("image_latents")
+        hidden = torch.cat([latents, image_latents], dim=1)
+        out = module(hidden_states=hidden, timestep=timestep, **kwargs, return_dict=False)[0]
+        return out[:, : latents.shape[1]]

@@ -1,0 +1,108 @@
+"""Qwen-Image-Edit (family ``qwen-image-edit``): the runner equals ``QwenImageEditPipeline`` for the
+same input image, prompt, seed and steps (latents and pixels; without CFG at the default size, which
+follows the input image, and with true CFG, a negative prompt, an explicit size and n=2); the
+text encoder reads the image through its vision tower; the registry carries the pipeline's
+defaults; the tiny checkpoint's processor loads without torchvision.
+
+The pipeline resizes the input image to a 1024*1024 area (tens of seconds for the VAE on a CPU); the
+tiny checkpoint records ``condition_pixels`` = 64*64 and the reference pipeline's
+``calculate_dimensions`` is given the same area here (its own function, only the area differs)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline
+from PIL import Image
+
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
+from ditserve.models.qwen_image_edit import load_processor
+from ditserve.models.tiny import make_tiny
+from ditserve.models.tiny.qwen_image_edit import TINY_CONDITION_PIXELS
+
+pytestmark = pytest.mark.timeout(600)
+
+PROMPT, SEED, STEPS = "make the circle red", 1234, 2
+
+
+def input_image(seed: int = 0, height: int = 48, width: int = 80) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny("qwen-image-edit", tmp_path_factory.mktemp("qwen-image-edit") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    module = importlib.import_module(QwenImageEditPipeline.__module__)
+    dimensions = module.calculate_dimensions
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "calculate_dimensions", lambda area, ratio: dimensions(TINY_CONDITION_PIXELS, ratio))
+        pipe = QwenImageEditPipeline.from_pretrained(checkpoint, processor=load_processor(checkpoint / "processor"),
+                                                     dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        yield pipe
+
+
+CASES = [
+    ({}, {}),  # no negative prompt: one branch; the size follows the input image (96x64 here)
+    ({"negative_prompt": "blurry", "true_cfg_scale": 4.0, "size": "64x32", "n": 2},
+     {"negative_prompt": "blurry", "true_cfg_scale": 4.0, "width": 64, "height": 32, "num_images_per_prompt": 2}),
+]
+
+
+@pytest.mark.parametrize(("fields", "pipe_kwargs"), CASES, ids=["default-size", "true-cfg-n2"])
+def test_runner_matches_diffusers_pipeline(engine, pipeline, fields, pipe_kwargs):
+    image = input_image()
+    ours = engine.generate(GenerationRequest(prompt=PROMPT, images=[image], num_inference_steps=STEPS, seed=SEED,
+                                             **fields), output_type="pt")
+    common = dict(image=Image.fromarray(image), prompt=PROMPT, num_inference_steps=STEPS, **pipe_kwargs)
+    ref_latents = pipeline(generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **common).images
+    ref_images = pipeline(generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **common).images
+    assert ours.latents.shape == ref_latents.shape
+    assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+    n, width, height = fields.get("n", 1), pipe_kwargs.get("width", 96), pipe_kwargs.get("height", 64)
+    assert ours.images.shape == ref_images.shape == (n, 3, height, width)
+    assert (ours.images - ref_images).abs().max().item() <= 1e-4
+    assert ours.timings["image_encode"] > 0
+
+
+def test_text_encoder_reads_the_image(engine):
+    """The vision tower is on the path: another image, same prompt -> other conditioning."""
+    a, b = (engine.resolve(GenerationRequest(prompt=PROMPT, images=[input_image(s)], seed=1)) for s in (0, 1))
+    cond_a, cond_b = engine.encode(a), engine.encode(b)
+    assert cond_a.positive["encoder_hidden_states"].shape == cond_b.positive["encoder_hidden_states"].shape
+    assert (cond_a.positive["encoder_hidden_states"] - cond_b.positive["encoder_hidden_states"]).abs().max() > 1e-4
+
+
+def test_processor_loads_without_torchvision(checkpoint):
+    processor = load_processor(checkpoint / "processor")
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    assert type(processor.image_processor).__name__ in ("Qwen2VLImageProcessorPil", "Qwen2VLImageProcessor",
+                                                        "Qwen2VLImageProcessorFast")
+    assert (checkpoint / "processor" / "video_preprocessor_config.json").is_file()  # for transformers' own loader
+
+
+def test_registry_defaults_are_the_pipelines():
+    import inspect
+
+    from ditserve.models import Conditioning, adapter_class
+    from ditserve.models.registry import get_spec
+
+    spec = get_spec("Qwen/Qwen-Image-Edit")
+    call = inspect.signature(QwenImageEditPipeline.__call__).parameters
+    assert spec.num_inference_steps == call["num_inference_steps"].default == 50
+    assert spec.true_cfg_scale == call["true_cfg_scale"].default == 4.0
+    assert spec.max_input_images == 1 and spec.condition_pixels == 1024 * 1024
+    assert spec.components.pipeline == "QwenImageEditPipeline"
+    assert Conditioning.IMAGE in adapter_class(spec.family).conditioning
