@@ -15,6 +15,7 @@ in appear without a restart), each adapter as a model whose ``parent`` is the ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Literal
@@ -41,11 +42,11 @@ from .http import (
 from .metrics import RouterMetrics
 from .schema import GenerationRequest, ResolvedRequest
 from .served import ServedModel
-from .stages import Decoded, merge_reports
+from .stages import Decoded, conditioning_report, merge_reports
 
 logger = logging.getLogger("ray.serve")
 
-STAGES = ("encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
+STAGES = ("encode", "image_encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -87,13 +88,17 @@ class Router:
     # ---- composition --------------------------------------------------------------------------
 
     async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
-        """TextEncoder -> DiT -> VAE for one resolved request; only the last reply is awaited."""
+        """TextEncoder -> DiT -> VAE for one resolved request; only the last reply is awaited. Input
+        images (editing) go to the TextEncoder (read with the prompt) and to the VAE's ``encode``
+        (latents) in parallel; the DiT gets both replies unawaited."""
         encoded = self.encoder.encode.remote(resolved)
+        images = self.vae.encode.remote(resolved) if resolved.images else None
+        lean = dataclasses.replace(resolved, images=()) if resolved.images else resolved  # pixels: read already
         # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
         # follow it: a client that combines adapters tends to combine the same ones)
         dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(resolved, encoded)
-        return await self.vae.decode.remote(resolved, denoised, return_latents)
+        denoised = dit.denoise.remote(lean, encoded, images) if images is not None else dit.denoise.remote(lean, encoded)
+        return await self.vae.decode.remote(lean, denoised, return_latents)
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
         start = time.perf_counter()
@@ -104,7 +109,7 @@ class Router:
         timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
         return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings,
-                                                decoded.latents, cache, lora)
+                                                decoded.latents, cache, lora, conditioning_report(decoded.reports))
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         """Close the request's timings (``queue``: time not spent computing) and record its metrics."""
@@ -114,6 +119,7 @@ class Router:
         timings["queue"] = max(0.0, wall - sum(timings.get(s, 0.0) for s in STAGES))
         timings["total"] = wall
         self.metrics.succeeded(result.model, timings, result.cache)
+        self.metrics.conditioning(result.model, result.conditioning)
         logger.info("request %s done: model=%s seed=%s timings=%s", result.request_id, result.model, result.seed,
                     {k: round(v, 4) for k, v in timings.items()})
         return result

@@ -17,6 +17,7 @@ from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support, model_support
 from .engine import EngineConfig
+from .images_in import ImageInputConfig
 from .schema import GenerationRequest, ResolvedRequest, validate_request
 
 
@@ -37,6 +38,7 @@ class ServedModel:
     vae: VaeConfig
     cache_default: CacheSettings | None = None
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    images: ImageInputConfig = dataclasses.field(default_factory=ImageInputConfig)  # input image limits
 
     @property
     def id(self) -> str:
@@ -50,7 +52,7 @@ class ServedModel:
     def validate(self, req: GenerationRequest) -> ResolvedRequest:
         """Check ``req`` against this model and fill its defaults (raises ``RequestError``)."""
         return validate_request(req, self.specs, self.spec.id, cache_default=self.cache_default,
-                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora)
+                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora, images=self.images)
 
 
 def describe_served_model(config: EngineConfig) -> ServedModel:
@@ -58,4 +60,4 @@ def describe_served_model(config: EngineConfig) -> ServedModel:
     refusal) and read what validation needs from its checkpoint (builder side)."""
     resolved = resolve_model(config.model)
     caps = check_support(config, caps=model_support(resolved))
-    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora)
+    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora, config.images)

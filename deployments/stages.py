@@ -46,6 +46,7 @@ from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
 from .attach import Support, attach, check_support, offloaded_components, stage_scope
+from .conditioning import ConditioningCache
 from .loading import denoiser_loader
 from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
@@ -210,34 +211,54 @@ class Encoder(_Stage):
     def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
                  caps: Support | None = None) -> None:
         super().__init__(config, adapter, resolved, caps)
+        # input images' vision features by content key (editing; conditioning.py)
+        self.vision_cache = ConditioningCache(config.images.conditioning_cache_mb)
 
     def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
+        return self._conditioning(reqs)[0]
+
+    def _vision_encode(self, req: ResolvedRequest, text: str, counts: dict[str, int]) -> dict[str, Any]:
+        """``text`` read with the request's images; their vision features from the cache when seen before."""
+        key = "|".join(req.image_keys) if req.image_keys else None
+        features = self.vision_cache.get(key) if key is not None else None
+        kwargs, computed = self.adapter.encode_image_prompt([text], req.images, 1, features)
+        if features is None:
+            counts["vision_misses"] = counts.get("vision_misses", 0) + 1
+            if key is not None:
+                self.vision_cache.put(key, computed)
+        else:
+            counts["vision_hits"] = counts.get("vision_hits", 0) + 1
+        return kwargs
+
+    def _conditioning(self, reqs: Sequence[ResolvedRequest]) -> tuple[list[TextConditioning], list[dict[str, int]]]:
         # texts alone batch by shape; a request with input images is read with its images, alone
         texts = sorted({t for r in reqs if not r.images for t in (r.prompt, r.negative_prompt) if t is not None})
         by_shape: dict[Any, list[str]] = {}
         for text in texts:
             by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
         encoded: dict[Any, dict[str, torch.Tensor | None]] = {}
+        counts: list[dict[str, int]] = [{} for _ in reqs]
         with torch.inference_mode(), self.scope():
             for group in by_shape.values():
                 encoded.update(zip(group, self.adapter.encode_texts(group)))
             for i, r in enumerate(reqs):
                 for text in (r.prompt, r.negative_prompt) if r.images else ():
                     if text is not None:
-                        encoded[i, text] = self.adapter.encode_image_prompt([text], r.images, 1)
+                        encoded[i, text] = self._vision_encode(r, text, counts[i])
         out = []
         for i, r in enumerate(reqs):
             n = r.params.num_images_per_prompt
             key = (lambda t: (i, t)) if r.images else (lambda t: t)
             negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[key(r.negative_prompt)], n)
             out.append(TextConditioning(self.adapter.repeat_text(encoded[key(r.prompt)], n), negative, batch_size=1))
-        return out
+        return out, counts
 
     def encode(self, reqs: Sequence[ResolvedRequest]) -> list[Encoded]:
         start = time.perf_counter()
-        conds = self.conditioning(reqs)
-        report = StageReport("encode", {"encode": time.perf_counter() - start})
-        return [Encoded(c, (report,)) for c in conds]
+        conds, counts = self._conditioning(reqs)
+        seconds = time.perf_counter() - start
+        return [Encoded(c, (StageReport("encode", {"encode": seconds}, conditioning=n or None),))
+                for c, n in zip(conds, counts)]
 
 
 class Denoiser(_Stage):
@@ -328,6 +349,8 @@ class Decoder(_Stage):
                  resolved: ResolvedModel | None = None, caps: Support | None = None) -> None:
         self.group = group
         super().__init__(config, adapter, resolved, caps, group)
+        # input images' latents by content key (editing; conditioning.py)
+        self.latent_cache = ConditioningCache(config.images.conditioning_cache_mb)
 
     def images(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [-1, 1]."""
@@ -340,10 +363,23 @@ class Decoder(_Stage):
         Runs whole on each VAE worker: patch parallel splits decode only (start-up refuses it for
         image-conditioned families)."""
         start = time.perf_counter()
-        with torch.inference_mode(), self.scope():
-            images = self.adapter.encode_images(req.images).to("cpu")
-        report = StageReport("image_encode", {"image_encode": time.perf_counter() - start})
-        return EncodedImages(images, (report,))
+        keys = req.image_keys or (None,) * len(req.images)
+        latents, sizes, counts = [], [], {"latent_hits": 0, "latent_misses": 0}
+        for image, key in zip(req.images, keys):
+            item = self.latent_cache.get(key) if key is not None else None
+            if item is None:
+                with torch.inference_mode(), self.scope():
+                    one = self.adapter.encode_images([image]).to("cpu")
+                item = (one.latents[0], one.sizes[0])
+                counts["latent_misses"] += 1
+                if key is not None:
+                    self.latent_cache.put(key, item)
+            else:
+                counts["latent_hits"] += 1
+            latents.append(item[0])
+            sizes.append(item[1])
+        report = StageReport("image_encode", {"image_encode": time.perf_counter() - start}, conditioning=counts)
+        return EncodedImages(ImageConditioning(latents, sizes), (report,))
 
     def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         start = time.perf_counter()

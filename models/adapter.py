@@ -362,10 +362,19 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def encode_image_prompt(
-        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int
-    ) -> dict[str, torch.Tensor | None]:
+        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int,
+        vision_features: Any = None,
+    ) -> tuple[dict[str, torch.Tensor | None], Any]:
         """Image-conditioned families: ``texts`` read together with the input ``images`` (uint8
-        (H, W, C) arrays) by a vision-language encoder -> the denoiser's text kwargs."""
+        (H, W, C) arrays) by a vision-language encoder.
+
+        Args:
+            vision_features: what an earlier call returned for the same images (the vision tower's
+                output, which does not depend on the text): used instead of running the tower.
+
+        Returns:
+            the denoiser's text kwargs, and the vision features (CPU tensors; to reuse).
+        """
         raise NotImplementedError(f"{self.family} takes no input images")
 
     @torch.inference_mode()

@@ -23,8 +23,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from diffusers import QwenImageEditPipeline
+from diffusers.hooks import HookRegistry, ModelHook
 from PIL import Image
 from transformers import Qwen2VLProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .adapter import ImageConditioning, SamplingParams, TextConditioning
 from .contract import Conditioning
@@ -69,6 +71,27 @@ def _load_processor(cls: type, folder: Path, dtype: torch.dtype) -> Qwen2VLProce
     return load_processor(folder)
 
 
+class _VisionFeatures(ModelHook):
+    """Around Qwen2.5-VL's vision tower: answers with ``cached`` features when the encoder set them
+    (an input image seen before: the tower does not run), else runs the tower and keeps its output
+    in ``computed`` for the caller to store. The text model is unchanged either way."""
+
+    name = "ditserve_vision_features"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cached: torch.Tensor | None = None
+        self.computed: torch.Tensor | None = None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.cached is not None:
+            # get_image_features reads pooler_output (the merged patch features) only
+            return BaseModelOutputWithPooling(pooler_output=self.cached)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.computed = out.pooler_output
+        return out
+
+
 class QwenImageEditAdapter(QwenImageAdapter):
     family = "qwen-image-edit"
     pipeline_class = QwenImageEditPipeline
@@ -109,16 +132,35 @@ class QwenImageEditAdapter(QwenImageAdapter):
         width, height = self.condition_size(pil.width, pil.height, self.condition_pixels)
         return self.pipe.image_processor.resize(pil, height, width), height, width
 
+    def _vision_hook(self) -> _VisionFeatures:
+        visual = self.components["text_encoder"].model.visual
+        registry = HookRegistry.check_if_exists_or_initialize(visual)
+        hook = registry.get_hook(_VisionFeatures.name)
+        if hook is None:
+            hook = _VisionFeatures()
+            registry.register_hook(hook, _VisionFeatures.name)
+        return hook
+
+    def prompt_images(self, images: Sequence[Any]) -> Any:
+        """What the pipeline's ``encode_prompt`` gets as ``image``: the resized input image."""
+        return self._resized(images[0])[0]
+
     def encode_image_prompt(
-        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int
-    ) -> dict[str, torch.Tensor | None]:
+        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int,
+        vision_features: Any = None,
+    ) -> tuple[dict[str, torch.Tensor | None], Any]:
         self._require(*self.stage_components["encode"])
-        prompt_image = self._resized(images[0])[0]
-        embeds, mask = self.pipe.encode_prompt(
-            prompt=list(texts), image=prompt_image, device=self.device, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+        hook = self._vision_hook()
+        hook.cached = None if vision_features is None else vision_features.to(self.device)
+        try:
+            embeds, mask = self.pipe.encode_prompt(
+                prompt=list(texts), image=self.prompt_images(images), device=self.device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=self.max_sequence_length,
+            )
+            features = vision_features if vision_features is not None else hook.computed.cpu()
+        finally:
+            hook.cached = hook.computed = None
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}, features
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Any]) -> ImageConditioning:
