@@ -103,8 +103,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
     condition_pixels: int = 1024 * 1024
     #: the PIL mode input images are read in (the pipeline's VAE and vision tower take RGB)
     image_mode: ClassVar[str] = "RGB"
-    # Verified: tests/test_family_qwen_image_edit.py
-    supported_features = frozenset({Feature.CFG_PARALLEL})
+    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel and Ulysses at degree 2 equal one rank.
+    # Not declared (so refused at start-up) until verified: caches, TP, Ring, offload, LoRA, FP8, and VAE
+    # patch parallel (it splits decode only; the input image is encoded whole).
+    supported_features = frozenset({Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, loaders: dict | None = None, **kwargs: Any) -> QwenImageEditAdapter:

@@ -18,6 +18,8 @@ import torch
 from diffusers import QwenImageEditPipeline
 from PIL import Image
 
+from layouts import layout_ids, run_and_compare
+
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.models.qwen_image_edit import load_processor
 from ditserve.models.tiny import make_tiny
@@ -106,3 +108,24 @@ def test_registry_defaults_are_the_pipelines():
     assert spec.max_input_images == 1 and spec.condition_pixels == 1024 * 1024
     assert spec.components.pipeline == "QwenImageEditPipeline"
     assert Conditioning.IMAGE in adapter_class(spec.family).conditioning
+
+
+# ---- parallel: every rank equals one rank ----------------------------------------------------------
+
+PAR_REQUESTS = [
+    # true CFG (two branches); the condition image's tokens follow the noise tokens in every call
+    GenerationRequest(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, images=[input_image()], size="64x32",
+                      num_inference_steps=STEPS, seed=1),
+]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}]
+
+
+@pytest.fixture(scope="module")
+def par_references(engine):
+    return [engine.generate(r, output_type="np") for r in PAR_REQUESTS]
+
+
+@pytest.mark.parametrize("degrees", LAYOUTS, ids=layout_ids)
+def test_layout_matches_single_rank(checkpoint, par_references, degrees):
+    ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
+    assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk
