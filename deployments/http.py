@@ -68,11 +68,13 @@ class ImageEditsRequest(ImagesRequest):
     """Body of ``POST /v1/images/edits`` as JSON: the generation fields, the input image(s) base64.
 
     The multipart form OpenAI defines (``image`` one file, ``image[]`` several, the other fields as
-    form fields, ``lora`` and ``cache`` as JSON text) is read into this same model (``from_form``).
+    form fields, ``lora`` and ``cache`` as JSON text) is read into this same model (``edits_from_form``).
     """
 
-    image: str | list[str] | None = Field(None, description="Input image(s), base64 (or data: URLs) of PNG, JPEG or WebP; a "
-                                   "multipart request sends files as `image` (one) or `image[]` (several).")
+    image: str | list[str] | None = Field(
+        None, description="Input image(s), base64 (or data: URLs) of PNG, JPEG or WebP; a multipart request sends "
+        "files as `image` (one) or `image[]` (several).",
+    )
 
     def generation_request(self) -> GenerationRequest:
         data = self.model_dump(include=set(GenerationRequest.model_fields) - {"images"})

@@ -97,7 +97,7 @@ class Router:
         # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
         # follow it: a client that combines adapters tends to combine the same ones)
         dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(lean, encoded, images) if images is not None else dit.denoise.remote(lean, encoded)
+        denoised = dit.denoise.remote(lean, encoded, *((images,) if images is not None else ()))
         return await self.vae.decode.remote(lean, denoised, return_latents)
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:

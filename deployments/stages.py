@@ -249,7 +249,8 @@ class Encoder(_Stage):
         for i, r in enumerate(reqs):
             n = r.params.num_images_per_prompt
             key = (lambda t: (i, t)) if r.images else (lambda t: t)
-            negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[key(r.negative_prompt)], n)
+            negative = None if r.negative_prompt is None else \
+                self.adapter.repeat_text(encoded[key(r.negative_prompt)], n)
             out.append(TextConditioning(self.adapter.repeat_text(encoded[key(r.prompt)], n), negative, batch_size=1))
         return out, counts
 

@@ -40,6 +40,9 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("OvisAI/Ovis-Image", "ditserve/tiny-ovis-image", "Tiny Ovis-Image (random weights)", "ovis-image"),
     _tiny("Qwen/Qwen-Image-Edit", "ditserve/tiny-qwen-image-edit", "Tiny Qwen-Image-Edit (random weights)",
           "qwen-image-edit").model_copy(update={"condition_pixels": 64 * 64}),
+    _tiny("Qwen/Qwen-Image-Edit-2509", "ditserve/tiny-qwen-image-edit-2509",
+          "Tiny Qwen-Image-Edit-2509 (random weights)", "qwen-image-edit-plus"
+          ).model_copy(update={"condition_pixels": 64 * 64}),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

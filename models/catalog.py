@@ -288,7 +288,7 @@ MODELS: list[ModelSpec] = [
     ModelSpec(
         id="Qwen/Qwen-Image-Edit-2509",
         name="Qwen-Image-Edit-2509",
-        family="qwen-image-edit",
+        family="qwen-image-edit-plus",
         modality=Modality.IMAGE,
         task="image-edit",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPlusPipeline"),

@@ -28,6 +28,7 @@ _ADAPTERS = {
     "flux2-klein": "ditserve.models.flux2_klein:Flux2KleinAdapter",
     "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
     "qwen-image-edit": "ditserve.models.qwen_image_edit:QwenImageEditAdapter",
+    "qwen-image-edit-plus": "ditserve.models.qwen_image_edit:QwenImageEditPlusAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import QwenImageEditPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from PIL import Image
 from transformers import Qwen2VLProcessor
@@ -122,17 +122,32 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def condition_size(cls, width: int, height: int, area: int) -> tuple[int, int]:
         """(width, height) an input image of ``width`` x ``height`` is resized to (the pipeline's
         ``calculate_dimensions``): about ``area`` pixels, aspect kept, sides multiples of 32."""
-        module = importlib.import_module(cls.pipeline_class.__module__)
-        w, h, _ = module.calculate_dimensions(area, width / height)
+        w, h = cls._pipeline_module().calculate_dimensions(area, width / height)[:2]
         return int(w), int(h)
 
-    def _resized(self, image: Any) -> tuple[Image.Image, int, int]:
-        """An input image (uint8 array or PIL) in ``image_mode``, resized as the pipeline resizes it."""
+    @classmethod
+    def _pipeline_module(cls) -> Any:
+        return importlib.import_module(cls.pipeline_class.__module__)
+
+    def _pil(self, image: Any) -> Image.Image:
+        """An input image (uint8 array or PIL) in ``image_mode``."""
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        if pil.mode != self.image_mode:
-            pil = pil.convert(self.image_mode)
+        return pil if pil.mode == self.image_mode else pil.convert(self.image_mode)
+
+    def _resized(self, image: Any) -> tuple[Image.Image, int, int]:
+        """An input image resized as the pipeline resizes it (about ``condition_pixels``)."""
+        pil = self._pil(image)
         width, height = self.condition_size(pil.width, pil.height, self.condition_pixels)
         return self.pipe.image_processor.resize(pil, height, width), height, width
+
+    def _vae_pixels(self, image: Any) -> tuple[torch.Tensor, int, int]:
+        """An input image as the VAE's input (B, C, 1, H, W) in [-1, 1], as the pipeline prepares it."""
+        resized, height, width = self._resized(image)
+        return self.pipe.image_processor.preprocess(resized, height, width).unsqueeze(2), height, width
+
+    def _pipeline_images(self, images: ImageConditioning, dtype: torch.dtype) -> Any:
+        """The input images' latents as the pipeline's ``prepare_latents`` takes them (one tensor)."""
+        return images.latents[0].to(self.device, dtype)
 
     def _vision_hook(self) -> _VisionFeatures:
         visual = self.components["text_encoder"].model.visual
@@ -170,8 +185,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
         vae = self.components["vae"]
         latents, sizes = [], []
         for image in images:
-            resized, height, width = self._resized(image)
-            pixels = self.pipe.image_processor.preprocess(resized, height, width).unsqueeze(2)
+            pixels, height, width = self._vae_pixels(image)
             latents.append(self.pipe._encode_vae_image(pixels.to(self.device, vae.dtype), generator=None))
             sizes.append((height, width))
         return ImageConditioning(latents, sizes)
@@ -183,14 +197,15 @@ class QwenImageEditAdapter(QwenImageAdapter):
         if images is None:
             raise ValueError(f"{self.family} edits an input image; the request has none")
         dtype = cond.positive["encoder_hidden_states"].dtype
-        image = images.latents[0].to(self.device, dtype)
         latents, image_latents = self.pipe.prepare_latents(
-            image, batch, self.latent_channels, params.height, params.width, dtype, self.device, generator,
+            self._pipeline_images(images, dtype), batch, self.latent_channels, params.height, params.width, dtype,
+            self.device, generator,
         )
         vsf = self.vae_scale_factor
         shapes = [(1, params.height // vsf // 2, params.width // vsf // 2)]
         shapes += [(1, h // vsf // 2, w // vsf // 2) for h, w in images.sizes]
-        return latents, {"img_shapes": [shapes] * cond.batch_size, "attention_kwargs": {}, "image_latents": image_latents}
+        kwargs = {"img_shapes": [shapes] * cond.batch_size, "attention_kwargs": {}, "image_latents": image_latents}
+        return latents, kwargs
 
     def call_denoiser(
         self, module: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any]
@@ -201,3 +216,34 @@ class QwenImageEditAdapter(QwenImageAdapter):
         hidden = torch.cat([latents, image_latents], dim=1)
         out = module(hidden_states=hidden, timestep=timestep, **kwargs, return_dict=False)[0]
         return out[:, : latents.shape[1]]
+
+
+class QwenImageEditPlusAdapter(QwenImageEditAdapter):
+    """Qwen-Image-Edit-2509 (``QwenImageEditPlusPipeline``): one to three input images. Each is read by
+    Qwen2.5-VL at about ``vision_pixels`` (the pipeline's ``CONDITION_IMAGE_SIZE``, behind a "Picture
+    n:" prefix the pipeline writes) and encoded by the VAE at about ``condition_pixels`` (its
+    ``VAE_IMAGE_SIZE``); all images' packed latents follow the noise tokens, in order; the output
+    size follows the last image."""
+
+    family = "qwen-image-edit-plus"
+    pipeline_class = QwenImageEditPlusPipeline
+
+    @property
+    def vision_pixels(self) -> int:
+        return self._pipeline_module().CONDITION_IMAGE_SIZE
+
+    def prompt_images(self, images: Sequence[Any]) -> Any:
+        out = []
+        for image in images:
+            pil = self._pil(image)
+            width, height = self.condition_size(pil.width, pil.height, self.vision_pixels)
+            out.append(self.pipe.image_processor.resize(pil, height, width))
+        return out
+
+    def _vae_pixels(self, image: Any) -> tuple[torch.Tensor, int, int]:
+        pil = self._pil(image)
+        width, height = self.condition_size(pil.width, pil.height, self.condition_pixels)
+        return self.pipe.image_processor.preprocess(pil, height, width).unsqueeze(2), height, width
+
+    def _pipeline_images(self, images: ImageConditioning, dtype: torch.dtype) -> Any:
+        return [t.to(self.device, dtype) for t in images.latents]

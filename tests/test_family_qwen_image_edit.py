@@ -108,6 +108,13 @@ def test_registry_defaults_are_the_pipelines():
     assert spec.max_input_images == 1 and spec.condition_pixels == 1024 * 1024
     assert spec.components.pipeline == "QwenImageEditPipeline"
     assert Conditioning.IMAGE in adapter_class(spec.family).conditioning
+    from diffusers import QwenImageEditPlusPipeline
+
+    plus = get_spec("Qwen/Qwen-Image-Edit-2509")
+    call = inspect.signature(QwenImageEditPlusPipeline.__call__).parameters
+    assert plus.num_inference_steps == call["num_inference_steps"].default == 50
+    assert plus.true_cfg_scale == call["true_cfg_scale"].default == 4.0
+    assert plus.max_input_images == 3 and adapter_class(plus.family).pipeline_class is QwenImageEditPlusPipeline
 
 
 # ---- parallel: every rank equals one rank ----------------------------------------------------------
@@ -129,3 +136,50 @@ def par_references(engine):
 def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk
+
+
+# ---- Qwen-Image-Edit-2509 (family qwen-image-edit-plus): one to three input images ------------------
+
+
+@pytest.fixture(scope="module")
+def plus_checkpoint(tmp_path_factory):
+    return make_tiny("qwen-image-edit-plus", tmp_path_factory.mktemp("qwen-image-edit-plus") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def plus_pipeline(plus_checkpoint):
+    from diffusers import QwenImageEditPlusPipeline
+
+    module = importlib.import_module(QwenImageEditPlusPipeline.__module__)
+    dimensions = module.calculate_dimensions
+
+    def tiny(area, ratio):  # VAE_IMAGE_SIZE and the output's 1024*1024 -> the tiny area; the vision 384*384 stays
+        return dimensions(TINY_CONDITION_PIXELS if area == 1024 * 1024 else area, ratio)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "calculate_dimensions", tiny)
+        pipe = QwenImageEditPlusPipeline.from_pretrained(
+            plus_checkpoint, processor=load_processor(plus_checkpoint / "processor"), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        yield pipe
+
+
+def test_edit_plus_matches_its_pipeline_with_one_two_and_three_images(plus_checkpoint, plus_pipeline):
+    engine = Engine(EngineConfig(model=str(plus_checkpoint), device="cpu", dtype="float32"))
+    images = [input_image(0), input_image(1, 64, 64), input_image(2, 80, 48)]
+    fields = dict(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=STEPS, seed=SEED)
+    for k in (1, 2, 3):
+        ours = engine.generate(GenerationRequest(images=images[:k], **fields), output_type="pt")
+        kind = "pt" if k == 3 else "latent"  # pixels once (the decode is Qwen-Image's), latents otherwise
+        pipe_fields = {name: v for name, v in fields.items() if name != "seed"}
+        ref = plus_pipeline(image=[Image.fromarray(a) for a in images[:k]], output_type=kind,
+                            generator=torch.Generator("cpu").manual_seed(SEED), **pipe_fields).images
+        got = ours.images if kind == "pt" else ours.latents
+        assert got.shape == ref.shape, k
+        assert (got - ref).abs().max().item() <= 1e-4, k
+    # the output follows the last image (80x48 -> 64x96 at the tiny area), and a fourth image is refused
+    assert ours.images.shape[-2:] == (96, 64)
+    from ditserve.deployments import RequestError
+
+    with pytest.raises(RequestError, match="4 images exceed the limit of 3"):
+        engine.resolve(GenerationRequest(images=images + images[:1], **fields))

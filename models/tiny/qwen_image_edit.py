@@ -5,7 +5,8 @@
 Why the processor is built by hand: ``Qwen2VLProcessor(...)`` checks its video processor's class,
 which needs torchvision (absent here), and the edit pipelines never read videos;
 ``models.qwen_image_edit.image_only_processor`` builds it without one. The saved folder also
-carries a ``video_preprocessor_config.json`` with the same sizes, so ``Qwen2VLProcessor.from_pretrained`` works where torchvision is installed.
+carries a ``video_preprocessor_config.json`` with the same sizes, so ``Qwen2VLProcessor.from_pretrained``
+works where torchvision is installed.
 """
 
 from __future__ import annotations
@@ -52,6 +53,6 @@ def qwen_image_edit_pipeline(pipeline_class: Any = None) -> Any:
     # the pipeline's save_pretrained calls the component's save_pretrained: ours, which needs no
     # video processor
     processor.save_pretrained = lambda folder, **kw: save_processor(processor, folder, **kw)
-    cls = pipeline_class or QwenImageEditPipeline
+    cls = QwenImageEditPipeline if pipeline_class is None else pipeline_class
     return cls(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                processor=processor, transformer=base.transformer)
