@@ -103,10 +103,14 @@ class QwenImageEditAdapter(QwenImageAdapter):
     condition_pixels: int = 1024 * 1024
     #: the PIL mode input images are read in (the pipeline's VAE and vision tower take RGB)
     image_mode: ClassVar[str] = "RGB"
-    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel and Ulysses at degree 2 equal one rank.
-    # Not declared (so refused at start-up) until verified: caches, TP, Ring, offload, LoRA, FP8, and VAE
+    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel, Ulysses and TP at degree 2 equal one
+    # rank; TeaCache and Cache-DiT at threshold 0 equal uncached and skip blocks above it; layerwise
+    # offload equals resident. Not declared (so refused at start-up) until verified: LoRA, FP8, and VAE
     # patch parallel (it splits decode only; the input image is encoded whole).
-    supported_features = frozenset({Feature.CFG_PARALLEL, Feature.SEQUENCE_PARALLEL})
+    supported_features = frozenset({
+        Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TENSOR_PARALLEL,
+        Feature.LAYERWISE_OFFLOAD,
+    })
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, loaders: dict | None = None, **kwargs: Any) -> QwenImageEditAdapter:

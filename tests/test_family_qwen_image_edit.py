@@ -124,7 +124,7 @@ PAR_REQUESTS = [
     GenerationRequest(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, images=[input_image()], size="64x32",
                       num_inference_steps=STEPS, seed=1),
 ]
-LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"tensor_parallel_size": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,41 @@ def par_references(engine):
 def test_layout_matches_single_rank(checkpoint, par_references, degrees):
     ranks = run_and_compare(str(checkpoint), degrees, PAR_REQUESTS, par_references)
     assert all(r[0]["bytes_sent"] > 0 for r in ranks), degrees  # the ranks did talk
+
+
+# ---- caches and layerwise offload (through the feature table) ----------------------------------------
+
+CACHE_REQ = dict(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, size="32x32", num_inference_steps=4, seed=2)
+
+
+def test_caches_at_zero_threshold_equal_uncached_and_skip_when_allowed(engine):
+    image = input_image()
+    uncached = engine.generate(GenerationRequest(images=[image], **CACHE_REQ), output_type="np")
+    for backend, zero, high in (
+        ("tea_cache", {"rel_l1_thresh": 0}, {"rel_l1_thresh": 9.0}),
+        ("cache_dit", {"residual_diff_threshold": 0, "max_warmup_steps": 0},
+         {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}),
+    ):
+        same = engine.generate(GenerationRequest(images=[image], cache={"backend": backend, "config": zero},
+                                                 **CACHE_REQ), output_type="np")
+        assert torch.equal(same.latents, uncached.latents), backend
+        assert same.cache["calls_cached"] == 0 and set(same.cache["decisions"]) == {"cond", "uncond"}, backend
+        skipping = engine.generate(GenerationRequest(images=[image], cache={"backend": backend, "config": high},
+                                                     **CACHE_REQ), output_type="np")
+        assert skipping.cache["blocks_evaluated"] < skipping.cache["blocks_total"], backend
+        assert not torch.equal(skipping.latents, uncached.latents), backend
+
+
+def test_layerwise_offload_equals_resident(checkpoint, engine):
+    from ditserve.features.offload import OffloadConfig, layerwise_offload_of
+
+    req = GenerationRequest(images=[input_image()], **CACHE_REQ)
+    resident = engine.generate(req, output_type="np")
+    offloaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32",
+                                    offload=OffloadConfig(enable_layerwise_offload=True)))
+    out = offloaded.generate(req, output_type="np")
+    assert torch.equal(out.latents, resident.latents)
+    assert layerwise_offload_of(offloaded.adapter.transformer) is not None
 
 
 # ---- Qwen-Image-Edit-2509 (family qwen-image-edit-plus): one to three input images ------------------
