@@ -359,10 +359,14 @@ class Decoder(_Stage):
         with torch.inference_mode(), self.scope():
             return self.adapter.decode(latents, req.params.height, req.params.width)
 
-    def encode(self, req: ResolvedRequest) -> EncodedImages:
+    def encode(self, req: ResolvedRequest) -> EncodedImages | None:
         """The request's input images -> their VAE latents (editing; the VAE deployment's ``encode``).
-        Runs whole on each VAE worker: patch parallel splits decode only (start-up refuses it for
-        image-conditioned families)."""
+
+        Patch parallel splits decode only: the VAE encoder's plan is not written, and an input image
+        is small next to the decoder's output; so the first worker of a patch-parallel group encodes
+        whole and the others return ``None`` at once (the replica answers with the first's result)."""
+        if self.group is not None and self.group.size > 1 and self.group.rank != 0:
+            return None
         start = time.perf_counter()
         keys = req.image_keys or (None,) * len(req.images)
         latents, sizes, counts = [], [], {"latent_hits": 0, "latent_misses": 0}

@@ -103,13 +103,13 @@ class QwenImageEditAdapter(QwenImageAdapter):
     condition_pixels: int = 1024 * 1024
     #: the PIL mode input images are read in (the pipeline's VAE and vision tower take RGB)
     image_mode: ClassVar[str] = "RGB"
-    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel, Ulysses and TP at degree 2 equal one
+    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel, Ulysses, Ring and TP at degree 2 equal one
     # rank; TeaCache and Cache-DiT at threshold 0 equal uncached and skip blocks above it; layerwise
-    # offload equals resident. Not declared (so refused at start-up) until verified: LoRA, FP8, and VAE
-    # patch parallel (it splits decode only; the input image is encoded whole).
+    # offload equals resident; VAE patch parallel splits decode (exact) while the first worker encodes the
+    # input image whole. Not declared (so refused at start-up) until verified: LoRA, FP8.
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TENSOR_PARALLEL,
-        Feature.LAYERWISE_OFFLOAD,
+        Feature.LAYERWISE_OFFLOAD, Feature.VAE_PATCH_PARALLEL,
     })
 
     @classmethod
@@ -231,6 +231,9 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
 
     family = "qwen-image-edit-plus"
     pipeline_class = QwenImageEditPlusPipeline
+    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel and Ulysses at degree 2 with two input
+    # images equal one rank; the rest of Qwen-Image-Edit's list is refused here until verified with it.
+    supported_features = frozenset({Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL})
 
     @property
     def vision_pixels(self) -> int:

@@ -124,7 +124,7 @@ PAR_REQUESTS = [
     GenerationRequest(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, images=[input_image()], size="64x32",
                       num_inference_steps=STEPS, seed=1),
 ]
-LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"tensor_parallel_size": 2}]
+LAYOUTS = [{"cfg_parallel_size": 2}, {"ulysses_degree": 2}, {"ring_degree": 2}, {"tensor_parallel_size": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +218,24 @@ def test_edit_plus_matches_its_pipeline_with_one_two_and_three_images(plus_check
 
     with pytest.raises(RequestError, match="4 images exceed the limit of 3"):
         engine.resolve(GenerationRequest(images=images + images[:1], **fields))
+
+
+def test_vae_patch_parallel_decodes_split_and_encodes_on_one_worker(checkpoint, engine):
+    """Two VAE workers: decode split (exact), the input image encoded whole by the first worker."""
+    from ditserve.deployments.local import ParallelEngine
+    from ditserve.parallel.vae import VaeConfig
+
+    req = GenerationRequest(images=[input_image()], prompt=PROMPT, size="64x32", num_inference_steps=STEPS, seed=4)
+    ref = engine.generate(req, output_type="np")
+    config = EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", vae=VaeConfig(vae_patch_parallel_size=2))
+    out = ParallelEngine(config).generate(req, output_type="np")
+    assert float((out.latents - ref.latents).abs().max()) <= 1e-4
+    assert float(abs(out.images - ref.images).max()) <= 1 / 255 + 1e-6  # uint8 hand-off of the served VAE
+
+
+@pytest.mark.parametrize("degrees", LAYOUTS[:2], ids=layout_ids)
+def test_edit_plus_layout_with_two_images_matches_single_rank(plus_checkpoint, degrees):
+    engine = Engine(EngineConfig(model=str(plus_checkpoint), device="cpu", dtype="float32"))
+    req = GenerationRequest(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, size="64x32",
+                            images=[input_image(0), input_image(1)], num_inference_steps=STEPS, seed=5)
+    run_and_compare(str(plus_checkpoint), degrees, [req], [engine.generate(req, output_type="np")])
