@@ -241,7 +241,9 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int | None) -> bytes:
-    """One uint8 (H, W, 3) image as PNG, JPEG or WEBP bytes."""
+    """One uint8 (H, W, 3) image, or (H, W, 4) RGBA (layered output), as PNG, JPEG or WEBP bytes."""
+    if fmt == "jpeg" and array.ndim == 3 and array.shape[2] == 4:
+        raise RequestError("output_format", "jpeg has no alpha channel; use png or webp for RGBA layers")
     buf = io.BytesIO()
     image = Image.fromarray(array)
     if fmt == "png":

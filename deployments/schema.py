@@ -22,6 +22,7 @@ from ditserve.models import Feature, Guidance, ModelSpec, SamplingParams
 from ditserve.parallel.vae import VaeConfig, size_error
 
 MAX_PROMPT_CHARS = 20_000
+LAYERED_DEFAULT_LAYERS = 4  # QwenImageLayeredPipeline's default
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
 
 
@@ -167,6 +168,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, images: tuple[Any, 
     Raises:
         RequestError: an option the model does not accept, or a size it cannot produce.
     """
+    if req.size is not None and spec.task == "image-layered":
+        raise RequestError("size", f"model {spec.id} outputs layers at the input image's size; leave size unset")
     if req.size is None and images and spec.condition_pixels:
         # editing: the output follows the input image, as the pipeline's default (its last image's)
         from ditserve.models import adapter_class
@@ -231,6 +234,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, images: tuple[Any, 
         guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale,
         num_images_per_prompt=req.n,
+        layers=(req.layers or LAYERED_DEFAULT_LAYERS) if spec.task == "image-layered" else None,
     )
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     lora = req.lora if isinstance(req.lora, list) else [req.lora] if req.lora is not None else []

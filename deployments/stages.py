@@ -222,6 +222,8 @@ class Encoder(_Stage):
         key = "|".join(req.image_keys) if req.image_keys else None
         features = self.vision_cache.get(key) if key is not None else None
         kwargs, computed = self.adapter.encode_image_prompt([text], req.images, 1, features)
+        if features is None and computed is None:  # the family reads the text alone (Qwen-Image-Layered)
+            return kwargs
         if features is None:
             counts["vision_misses"] = counts.get("vision_misses", 0) + 1
             if key is not None:

@@ -67,6 +67,7 @@ class SamplingParams:
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     num_images_per_prompt: int = 1
+    layers: int | None = None  # layered output (``Output.LAYERED_IMAGE``): RGBA layers per image
 
 
 @dataclasses.dataclass

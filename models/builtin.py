@@ -43,6 +43,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
     _tiny("Qwen/Qwen-Image-Edit-2509", "ditserve/tiny-qwen-image-edit-2509",
           "Tiny Qwen-Image-Edit-2509 (random weights)", "qwen-image-edit-plus"
           ).model_copy(update={"condition_pixels": 64 * 64}),
+    _tiny("Qwen/Qwen-Image-Layered", "ditserve/tiny-qwen-image-layered", "Tiny Qwen-Image-Layered (random weights)",
+          "qwen-image-layered").model_copy(update={"condition_pixels": 64 * 64}),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

@@ -29,6 +29,7 @@ _ADAPTERS = {
     "ovis-image": "ditserve.models.ovis_image:OvisImageAdapter",
     "qwen-image-edit": "ditserve.models.qwen_image_edit:QwenImageEditAdapter",
     "qwen-image-edit-plus": "ditserve.models.qwen_image_edit:QwenImageEditPlusAdapter",
+    "qwen-image-layered": "ditserve.models.qwen_image_edit:QwenImageLayeredAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

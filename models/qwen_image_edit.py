@@ -22,14 +22,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from PIL import Image
 from transformers import Qwen2VLProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .adapter import ImageConditioning, SamplingParams, TextConditioning
-from .contract import Conditioning
+from .contract import Conditioning, Output
 from .qwen_image import QwenImageAdapter
 from .registry import Feature
 
@@ -254,3 +254,82 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
 
     def _pipeline_images(self, images: ImageConditioning, dtype: torch.dtype) -> Any:
         return [t.to(self.device, dtype) for t in images.latents]
+
+
+class QwenImageLayeredAdapter(QwenImageEditAdapter):
+    """Qwen-Image-Layered (``QwenImageLayeredPipeline``): decomposes an RGBA input image into ``layers``
+    RGBA layers. The prompt is read as text alone (the pipeline's template; an empty prompt, which
+    the pipeline would caption with Qwen2.5-VL's ``generate``, is refused by the request schema); the
+    VAE encodes the RGBA image at the resolution bucket (``condition_pixels``, 640*640 by default);
+    the noise holds ``layers + 1`` frames (the first is the composite, dropped at decode); timesteps
+    use the pipeline's own sigmas and shift; the transformer gets ``additional_t_cond`` (RGB flag 0);
+    true CFG without norm rescaling (the pipeline's ``cfg_normalize=False`` default)."""
+
+    family = "qwen-image-layered"
+    pipeline_class = QwenImageLayeredPipeline
+    output = Output.LAYERED_IMAGE
+    image_mode: ClassVar[str] = "RGBA"
+    max_sequence_length = 512  # the pipeline's default
+    condition_pixels: int = 640 * 640
+    # Verified: equivalence with the pipeline only (tests/test_family_qwen_image_edit.py)
+    supported_features = frozenset()
+
+    def text_shape_key(self, text: str) -> int:
+        return len(self.pipe.tokenizer(self.pipe.prompt_template_encode.format(text)).input_ids)
+
+    def encode_image_prompt(
+        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int,
+        vision_features: Any = None,
+    ) -> tuple[dict[str, torch.Tensor | None], Any]:
+        # the layered pipeline conditions on the text alone: no vision features to keep
+        return self.encode_text_kwargs(texts, num_images_per_prompt), None
+
+    def prepare_latents(
+        self, params: SamplingParams, cond: TextConditioning, batch: int, generator: torch.Generator | None,
+        images: ImageConditioning | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if images is None:
+            raise ValueError(f"{self.family} decomposes an input image; the request has none")
+        dtype = cond.positive["encoder_hidden_states"].dtype
+        layers = params.layers
+        latents, image_latents = self.pipe.prepare_latents(
+            images.latents[0].to(self.device, dtype), batch, self.latent_channels, params.height, params.width,
+            layers, dtype, self.device, generator,
+        )
+        vsf = self.vae_scale_factor
+        (ch, cw), = images.sizes
+        shapes = [(1, params.height // vsf // 2, params.width // vsf // 2)] * (layers + 1)
+        shapes.append((1, ch // vsf // 2, cw // vsf // 2))
+        is_rgb = torch.zeros(cond.batch_size, dtype=torch.long, device=self.device)
+        kwargs = {"img_shapes": [shapes] * cond.batch_size, "attention_kwargs": {}, "image_latents": image_latents,
+                  "additional_t_cond": is_rgb}
+        return latents, kwargs
+
+    def prepare_timesteps(self, scheduler: Any, params: SamplingParams, latents: torch.Tensor) -> torch.Tensor:
+        module = self._pipeline_module()
+        n = params.num_inference_steps
+        sigmas = np.linspace(1.0, 0, n + 1)[:-1]
+        # the pipeline's shift: from the input image's token count (one frame of the noise)
+        mu = (latents.shape[1] / (params.layers + 1) / (256 * 256 / 16 / 16)) ** 0.5
+        timesteps, _ = module.retrieve_timesteps(scheduler, n, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return timesteps
+
+    def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        return uncond + scale * (cond - uncond)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final latents -> the layers, (B * layers, 4, H, W) in [-1, 1] (the composite frame dropped)."""
+        self._require("vae")
+        vae = self.components["vae"]
+        vsf = self.vae_scale_factor
+        layers = latents.shape[1] // ((height // vsf // 2) * (width // vsf // 2)) - 1
+        latents = self.pipe._unpack_latents(latents, height, width, layers, vsf).to(vae.dtype)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents / inv_std + mean
+        b, c, f, h, w = latents.shape
+        latents = latents[:, :, 1:].permute(0, 2, 1, 3, 4).reshape(-1, c, 1, h, w)
+        return vae.decode(latents, return_dict=False)[0].squeeze(2)

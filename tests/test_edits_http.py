@@ -220,3 +220,18 @@ def test_conditioning_cache_is_lru_bounded():
         cache.put(key, torch.zeros(1024))
     assert cache.get("a") is None and cache.get("b") is not None and cache.get("c") is not None
     assert cache.bytes == 8192 and cache.stats()["hits"] == 2 and cache.stats()["misses"] == 1
+
+
+def test_layered_output_is_one_rgba_png_per_layer():
+    """The layered model's decoder output (n * layers, H, W, 4) becomes one RGBA PNG entry per layer;
+    jpeg (no alpha) is refused naming output_format."""
+    from ditserve.deployments.http import ImagesRequest, encode_images
+
+    layers = np.random.RandomState(0).randint(0, 256, (3, 32, 48, 4), dtype=np.uint8)
+    data = encode_images(layers, ImagesRequest(prompt="x"))
+    assert len(data) == 3
+    for entry, expected in zip(data, layers):
+        with Image.open(io.BytesIO(base64.b64decode(entry.b64_json))) as image:
+            assert image.mode == "RGBA" and np.array_equal(np.asarray(image), expected)
+    with pytest.raises(RequestError, match="output_format"):
+        encode_images(layers, ImagesRequest(prompt="x", output_format="jpeg"))

@@ -239,3 +239,43 @@ def test_edit_plus_layout_with_two_images_matches_single_rank(plus_checkpoint, d
     req = GenerationRequest(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, size="64x32",
                             images=[input_image(0), input_image(1)], num_inference_steps=STEPS, seed=5)
     run_and_compare(str(plus_checkpoint), degrees, [req], [engine.generate(req, output_type="np")])
+
+
+# ---- Qwen-Image-Layered (family qwen-image-layered): RGBA layers -------------------------------------
+
+
+def test_layered_returns_the_pipelines_layers(tmp_path_factory):
+    """Latents (read at the pipeline's last step: its output_type="latent" path is broken in 0.42.1)
+    and the RGBA layers equal QwenImageLayeredPipeline's, with true CFG and layers=2."""
+    from diffusers import QwenImageLayeredPipeline
+
+    checkpoint = make_tiny("qwen-image-layered", tmp_path_factory.mktemp("qwen-image-layered") / "tiny")
+    engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
+    rgba = np.random.RandomState(0).randint(0, 256, (48, 80, 4), dtype=np.uint8)
+    fields = dict(prompt="decompose the scene", negative_prompt="blurry", true_cfg_scale=4.0, layers=2)
+    ours = engine.generate(GenerationRequest(images=[rgba], num_inference_steps=STEPS, seed=SEED, **fields),
+                           output_type="pt")
+    module = importlib.import_module(QwenImageLayeredPipeline.__module__)
+    dimensions = module.calculate_dimensions
+    seen = {}
+
+    def last_latents(pipe, i, t, kwargs):
+        seen["latents"] = kwargs["latents"]
+        return {}
+
+    with pytest.MonkeyPatch.context() as mp:  # the resolution bucket 640*640 -> the tiny area
+        mp.setattr(module, "calculate_dimensions",
+                   lambda area, ratio: dimensions(TINY_CONDITION_PIXELS if area == 640 * 640 else area, ratio))
+        pipe = QwenImageLayeredPipeline.from_pretrained(checkpoint, processor=load_processor(checkpoint / "processor"),
+                                                        dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        layers = pipe(image=Image.fromarray(rgba, "RGBA"), num_inference_steps=STEPS, output_type="pt",
+                      generator=torch.Generator("cpu").manual_seed(SEED), callback_on_step_end=last_latents,
+                      **fields).images[0]
+    assert (ours.latents - seen["latents"]).abs().max().item() <= 1e-4
+    assert ours.images.shape == layers.shape == (2, 4, 64, 96)  # one RGBA image per layer
+    assert (ours.images - layers).abs().max().item() <= 1e-4
+    from ditserve.deployments import RequestError
+
+    with pytest.raises(RequestError, match="size"):
+        engine.resolve(GenerationRequest(images=[rgba], size="64x64", **fields))

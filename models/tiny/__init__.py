@@ -20,11 +20,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "qwen-image-edit",
-            "qwen-image-edit-plus")
+            "qwen-image-edit-plus", "qwen-image-layered")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
                   "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-qwen-image-edit": "qwen-image-edit",
-                  "ditserve/tiny-qwen-image-edit-2509": "qwen-image-edit-plus"}
+                  "ditserve/tiny-qwen-image-edit-2509": "qwen-image-edit-plus",
+                  "ditserve/tiny-qwen-image-layered": "qwen-image-layered"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -195,15 +196,22 @@ def _qwen_image_edit_plus_pipeline():
     return qwen_image_edit_pipeline(QwenImageEditPlusPipeline)
 
 
+def _qwen_image_layered_pipeline():
+    from .qwen_image_edit import qwen_image_layered_pipeline
+
+    return qwen_image_layered_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
              "ovis-image": _ovis_image_pipeline, "qwen-image-edit": _qwen_image_edit_pipeline,
-             "qwen-image-edit-plus": _qwen_image_edit_plus_pipeline}
+             "qwen-image-edit-plus": _qwen_image_edit_plus_pipeline,
+             "qwen-image-layered": _qwen_image_layered_pipeline}
 
 
 def _family_spec(family: str) -> dict:
     """Registry fields a family's tiny checkpoint records besides the common tiny defaults."""
-    if family in ("qwen-image-edit", "qwen-image-edit-plus"):
+    if family in ("qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered"):
         from .qwen_image_edit import TINY_CONDITION_PIXELS
 
         return {"condition_pixels": TINY_CONDITION_PIXELS}

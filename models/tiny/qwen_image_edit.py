@@ -56,3 +56,21 @@ def qwen_image_edit_pipeline(pipeline_class: Any = None) -> Any:
     cls = QwenImageEditPipeline if pipeline_class is None else pipeline_class
     return cls(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                processor=processor, transformer=base.transformer)
+
+
+def qwen_image_layered_pipeline() -> Any:
+    """A tiny ``QwenImageLayeredPipeline``: the edit components with an RGBA VAE (4 input channels)
+    and a transformer with the layered model's 3-D layer RoPE and its RGB/RGBA timestep condition."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+
+    base = qwen_image_edit_pipeline(QwenImageLayeredPipeline)
+    # z_dim 8, not the edit model's 4: the pipeline takes an input with z_dim channels for latents
+    # already encoded, and an RGBA image has 4
+    z_dim = 8
+    vae = AutoencoderKLQwenImage(**{**base.vae.config, "input_channels": 4, "z_dim": z_dim,
+                                    "latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim})
+    config = {k: v for k, v in base.transformer.config.items() if not k.startswith("_")}
+    transformer = QwenImageTransformer2DModel(**{**config, "in_channels": z_dim * 4, "out_channels": z_dim,
+                                                 "use_additional_t_cond": True, "use_layer3d_rope": True})
+    return QwenImageLayeredPipeline(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder,
+                                    tokenizer=base.tokenizer, processor=base.processor, transformer=transformer)
