@@ -106,11 +106,11 @@ class QwenImageEditAdapter(QwenImageAdapter):
     # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel, Ulysses, Ring and TP at degree 2 equal one
     # rank; TeaCache and Cache-DiT at threshold 0 equal uncached and skip blocks above it; layerwise
     # offload equals resident; VAE patch parallel splits decode (exact) while the first worker encodes the
-    # input image whole; a LoRA per request equals the pipeline's load_lora_weights. Not declared (so refused
-    # at start-up) until verified: FP8.
+    # input image whole; a LoRA per request equals the pipeline's load_lora_weights; FP8 runs close to
+    # unquantized (Qwen-Image's high-precision layers).
     supported_features = frozenset({
         Feature.TEA_CACHE, Feature.CACHE_DIT, Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL, Feature.TENSOR_PARALLEL,
-        Feature.LAYERWISE_OFFLOAD, Feature.VAE_PATCH_PARALLEL, Feature.LORA,
+        Feature.LAYERWISE_OFFLOAD, Feature.VAE_PATCH_PARALLEL, Feature.LORA, Feature.FP8,
     })
 
     @classmethod

@@ -303,3 +303,18 @@ def test_lora_matches_diffusers_load_lora_weights(checkpoint, pipeline, tmp_path
                generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent").images
     assert (ours - base).abs().max().item() > 1e-2  # the adapter does something
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_fp8_runs_end_to_end_close_to_unquantized(checkpoint, engine):
+    from ditserve.deployments import QuantizationConfig
+    from ditserve.features import quantization as fp8
+
+    req = GenerationRequest(prompt=PROMPT, images=[input_image()], size="64x32", num_inference_steps=STEPS, seed=3)
+    ref = engine.generate(req, output_type="np")
+    quant = Engine(EngineConfig(model=str(checkpoint), device="cpu", quant=QuantizationConfig(quantization="fp8")))
+    got = quant.generate(req, output_type="np")
+    names = fp8.quantized_names(quant.adapter.transformer)
+    assert names and "proj_out" not in names and "img_in" not in names
+    assert np.isfinite(got.images).all()
+    rel = float((got.latents - ref.latents).norm() / ref.latents.norm())
+    assert 0 < rel < 0.05, rel  # quantized (not bit-equal), and close to the unquantized path
