@@ -1,12 +1,18 @@
-"""Qwen-Image-Edit (family ``qwen-image-edit``): the runner equals ``QwenImageEditPipeline`` for the
-same input image, prompt, seed and steps (latents and pixels; without CFG at the default size, which
-follows the input image, and with true CFG, a negative prompt, an explicit size and n=2); the
-text encoder reads the image through its vision tower; the registry carries the pipeline's
-defaults; the tiny checkpoint's processor loads without torchvision.
+"""The editing families. Qwen-Image-Edit (``qwen-image-edit``): the runner equals
+``QwenImageEditPipeline`` for the same input image, prompt, seed and steps (latents and pixels;
+without CFG at the default size, which follows the input image, and with true CFG, a negative
+prompt, an explicit size and n=2); the text encoder reads the image through its vision tower; the
+registry carries the pipeline's defaults; the processor loads without torchvision; CFG-parallel,
+Ulysses, Ring and TP at degree 2 equal one rank; TeaCache and Cache-DiT; layerwise offload; VAE
+patch parallel (decode split, encode on one worker); LoRA equals the pipeline's loader; FP8.
+Qwen-Image-Edit-2509 (``qwen-image-edit-plus``): equals ``QwenImageEditPlusPipeline`` with 1, 2 and 3
+images; CFG-parallel and Ulysses with two images. Qwen-Image-Layered (``qwen-image-layered``): equals
+``QwenImageLayeredPipeline`` (latents and RGBA layers).
 
-The pipeline resizes the input image to a 1024*1024 area (tens of seconds for the VAE on a CPU); the
-tiny checkpoint records ``condition_pixels`` = 64*64 and the reference pipeline's
-``calculate_dimensions`` is given the same area here (its own function, only the area differs)."""
+The pipelines resize the input image to a 1024*1024 area (640*640 for Layered; tens of seconds for
+the VAE on a CPU); the tiny checkpoints record ``condition_pixels`` = 64*64 and the reference
+pipeline's ``calculate_dimensions`` is given the same area here (its own function, only the area
+differs)."""
 
 from __future__ import annotations
 
