@@ -191,7 +191,7 @@ def _engine_config(args: argparse.Namespace):
     """``EngineConfig`` from its flags, with ``parallel``, ``vae``, ``offload`` and ``lora`` from theirs."""
     f = _flags()
     return f.engine.build(args, parallel=f.parallel.build(args), vae=f.vae.build(args), offload=f.offload.build(args),
-                          lora=f.lora.build(args), quant=f.quant.build(args))
+                          lora=f.lora.build(args), quant=f.quant.build(args), images=f.images.build(args))
 
 
 def _stage(args: argparse.Namespace, stage: _StageFlags):
@@ -234,6 +234,7 @@ class _Flags:
     offload: FlagSet
     lora: FlagSet
     quant: FlagSet
+    images: FlagSet
     app: FlagSet
     stages: tuple[_StageFlags, ...]
     request: FlagSet
@@ -249,6 +250,7 @@ def _flags() -> _Flags:
         AutoscalingOptions,
         EngineConfig,
         GenerationRequest,
+        ImageInputConfig,
         LoraConfig,
         OffloadConfig,
         ParallelConfig,
@@ -272,21 +274,22 @@ def _flags() -> _Flags:
                     base=default.autoscaling),
         ))
     return _Flags(
-        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload", "lora", "quant")),
+        engine=FlagSet(EngineConfig, exclude=("parallel", "vae", "offload", "lora", "quant", "images")),
         parallel=FlagSet(ParallelConfig),
         vae=FlagSet(VaeConfig),
         offload=FlagSet(OffloadConfig),
         lora=FlagSet(LoraConfig),
         quant=FlagSet(QuantizationConfig),
+        images=FlagSet(ImageInputConfig),
         app=FlagSet(AppConfig, exclude=nested),
         stages=tuple(stages),
-        request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache")),
+        request=FlagSet(GenerationRequest, exclude=("model", "lora", "cache", "images")),
     )
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     f = _flags()
-    for flags in (f.engine, f.parallel, f.vae, f.offload, f.lora, f.quant):
+    for flags in (f.engine, f.parallel, f.vae, f.offload, f.lora, f.quant, f.images):
         flags.add_to(p)
 
 

@@ -34,6 +34,7 @@ from .audio import encode_audio
 from .loading import quantize_checkpoint
 from .config import AppConfig, AutoscalingOptions, SequentialStageOptions, StageOptions
 from .engine import Engine, EngineConfig, GenerationResult
+from .images_in import ImageInputConfig
 from .local import ParallelEngine
 from .schema import GenerationRequest, LoraRequest, RequestError, ResolvedRequest, resolve_request, select_model
 
@@ -60,6 +61,7 @@ __all__ = [
     "FamilyNotImplementedError",
     "GenerationRequest",
     "GenerationResult",
+    "ImageInputConfig",
     "LoraConfig",
     "LoraRequest",
     "Modality",

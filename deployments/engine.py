@@ -41,7 +41,8 @@ from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support
 from .schema import GenerationRequest, ResolvedRequest, validate_request
-from .stages import Decoder, Denoiser, Encoded, Encoder, Prior, Timer, load_adapter, merge_reports
+from .images_in import ImageInputConfig
+from .stages import Decoder, Denoiser, Encoded, Encoder, Prior, Timer, conditioning_report, load_adapter, merge_reports
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class EngineConfig(BaseModel):
                                    description="CPU offload: model-level and layerwise (features/offload).")
     quant: QuantizationConfig = Field(default_factory=QuantizationConfig,
                                       description="FP8 quantization of the DiT's linear layers.")
+    images: ImageInputConfig = Field(default_factory=ImageInputConfig,
+                                     description="Input image limits (editing) and the conditioning cache.")
     # The deployment's default cache, as two options (DESIGN.md's names); together they are one
     # member of the cache union (features/cache/config.py), validated through it below.
     cache_backend: CacheBackend | None = Field(
@@ -116,6 +119,8 @@ class GenerationResult:
         audio: for an audio model served through the Router: the waveforms and their sample rate
             (``images`` is then ``None``); the reference runner returns the waveforms in ``images``
             as ``output_type`` asks ("pt" tensors, "np" arrays).
+        conditioning: with input images, the conditioning cache's hits and misses (``vision_*`` of
+            the text encoder, ``latent_*`` of the VAE's encode).
     """
 
     images: Any
@@ -127,6 +132,7 @@ class GenerationResult:
     cache: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     audio: Audio | None = None  # an audio model's output: float waveforms (n, channels, samples), sample rate
+    conditioning: dict[str, int] | None = None
 
 
 class Engine:
@@ -175,7 +181,8 @@ class Engine:
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Validate ``req`` against this engine's model (raises ``RequestError``)."""
         return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                num_blocks=self.num_blocks, vae=self.config.vae, lora=self.config.lora)
+                                num_blocks=self.num_blocks, vae=self.config.vae, lora=self.config.lora,
+                                images=self.config.images)
 
     # ---- one stage at a time (tests, tools) -----------------------------------------------------
 
@@ -212,7 +219,8 @@ class Engine:
         resolved = self.resolve(req)
         prior = self.prior.generate(resolved) if self.prior is not None else None
         encoded = self.encoder.encode([resolved])[0].with_prior(prior)
-        denoised = self.denoiser.denoise(resolved, encoded, request_id, callback)
+        images = self.decoder.encode(resolved) if resolved.images else None
+        denoised = self.denoiser.denoise(resolved, encoded, request_id, callback, images)
         timer = Timer()
         with timer.stage("decode"):
             images = self.decoder.images(resolved, denoised.latents)
@@ -220,4 +228,5 @@ class Engine:
             out = self.postprocess(images, output_type)
         timings, cache, lora = merge_reports(denoised.reports)
         timings.update(timer.timings)
-        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timings, denoised.latents, cache, lora)
+        return GenerationResult(out, request_id, self.spec.id, resolved.seed, timings, denoised.latents, cache, lora,
+                                conditioning_report(denoised.reports))

@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import importlib.metadata
 import io
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
@@ -40,6 +41,7 @@ logger = logging.getLogger("ray.serve")
 
 IMAGES_PATH = "/v1/images/generations"
 AUDIO_PATH = "/v1/audio/generations"
+EDITS_PATH = "/v1/images/edits"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
 OPENAPI_PATH = "/openapi.json"
@@ -83,6 +85,71 @@ class AudioRequest(GenerationRequest):
             raise RequestError("n", f"response_format={self.response_format!r} returns one clip; use b64_json for n > 1")
 
 
+class ImageEditsRequest(ImagesRequest):
+    """Body of ``POST /v1/images/edits`` as JSON: the generation fields, the input image(s) base64.
+
+    The multipart form OpenAI defines (``image`` one file, ``image[]`` several, the other fields as
+    form fields, ``lora`` and ``cache`` as JSON text) is read into this same model (``edits_from_form``).
+    """
+
+    image: str | list[str] | None = Field(
+        None, description="Input image(s), base64 (or data: URLs) of PNG, JPEG or WebP; a multipart request sends "
+        "files as `image` (one) or `image[]` (several).",
+    )
+
+    def generation_request(self) -> GenerationRequest:
+        data = self.model_dump(include=set(GenerationRequest.model_fields) - {"images"})
+        return GenerationRequest.model_validate({**data, "images": self.images or self.decoded_images()})
+
+    def decoded_images(self) -> list[bytes]:
+        if self.image is None:
+            raise RequestError("image", "required: base64 image(s), or files `image` / `image[]` in a multipart form")
+        values = self.image if isinstance(self.image, list) else [self.image]
+        out = []
+        for i, value in enumerate(values):
+            text = value.split(",", 1)[1] if value.startswith("data:") else value
+            try:
+                out.append(base64.b64decode(text, validate=True))
+            except ValueError:
+                raise RequestError(f"image[{i}]", "is not valid base64") from None
+        return out
+
+
+# multipart form fields that hold JSON (objects or lists) rather than a scalar
+_JSON_FORM_FIELDS = ("lora", "cache")
+
+
+async def edits_from_form(request: Request) -> ImageEditsRequest:
+    """A multipart ``/v1/images/edits`` request as ``ImageEditsRequest`` (errors name the field)."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
+        raise RequestError("body", f"unreadable multipart form: {exc}", status=400) from None
+    data: dict[str, Any] = {}
+    images: list[bytes] = []
+    for key, value in form.multi_items():
+        if key in ("image", "image[]"):
+            if isinstance(value, str):
+                raise RequestError(f"image[{len(images)}]", "must be a file upload")
+            images.append(await value.read())
+        elif not isinstance(value, str):
+            raise RequestError(key, "unexpected file; only image / image[] take files")
+        elif key in _JSON_FORM_FIELDS:
+            try:
+                data[key] = json.loads(value)
+            except ValueError:
+                raise RequestError(key, "must be JSON text in a form field") from None
+        else:
+            data[key] = value
+    if not images:
+        raise RequestError("image", "required: one file as `image`, or several as `image[]`")
+    try:
+        req = ImageEditsRequest.model_validate({**data, "images": images})
+    except ValidationError as exc:
+        raise field_error(exc.errors()[0]) from None
+    return req
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -118,6 +185,10 @@ class ImagesResponse(_Response):
     lora: dict[str, Any] | None = Field(
         None, description="With LoRA: the adapters applied ('adapters') and what the DiT replica did for them "
         "('loads' from lora_dir, 'hits' already loaded, 'restores' from CPU memory, 'evictions').",
+    )
+    conditioning: dict[str, int] | None = Field(
+        None, description="With input images: the conditioning cache's counts for the request (vision_hits, "
+        "vision_misses of the text encoder; latent_hits, latent_misses of the VAE encode).",
     )
     usage: ImagesUsage = Field(description="What the request consumed.")
 
@@ -222,7 +293,9 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int | None) -> bytes:
-    """One uint8 (H, W, 3) image as PNG, JPEG or WEBP bytes."""
+    """One uint8 (H, W, 3) image, or (H, W, 4) RGBA (layered output), as PNG, JPEG or WEBP bytes."""
+    if fmt == "jpeg" and array.ndim == 3 and array.shape[2] == 4:
+        raise RequestError("output_format", "jpeg has no alpha channel; use png or webp for RGBA layers")
     buf = io.BytesIO()
     image = Image.fromarray(array)
     if fmt == "png":
@@ -261,6 +334,7 @@ def images_response(req: ImagesRequest, result: GenerationResult, data: Sequence
         created=int(time.time()), data=list(data), model=result.model, output_format=req.output_format,
         size=f"{size[0]}x{size[1]}", seed=result.seed, request_id=result.request_id,
         timings={k: round(v, 6) for k, v in result.timings.items()}, cache=result.cache, lora=result.lora,
+        conditioning=result.conditioning,
         usage=ImagesUsage(images=len(data), num_inference_steps=steps),
     )
 
@@ -359,7 +433,8 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
         "code}}, param naming the field.",
     )
     app.add_middleware(BodyLimit, limit=max_request_bytes, refused=backend.failed)
-    routes = (f"POST {IMAGES_PATH}", f"POST {AUDIO_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}", f"GET {OPENAPI_PATH}")
+    routes = (f"POST {IMAGES_PATH}", f"POST {EDITS_PATH}", f"POST {AUDIO_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}",
+              f"GET {OPENAPI_PATH}")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -390,6 +465,26 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
     async def audio(req: AudioRequest) -> Response:
         return await _answer(backend, req, _audio_response)
 
+    @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503),
+              summary="Edit input image(s) by a prompt (multipart form as OpenAI's, or JSON with base64 images).",
+              openapi_extra={"requestBody": {"content": {
+                  "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"]}},
+                  "application/json": {"schema": ImageEditsRequest.model_json_schema()}}}})
+    async def edits(request: Request) -> JSONResponse:
+        try:
+            if "multipart/form-data" in request.headers.get("content-type", ""):
+                req = await edits_from_form(request)
+            else:
+                req = ImageEditsRequest.model_validate(await _json_body(request))
+        except RequestError as exc:
+            backend.failed(exc.status)
+            return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+        except ValidationError as exc:
+            err = field_error(exc.errors()[0])
+            backend.failed(err.status)
+            return error_response(err.status, str(err), err.field)
+        return await _answer(backend, req)
+
     @app.get(MODELS_PATH, response_model=ModelList, summary="List the served models.")
     async def models() -> ModelList:
         return backend.models()
@@ -412,6 +507,17 @@ async def _audio_response(backend: HttpBackend, req: AudioRequest) -> Response:
     if isinstance(answer.body, bytes):
         return Response(answer.body, media_type=answer.media_type, headers=headers)
     return JSONResponse(answer.body.model_dump(mode="json"), headers=headers)
+
+
+async def _json_body(request: Request) -> Any:
+    """The body as a JSON object (400 naming ``body`` otherwise)."""
+    try:
+        data = json.loads(await request.body())
+    except ValueError as exc:
+        raise RequestError("body", f"invalid JSON: {exc}", status=400) from None
+    if not isinstance(data, dict):
+        raise RequestError("body", "must be a JSON object", status=400)
+    return data
 
 
 async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,

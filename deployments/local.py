@@ -61,7 +61,8 @@ class ParallelEngine:
 
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         return validate_request(req, {self.spec.id: self.spec}, self.spec.id, cache_default=self.config.cache(),
-                                num_blocks=self.caps.num_blocks, vae=self.config.vae, lora=self.config.lora)
+                                num_blocks=self.caps.num_blocks, vae=self.config.vae, lora=self.config.lora,
+                                images=self.config.images)
 
     def generate(self, req: GenerationRequest, *, output_type: str = "pil", request_id: str | None = None,
                  callback: StepCallback | None = None) -> GenerationResult:
@@ -71,10 +72,15 @@ class ParallelEngine:
         encoded = self.encoder.encode([resolved])[0]
         if self.prior is not None:
             encoded = encoded.with_prior(self.prior.generate(resolved))
+        images = None
+        if resolved.images:  # editing: the input images' latents, from the VAE
+            images = self.vae.encode(resolved) if isinstance(self.vae, Decoder) else \
+                self.vae.call_all("encode", resolved, timeout_s=self.request_timeout_s)
         if isinstance(self.dit, Denoiser):
-            denoised = self.dit.denoise(resolved, encoded, request_id, callback)
+            denoised = self.dit.denoise(resolved, encoded, request_id, callback, images)
         else:  # the ranks' progress is not reported across processes
-            denoised = self.dit.call_all("denoise", resolved, encoded, request_id, timeout_s=self.request_timeout_s)
+            denoised = self.dit.call_all("denoise", resolved, encoded, request_id, None, images,
+                                         timeout_s=self.request_timeout_s)
         if isinstance(self.vae, Decoder):
             decoded = self.vae.decode(resolved, denoised, return_latents=True)
         else:

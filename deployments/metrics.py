@@ -37,6 +37,11 @@ class RouterMetrics:
             "ditserve_cache_calls_total", description="Transformer calls of cached requests, computed or skipped.",
             tag_keys=("model", "backend", "outcome"),
         )
+        self.conditioning_cache = Counter(
+            "ditserve_conditioning_cache_total", description="Input images' encodes (editing) by kind (vision: the "
+            "text encoder's vision tower, latent: the VAE encode) and outcome (hits: skipped, misses: computed).",
+            tag_keys=("model", "kind", "outcome"),
+        )
         self.cache_blocks = Counter(
             "ditserve_cache_blocks_total", description="Transformer blocks of cached requests, evaluated or skipped.",
             tag_keys=("model", "backend", "outcome"),
@@ -51,6 +56,13 @@ class RouterMetrics:
         self.requests.inc(tags={"model": model, "status": "ok"})
         if cache:
             self._count_cache(model, cache)
+
+    def conditioning(self, model: str, counts: Mapping[str, int] | None) -> None:
+        """One editing request's conditioning-cache counts (``vision_hits``, ``latent_misses``, ...)."""
+        for name, count in (counts or {}).items():
+            kind, outcome = name.split("_", 1)
+            if count:
+                self.conditioning_cache.inc(count, tags={"model": model, "kind": kind, "outcome": outcome})
 
     def failed(self, model: str, status: int) -> None:
         """A generation request refused or failed with HTTP ``status``."""

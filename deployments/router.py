@@ -17,6 +17,7 @@ in appear without a restart), each adapter as a model whose ``parent`` is the ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Literal
@@ -49,12 +50,14 @@ from .http import (
 from .metrics import RouterMetrics
 from .schema import GenerationRequest, RequestError, ResolvedRequest
 from .served import ServedModel
-from .stages import Decoded, merge_reports
+from .stages import Decoded, conditioning_report, merge_reports
 
 logger = logging.getLogger("ray.serve")
 
-STAGES = ("prior", "encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
-SIDE_BY_SIDE = ("prior", "encode")  # run concurrently: the longer one is on the request's path
+STAGES = ("prior", "encode", "image_encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
+# run concurrently (the prior, the text encoder and the VAE's encode of input images): the longest is
+# on the request's path
+SIDE_BY_SIDE = ("prior", "encode", "image_encode")
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -97,14 +100,18 @@ class Router:
     # ---- composition --------------------------------------------------------------------------
 
     async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
-        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request; only the last reply is awaited."""
+        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request; only the last reply is
+        awaited. Input images (editing) go to the TextEncoder (read with the prompt) and to the VAE's
+        ``encode`` (latents) in parallel with the Prior; the DiT gets every reply unawaited."""
         encoded = self.encoder.encode.remote(resolved)
-        prior = (self.prior.generate.remote(resolved),) if self.prior is not None else ()
+        prior = self.prior.generate.remote(resolved) if self.prior is not None else None
+        images = self.vae.encode.remote(resolved) if resolved.images else None
+        lean = dataclasses.replace(resolved, images=()) if resolved.images else resolved  # pixels: read already
         # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
         # follow it: a client that combines adapters tends to combine the same ones)
         dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(resolved, encoded, *prior)
-        return await self.vae.decode.remote(resolved, denoised, return_latents)
+        denoised = dit.denoise.remote(lean, encoded, prior, images)
+        return await self.vae.decode.remote(lean, denoised, return_latents)
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray | None, GenerationResult]:
         """Images (uint8) and the result; an audio model's clips are in ``result.audio`` (images ``None``)."""
@@ -116,7 +123,8 @@ class Router:
         timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
         return decoded.images, GenerationResult(None, request_id, resolved.model, resolved.seed, timings,
-                                                decoded.latents, cache, lora, decoded.audio)
+                                                decoded.latents, cache, lora, audio=decoded.audio,
+                                                conditioning=conditioning_report(decoded.reports))
 
     def _finish(self, result: GenerationResult, postprocess_s: float) -> GenerationResult:
         """Close the request's timings (``queue``: time not spent computing) and record its metrics."""
@@ -128,6 +136,7 @@ class Router:
         timings["queue"] = max(0.0, wall - busy)
         timings["total"] = wall
         self.metrics.succeeded(result.model, timings, result.cache)
+        self.metrics.conditioning(result.model, result.conditioning)
         logger.info("request %s done: model=%s seed=%s timings=%s", result.request_id, result.model, result.seed,
                     {k: round(v, 4) for k, v in timings.items()})
         return result

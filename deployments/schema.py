@@ -22,6 +22,7 @@ from ditserve.models import Feature, Guidance, Modality, ModelSpec, SamplingPara
 from ditserve.parallel.vae import VaeConfig, size_error
 
 MAX_PROMPT_CHARS = 20_000
+LAYERED_DEFAULT_LAYERS = 4  # QwenImageLayeredPipeline's default
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
 
 
@@ -93,6 +94,11 @@ class GenerationRequest(BaseModel):
                                   "seconds_start is 0); at most the model's maximum; default: the model's default.")
     seconds_start: float | None = Field(None, ge=0, description="Audio: where the clip starts, in seconds "
                                         "(less than seconds); default 0.")
+    images: list[Any] | None = Field(
+        None, description="Input images of an editing model: PIL images, uint8 numpy arrays (H, W[, C]) or "
+        "encoded PNG/JPEG/WebP bytes, checked by deployments/images_in.py (formats, pixel and byte caps).",
+    )
+    layers: int | None = Field(None, ge=1, le=10, description="Layered models: RGBA layers to decompose into.")
 
     @field_validator("prompt")
     @classmethod
@@ -149,6 +155,11 @@ class ResolvedRequest:
     seed: int
     lora: tuple[LoraRequest, ...] = ()  # the adapters, in the order given
     cache: CacheSettings | None = None  # the deployment's cache merged with the request's
+    # input images (editing), decoded and checked (images_in.read_images): uint8 (H, W, 3|4) arrays,
+    # and their content keys (the conditioning cache's keys)
+    images: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    image_keys: tuple[str, ...] = ()
+    layers: int | None = None
 
     @property
     def loras(self) -> tuple[tuple[str, float], ...]:
@@ -161,14 +172,24 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
-def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
-    """Check ``req`` against the model ``spec`` and fill the model's defaults.
+def resolve_request(req: GenerationRequest, spec: ModelSpec, images: tuple[Any, ...] = ()) -> ResolvedRequest:
+    """Check ``req`` against the model ``spec`` and fill the model's defaults (``images``: its input
+    images, decoded; an editing model's default size follows them).
 
     Raises:
         RequestError: an option the model does not accept, or a size it cannot produce.
     """
     seconds, seconds_start = resolve_seconds(req, spec)
-    if req.size is None:
+    if req.size is not None and spec.task == "image-layered":
+        raise RequestError("size", f"model {spec.id} outputs layers at the input image's size; leave size unset")
+    if req.size is None and images and spec.condition_pixels:
+        # editing: the output follows the input image, as the pipeline's default (its last image's)
+        from ditserve.models import adapter_class
+
+        h, w = images[-1].shape[:2]
+        width, height = adapter_class(spec.family).condition_size(w, h, spec.condition_pixels)
+        width, height = width // spec.size_multiple * spec.size_multiple, height // spec.size_multiple * spec.size_multiple
+    elif req.size is None:
         width, height = spec.default_width, spec.default_height
     elif spec.modality == Modality.AUDIO:
         raise RequestError("size", f"model {spec.id} generates audio: give seconds (and seconds_start), not a size")
@@ -184,6 +205,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
                     "size", f"{name} {value} is outside {spec.min_size}..{spec.max_size} for model {spec.id}"
                 )
 
+    if req.layers is not None and spec.task != "image-layered":
+        raise RequestError("layers", f"model {spec.id} does not decompose into layers")
     guidance_scale = req.guidance_scale
     true_cfg_scale = req.true_cfg_scale
     if spec.guidance == Guidance.TRUE_CFG:
@@ -228,10 +251,12 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec) -> ResolvedRequest:
         seconds=seconds,
         seconds_start=seconds_start,
         **_video_params(req, spec, guidance_scale),
+        layers=(req.layers or LAYERED_DEFAULT_LAYERS) if spec.task == "image-layered" else None,
     )
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     lora = req.lora if isinstance(req.lora, list) else [req.lora] if req.lora is not None else []
-    return ResolvedRequest(spec.id, req.prompt, negative, params, seed, tuple(lora))
+    return ResolvedRequest(spec.id, req.prompt, negative, params, seed, tuple(lora), images=images,
+                           layers=req.layers)
 
 
 def _video_params(req: GenerationRequest, spec: ModelSpec, guidance_scale: float | None) -> dict[str, Any]:
@@ -349,6 +374,7 @@ def validate_request(
     num_blocks: int | None = None,
     vae: VaeConfig | None = None,
     lora: LoraConfig | None = None,
+    images: Any = None,
 ) -> ResolvedRequest:
     """Everything the edge checks: the model is served, the fields fit it, options are available.
 
@@ -357,13 +383,18 @@ def validate_request(
         num_blocks: the model's transformer block count (``None``: the caches do not know the class).
         vae: the deployment's VAE options (the size must split over its patch-parallel workers).
         lora: the deployment's LoRA options (``lora_dir`` is listed for the adapter names).
+        images: the deployment's input image limits (``images_in.ImageInputConfig``; default limits when
+            ``None``).
     """
     # lora_dir is listed only for a request that may name an adapter (a lora field, or a model that
     # is not the served one), not for every request
     may_name = req.lora is not None or (req.model is not None and req.model not in served)
     adapters = list_adapters(lora.lora_dir) if lora is not None and may_name else {}
     spec = select_model(req, served, default, adapters)
-    resolved = resolve_request(req, spec)
+    from .images_in import read_images  # images_in names fields with this module's RequestError
+
+    arrays, keys = read_images(req.images, spec, images)
+    resolved = dataclasses.replace(resolve_request(req, spec, arrays), image_keys=keys)
     resolved = dataclasses.replace(resolved, lora=resolve_lora(req, resolved, lora, adapters))
     if vae is not None and spec.modality != Modality.AUDIO:  # audio has no image size to split
         # the registry's size multiple is the VAE scale x the 2x2 latent packing (Engine checks it

@@ -17,6 +17,7 @@ from ditserve.parallel.vae import VaeConfig
 
 from .attach import check_support, model_support
 from .engine import EngineConfig
+from .images_in import ImageInputConfig
 from .schema import GenerationRequest, ResolvedRequest, validate_request
 
 
@@ -31,6 +32,7 @@ class ServedModel:
         cache_default: the deployment's cache (``cache_backend``/``cache_config``), merged with a request's.
         lora: the deployment's LoRA options (its ``lora_dir`` names the adapters a request may ask for).
         prior: whether the model conditions on an autoregressive prior (a Prior deployment is bound).
+        images: the deployment's limits on input images (editing).
     """
 
     spec: ModelSpec
@@ -39,6 +41,7 @@ class ServedModel:
     cache_default: CacheSettings | None = None
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     prior: bool = False
+    images: ImageInputConfig = dataclasses.field(default_factory=ImageInputConfig)  # input image limits
 
     @property
     def id(self) -> str:
@@ -52,7 +55,7 @@ class ServedModel:
     def validate(self, req: GenerationRequest) -> ResolvedRequest:
         """Check ``req`` against this model and fill its defaults (raises ``RequestError``)."""
         return validate_request(req, self.specs, self.spec.id, cache_default=self.cache_default,
-                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora)
+                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora, images=self.images)
 
 
 def describe_served_model(config: EngineConfig) -> ServedModel:
@@ -61,4 +64,5 @@ def describe_served_model(config: EngineConfig) -> ServedModel:
     resolved = resolve_model(config.model)
     cls = adapter_class(resolved.spec.family)
     caps = check_support(config, cls.stages_with_prior(STAGES), caps=model_support(resolved))
-    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora, cls.has_prior())
+    return ServedModel(resolved.spec, caps.num_blocks, config.vae, config.cache(), config.lora, cls.has_prior(),
+                       config.images)

@@ -31,7 +31,7 @@ from .config import AppConfig, StageOptions
 from .metrics import DitMetrics
 from .ray_executor import RayExecutor
 from .schema import ResolvedRequest
-from .stages import Decoded, Denoised, Encoded, Encoder, PriorTokens
+from .stages import Decoded, Denoised, Encoded, EncodedImages, Encoder, PriorTokens
 from .stages import Prior as PriorStage
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,12 @@ class DiT(_GroupCoordinator):
 
         self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.engine.lora.max_loras_per_replica)(adapter)
 
-    async def denoise(self, req: ResolvedRequest, encoded: Encoded, prior: PriorTokens | None = None) -> Denoised:
-        denoised = await self._call(req, encoded.with_prior(prior), _request_id())
+    async def denoise(self, req: ResolvedRequest, encoded: Encoded, prior: PriorTokens | None = None,
+                      images: EncodedImages | None = None) -> Denoised:
+        # prior: an autoregressive prior's tokens (GLM-Image); images: the input images' latents
+        # (editing), from the VAE's encode
+        extra = (None, images) if images is not None else ()
+        denoised = await self._call(req, encoded.with_prior(prior), _request_id(), *extra)
         if req.lora:
             for lora in req.lora:
                 await self.adapter(lora.name)
@@ -244,3 +248,8 @@ class VAE(_GroupCoordinator):
 
     async def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         return await self._call(req, denoised, return_latents)
+
+    async def encode(self, req: ResolvedRequest) -> EncodedImages:
+        """Input images -> their latents (editing): every worker encodes whole (patch parallel splits
+        decode only), rank 0 answers."""
+        return await self.executor.call_all_async("encode", req, timeout_s=self.request_timeout_s)

@@ -34,6 +34,7 @@ from ditserve.features.lora import LoraError, LoraStore
 from ditserve.models import (
     Audio,
     FamilyAdapter,
+    ImageConditioning,
     ModelSpec,
     RequestContext,
     ResolvedModel,
@@ -49,6 +50,7 @@ from ditserve.parallel.groups import Group
 from ditserve.parallel.vae import build_vae_group
 
 from .attach import Support, attach, check_support, offloaded_components, stage_scope
+from .conditioning import ConditioningCache
 from .loading import denoiser_loader
 from .schema import RequestError, ResolvedRequest
 from .worker import RequestAborted
@@ -69,6 +71,9 @@ class StageReport:
         cache: cache statistics of the denoiser (``CacheStats.as_dict``), when the request ran one.
         bytes_sent: bytes this rank handed to collectives for the request (benchmarks).
         lora: the adapters of the request and what the DiT's store did for them (loads, hits, ...).
+        conditioning: the conditioning cache's hits and misses for the request's input images
+            (``vision_hits``/``vision_misses`` from the Encoder, ``latent_hits``/``latent_misses`` from
+            the VAE's ``encode``).
     """
 
     stage: str
@@ -76,6 +81,7 @@ class StageReport:
     cache: dict[str, Any] | None = None
     bytes_sent: int = 0
     lora: dict[str, Any] | None = None
+    conditioning: dict[str, int] | None = None
 
 
 @dataclasses.dataclass
@@ -97,6 +103,14 @@ class Encoded:
 
     def with_prior(self, prior: PriorTokens | None) -> Encoded:
         return self if prior is None else dataclasses.replace(self, prior=prior)
+
+
+@dataclasses.dataclass
+class EncodedImages:
+    """VAE ``encode`` -> Denoiser: the latents of one request's input images (editing)."""
+
+    images: ImageConditioning
+    reports: tuple[StageReport, ...]
 
 
 @dataclasses.dataclass
@@ -132,6 +146,15 @@ def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dic
     return timings, cache, lora
 
 
+def conditioning_report(reports: Sequence[StageReport]) -> dict[str, int] | None:
+    """The conditioning cache's counts of all stages for one request (``None``: no input images)."""
+    out: dict[str, int] = {}
+    for report in reports:
+        for name, count in (report.conditioning or {}).items():
+            out[name] = out.get(name, 0) + count
+    return out or None
+
+
 class Timer:
     """Accumulates wall time per name."""
 
@@ -164,6 +187,8 @@ def load_adapter(config: Any, stages: Sequence[str], groups: ParallelGroups | No
         loaders={name: loader for name in cls.denoisers} if loader else None,
         host_components=offloaded_components(config, stages, cls),
     )
+    if spec.condition_pixels:  # editing: the area input images are resized to (the registry's)
+        adapter.condition_pixels = spec.condition_pixels
     if adapter.size_multiple != spec.size_multiple:
         raise ValueError(
             f"model {spec.id}: registry says sizes are multiples of {spec.size_multiple}, "
@@ -201,30 +226,59 @@ class Encoder(_Stage):
     def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
                  caps: Support | None = None) -> None:
         super().__init__(config, adapter, resolved, caps)
+        # input images' vision features by content key (editing; conditioning.py)
+        self.vision_cache = ConditioningCache(config.images.conditioning_cache_mb)
 
     def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
-        texts = sorted({t for r in reqs for t in (r.prompt, r.negative_prompt) if t is not None})
+        return self._conditioning(reqs)[0]
+
+    def _vision_encode(self, req: ResolvedRequest, text: str, counts: dict[str, int]) -> dict[str, Any]:
+        """``text`` read with the request's images; their vision features from the cache when seen before."""
+        key = "|".join(req.image_keys) if req.image_keys else None
+        features = self.vision_cache.get(key) if key is not None else None
+        kwargs, computed = self.adapter.encode_image_prompt([text], req.images, 1, features)
+        if features is None and computed is None:  # the family reads the text alone (Qwen-Image-Layered)
+            return kwargs
+        if features is None:
+            counts["vision_misses"] = counts.get("vision_misses", 0) + 1
+            if key is not None:
+                self.vision_cache.put(key, computed)
+        else:
+            counts["vision_hits"] = counts.get("vision_hits", 0) + 1
+        return kwargs
+
+    def _conditioning(self, reqs: Sequence[ResolvedRequest]) -> tuple[list[TextConditioning], list[dict[str, int]]]:
+        # texts alone batch by shape; a request with input images is read with its images, alone
+        texts = sorted({t for r in reqs if not r.images for t in (r.prompt, r.negative_prompt) if t is not None})
         by_shape: dict[Any, list[str]] = {}
         for text in texts:
             by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
-        encoded: dict[str, dict[str, torch.Tensor | None]] = {}
+        encoded: dict[Any, dict[str, torch.Tensor | None]] = {}
+        counts: list[dict[str, int]] = [{} for _ in reqs]
         with torch.inference_mode(), self.scope():
             for group in by_shape.values():
                 encoded.update(zip(group, self.adapter.encode_texts(group)))
+            for i, r in enumerate(reqs):
+                for text in (r.prompt, r.negative_prompt) if r.images else ():
+                    if text is not None:
+                        encoded[i, text] = self._vision_encode(r, text, counts[i])
         out = []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             n = r.params.num_images_per_prompt
-            negative = None if r.negative_prompt is None else self.adapter.repeat_text(encoded[r.negative_prompt], n)
-            cond = TextConditioning(self.adapter.repeat_text(encoded[r.prompt], n), negative, batch_size=1)
+            key = (lambda t: (i, t)) if r.images else (lambda t: t)
+            negative = None if r.negative_prompt is None else \
+                self.adapter.repeat_text(encoded[key(r.negative_prompt)], n)
+            cond = TextConditioning(self.adapter.repeat_text(encoded[key(r.prompt)], n), negative, batch_size=1)
             with torch.inference_mode(), self.scope():
                 out.append(self.adapter.request_conditioning(cond, r.params))  # e.g. audio seconds
-        return out
+        return out, counts
 
     def encode(self, reqs: Sequence[ResolvedRequest]) -> list[Encoded]:
         start = time.perf_counter()
-        conds = self.conditioning(reqs)
-        report = StageReport("encode", {"encode": time.perf_counter() - start})
-        return [Encoded(c, (report,)) for c in conds]
+        conds, counts = self._conditioning(reqs)
+        seconds = time.perf_counter() - start
+        return [Encoded(c, (StageReport("encode", {"encode": seconds}, conditioning=n or None),))
+                for c, n in zip(conds, counts)]
 
 
 class Prior(_Stage):
@@ -275,7 +329,8 @@ class Denoiser(_Stage):
         super().__init__(config, adapter, resolved, caps, self.groups)
 
     def denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str,
-                callback: StepCallback | None = None) -> Denoised:
+                callback: StepCallback | None = None, images: EncodedImages | None = None) -> Denoised:
+        """The request's loop; ``images``: its input images' latents (editing), from the VAE's ``encode``."""
         timer = Timer()
         sent_before = self.groups.bytes_sent()
         cond = encoded.cond.to(self.adapter.device, self.adapter.dtype)
@@ -290,7 +345,8 @@ class Denoiser(_Stage):
         store = self.adapter.lora_store
         with request_context(ctx), self.scope(), self._lora(store, req, timer) as lora:
             with timer.stage("prepare"):
-                state = self.adapter.prepare(req.params, cond, generator)
+                image_cond = images.images.to(self.adapter.device, self.adapter.dtype) if images is not None else None
+                state = self.adapter.prepare(req.params, cond, generator, image_cond)
             steps = req.params.num_inference_steps
             # the ranks computing one CFG branch together reduce the skip metrics (same decisions)
             with timer.stage("denoise"), cache_run(req.cache, self.adapter.transformer, self.adapter.cache_blocks,
@@ -299,7 +355,8 @@ class Denoiser(_Stage):
         report = StageReport("denoise", timer.timings, run.stats.as_dict() if run is not None else None,
                              self.groups.bytes_sent() - sent_before, lora)
         prior_reports = encoded.prior.reports if encoded.prior is not None else ()
-        return Denoised(latents.cpu(), (*prior_reports, *encoded.reports, report))
+        before = (*prior_reports, *encoded.reports, *(images.reports if images is not None else ()))
+        return Denoised(latents.cpu(), (*before, report))
 
     @contextlib.contextmanager
     def _lora(self, store: LoraStore | None, req: ResolvedRequest, timer: Timer) -> Iterator[dict[str, Any] | None]:
@@ -342,6 +399,8 @@ class Decoder(_Stage):
                  resolved: ResolvedModel | None = None, caps: Support | None = None) -> None:
         self.group = group
         super().__init__(config, adapter, resolved, caps, group)
+        # input images' latents by content key (editing; conditioning.py)
+        self.latent_cache = ConditioningCache(config.images.conditioning_cache_mb)
 
     def images(self, req: ResolvedRequest, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> the decoded output: images (B, 3, H, W) in [-1, 1], or waveforms
@@ -349,6 +408,33 @@ class Decoder(_Stage):
         latents = latents.to(self.adapter.device)
         with torch.inference_mode(), self.scope():
             return self.adapter.decode_output(latents, req.params)
+
+    def encode(self, req: ResolvedRequest) -> EncodedImages | None:
+        """The request's input images -> their VAE latents (editing; the VAE deployment's ``encode``).
+
+        Patch parallel splits decode only: the VAE encoder's plan is not written, and an input image
+        is small next to the decoder's output; so the first worker of a patch-parallel group encodes
+        whole and the others return ``None`` at once (the replica answers with the first's result)."""
+        if self.group is not None and self.group.size > 1 and self.group.rank != 0:
+            return None
+        start = time.perf_counter()
+        keys = req.image_keys or (None,) * len(req.images)
+        latents, sizes, counts = [], [], {"latent_hits": 0, "latent_misses": 0}
+        for image, key in zip(req.images, keys):
+            item = self.latent_cache.get(key) if key is not None else None
+            if item is None:
+                with torch.inference_mode(), self.scope():
+                    one = self.adapter.encode_images([image]).to("cpu")
+                item = (one.latents[0], one.sizes[0])
+                counts["latent_misses"] += 1
+                if key is not None:
+                    self.latent_cache.put(key, item)
+            else:
+                counts["latent_hits"] += 1
+            latents.append(item[0])
+            sizes.append(item[1])
+        report = StageReport("image_encode", {"image_encode": time.perf_counter() - start}, conditioning=counts)
+        return EncodedImages(ImageConditioning(latents, sizes), (report,))
 
     def decode(self, req: ResolvedRequest, denoised: Denoised, return_latents: bool = False) -> Decoded:
         start = time.perf_counter()

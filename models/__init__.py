@@ -9,7 +9,18 @@ and the data it declares: ``contract.py``; ``SamplingParams``, ``TextConditionin
 if __name__ != "ditserve.models":  # one copy of every module: see the README, "Packaging"
     raise ImportError(f"import ditserve.models, not {__name__}: the layers are subpackages of ditserve only")
 
-from .adapter import ALL_STAGES, PRIOR_STAGE, STAGES, CFGStrategy, DenoiseState, FamilyAdapter, SamplingParams, TextConditioning, serial_cfg
+from .adapter import (
+    ALL_STAGES,
+    PRIOR_STAGE,
+    STAGES,
+    CFGStrategy,
+    DenoiseState,
+    FamilyAdapter,
+    ImageConditioning,
+    SamplingParams,
+    TextConditioning,
+    serial_cfg,
+)
 from .contract import (
     Audio,
     CacheBlocks,
@@ -74,6 +85,7 @@ __all__ = [
     "ResolvedModel",
     "SamplingParams",
     "TextConditioning",
+    "ImageConditioning",
     "adapter_class",
     "current_request",
     "current_step",

@@ -81,6 +81,7 @@ class SamplingParams:
     #: ``audio_start_in_s``); ``None`` for images and video
     seconds: float | None = None
     seconds_start: float | None = None
+    layers: int | None = None  # layered output (``Output.LAYERED_IMAGE``): RGBA layers per image
 
 
 @dataclasses.dataclass
@@ -109,6 +110,27 @@ class TextConditioning:
             return out
 
         return TextConditioning(move(self.positive), move(self.negative), self.batch_size)
+
+
+@dataclasses.dataclass
+class ImageConditioning:
+    """VAE ``encode`` -> denoiser: the latents of a request's input images (editing).
+
+    Attributes:
+        latents: one tensor per input image, in the VAE's latent layout, already normalized as the
+            pipeline normalizes them (before any packing).
+        sizes: (height, width) in pixels each image was resized to before encoding.
+    """
+
+    latents: list[torch.Tensor]
+    sizes: list[tuple[int, int]]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageConditioning:
+        return ImageConditioning([t.to(device=device, dtype=dtype or t.dtype) for t in self.latents], list(self.sizes))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.latents)
 
 
 @dataclasses.dataclass
@@ -428,6 +450,26 @@ class FamilyAdapter:
         ``seconds_start``/``seconds`` embeddings, and its unconditional branch when CFG runs
         without a negative prompt."""
         return cond
+    def encode_image_prompt(
+        self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int,
+        vision_features: Any = None,
+    ) -> tuple[dict[str, torch.Tensor | None], Any]:
+        """Image-conditioned families: ``texts`` read together with the input ``images`` (uint8
+        (H, W, C) arrays) by a vision-language encoder.
+
+        Args:
+            vision_features: what an earlier call returned for the same images (the vision tower's
+                output, which does not depend on the text): used instead of running the tower.
+
+        Returns:
+            the denoiser's text kwargs, and the vision features (CPU tensors; to reuse).
+        """
+        raise NotImplementedError(f"{self.family} takes no input images")
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any]) -> ImageConditioning:
+        """Image-conditioned families: the input images (uint8 (H, W, C) arrays) -> their VAE latents."""
+        raise NotImplementedError(f"{self.family} takes no input images")
 
     def text_shape_key(self, text: str) -> Hashable:
         """Texts with equal keys encode to equal shapes and can share one encoder batch, with the
@@ -454,12 +496,17 @@ class FamilyAdapter:
     # ---- prepare ------------------------------------------------------------------------------
 
     def prepare(
-        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None
+        self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None,
+        images: ImageConditioning | None = None,
     ) -> DenoiseState:
-        """Initial latents, this request's scheduler and timesteps, and the shared denoiser kwargs."""
+        """Initial latents, this request's scheduler and timesteps, and the shared denoiser kwargs;
+        ``images``: the input images' latents of an image-conditioned family (``Conditioning.IMAGE``)."""
         self._require(self.denoisers[0], "scheduler")
         batch = cond.batch_size * params.num_images_per_prompt
-        latents, kwargs = self.prepare_latents(params, cond, batch, generator)
+        if images is not None:
+            latents, kwargs = self.prepare_latents(params, cond, batch, generator, images=images)
+        else:
+            latents, kwargs = self.prepare_latents(params, cond, batch, generator)
         scheduler = self._new_scheduler()
         timesteps = self.prepare_timesteps(scheduler, params, latents)
         return DenoiseState(

@@ -14,6 +14,10 @@ _TINY_DEFAULTS = dict(
     num_inference_steps=8, default_width=128, default_height=128, min_size=16, max_size=1024, builtin=True
 )
 
+# editing: input images are read at this area (the real models' 1024x1024 takes tens of seconds per
+# request on a CPU)
+TINY_CONDITION_PIXELS = 64 * 64
+
 # per tiny family, over _TINY_DEFAULTS: video runs 5 frames (2 latent frames) by default; TI2V's and GLM-Image's
 # sizes are multiples of 32
 _TINY_FAMILY_DEFAULTS = {
@@ -23,6 +27,8 @@ _TINY_FAMILY_DEFAULTS = {
     # the tiny audio geometry (models/tiny/stable_audio.py): 128 Hz stereo, at most 1 s; sizes do not apply
     "stable-audio": dict(audio_seconds=1.0, max_audio_seconds=1.0, audio_sample_rate=128, default_width=1,
                          default_height=1, min_size=1, max_size=1),
+    **{family: dict(condition_pixels=TINY_CONDITION_PIXELS) for family in ("qwen-image-edit", "qwen-image-edit-plus",
+                                                            "qwen-image-layered")},
 }
 
 
@@ -60,6 +66,12 @@ BUILTIN_MODELS: list[ModelSpec] = [
           "wan-ti2v"),
     _tiny("stabilityai/stable-audio-open-1.0", "ditserve/tiny-stable-audio", "Tiny Stable-Audio-Open (random weights)",
           "stable-audio"),
+    _tiny("Qwen/Qwen-Image-Edit", "ditserve/tiny-qwen-image-edit", "Tiny Qwen-Image-Edit (random weights)",
+          "qwen-image-edit"),
+    _tiny("Qwen/Qwen-Image-Edit-2509", "ditserve/tiny-qwen-image-edit-2509",
+          "Tiny Qwen-Image-Edit-2509 (random weights)", "qwen-image-edit-plus"),
+    _tiny("Qwen/Qwen-Image-Layered", "ditserve/tiny-qwen-image-layered", "Tiny Qwen-Image-Layered (random weights)",
+          "qwen-image-layered"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

@@ -281,6 +281,8 @@ MODELS: list[ModelSpec] = [
         task="image-edit",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPipeline"),
         **_QWEN_DEFAULTS,
+        max_input_images=1,
+        condition_pixels=1024 * 1024,
         **_image_sizes(16),
         seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
@@ -291,11 +293,13 @@ MODELS: list[ModelSpec] = [
     ModelSpec(
         id="Qwen/Qwen-Image-Edit-2509",
         name="Qwen-Image-Edit-2509",
-        family="qwen-image-edit",
+        family="qwen-image-edit-plus",
         modality=Modality.IMAGE,
         task="image-edit",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageEditPlusPipeline"),
         **_QWEN_DEFAULTS,
+        max_input_images=3,
+        condition_pixels=1024 * 1024,
         **_image_sizes(16),
         seed_features=_row("✅ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(
@@ -311,6 +315,8 @@ MODELS: list[ModelSpec] = [
         task="image-layered",
         components=_with_pipeline(_QWEN_IMAGE, "QwenImageLayeredPipeline"),
         **_QWEN_DEFAULTS,
+        max_input_images=1,
+        condition_pixels=640 * 640,
         **_image_sizes(16, width=640, height=640),
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(

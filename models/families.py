@@ -31,6 +31,9 @@ _ADAPTERS = {
     "glm-image": "ditserve.models.glm_image:GlmImageAdapter",
     "wan2.2": "ditserve.models.wan:WanAdapter",
     "stable-audio": "ditserve.models.stable_audio:StableAudioAdapter",
+    "qwen-image-edit": "ditserve.models.qwen_image_edit:QwenImageEditAdapter",
+    "qwen-image-edit-plus": "ditserve.models.qwen_image_edit:QwenImageEditPlusAdapter",
+    "qwen-image-layered": "ditserve.models.qwen_image_edit:QwenImageLayeredAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

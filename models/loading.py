@@ -120,7 +120,8 @@ def load_component(
         name: component name, e.g. ``"transformer"``.
         expected: the class the family adapter works with; the declared class must subclass it.
         dtype: dtype of floating point weights (ignored for schedulers and tokenizers).
-        loader: ``loader(cls, folder, dtype)`` instead of ``cls.from_pretrained`` (torch modules).
+        loader: ``loader(cls, folder, dtype)`` instead of ``cls.from_pretrained`` (torch modules,
+            processors).
     """
     if name not in info.components:
         raise CheckpointError(f"{info.path}: model_index.json declares no component {name!r}")
@@ -140,6 +141,8 @@ def load_component(
         else:
             module = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
         return module.eval().requires_grad_(False)
+    if loader is not None:  # e.g. a processor built without the classes an absent library provides
+        return loader(cls, folder, dtype)
     if ref.library == "diffusers":  # schedulers: config only
         return cls.from_pretrained(info.path, subfolder=name, local_files_only=True)
     return cls.from_pretrained(folder, local_files_only=True)  # tokenizers

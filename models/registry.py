@@ -121,6 +121,14 @@ class ModelSpec(BaseModel):
         None, description="Negative prompt of requests that give none, so true CFG runs at the default "
         "true_cfg_scale (Qwen-Image's own examples use ' '); a request with true_cfg_scale <= 1 runs without it.",
     )
+    max_input_images: int = Field(
+        0, ge=0, description="Input images a request may send (editing); 0: the model takes none.",
+    )
+    condition_pixels: int | None = Field(
+        None, gt=0, description="Editing: the pixel area an input image is resized to (keeping its aspect "
+        "ratio, sides multiples of 32) before the VAE encodes it; the output size follows it by default "
+        "(the pipeline's 1024*1024).",
+    )
     tea_cache_coefficients: tuple[float, float, float, float, float] | None = Field(
         None, description="TeaCache polynomial fitted for this checkpoint (tools/fit_tea_cache.py); "
         "default: the family's.",

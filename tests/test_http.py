@@ -157,7 +157,8 @@ def test_models_and_health(http):
 def test_openapi_documents_routes_with_our_models(http):
     status, spec, _ = http("GET", "/openapi.json")
     assert status == 200
-    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/audio/generations", "/v1/models", "/health"}
+    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/images/edits", "/v1/audio/generations", "/v1/models",
+                                  "/health"}
     audio = spec["paths"]["/v1/audio/generations"]["post"]
     assert audio["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/AudioRequest"
     assert {"audio/wav", "audio/flac", "application/json"} <= set(audio["responses"]["200"]["content"])
@@ -167,7 +168,10 @@ def test_openapi_documents_routes_with_our_models(http):
     assert set(schemas["ImagesRequest"]["properties"]) == set(GenerationRequest.model_fields) | {
         "response_format", "output_format", "output_compression", "user"}
     assert set(schemas["ImagesResponse"]["properties"]) == {
-        "created", "data", "model", "output_format", "size", "seed", "request_id", "timings", "cache", "lora", "usage"}
+        "created", "data", "model", "output_format", "size", "seed", "request_id", "timings", "cache", "lora",
+        "conditioning", "usage"}
+    edits = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(edits)
     for code in ("400", "413", "422", "429", "503"):  # our error shape, not FastAPI's HTTPValidationError
         assert post["responses"][code]["content"]["application/json"]["schema"]["$ref"] == \
             "#/components/schemas/ErrorResponse"

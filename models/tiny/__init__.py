@@ -20,12 +20,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image", "glm-image", "wan",
-            "wan-ti2v", "stable-audio")
+            "wan-ti2v", "stable-audio", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
                   "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-longcat-image": "longcat-image",
                   "ditserve/tiny-glm-image": "glm-image", "ditserve/tiny-wan": "wan", "ditserve/tiny-wan-ti2v": "wan-ti2v",
-                  "ditserve/tiny-stable-audio": "stable-audio"}
+                  "ditserve/tiny-stable-audio": "stable-audio", "ditserve/tiny-qwen-image-edit": "qwen-image-edit",
+                  "ditserve/tiny-qwen-image-edit-2509": "qwen-image-edit-plus",
+                  "ditserve/tiny-qwen-image-layered": "qwen-image-layered"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -180,13 +182,32 @@ def _stable_audio_pipeline():
     from .stable_audio import stable_audio_pipeline
 
     return stable_audio_pipeline()
+def _qwen_image_edit_pipeline():
+    from .qwen_image_edit import qwen_image_edit_pipeline
+
+    return qwen_image_edit_pipeline()
+
+
+def _qwen_image_edit_plus_pipeline():
+    from diffusers import QwenImageEditPlusPipeline
+
+    from .qwen_image_edit import qwen_image_edit_pipeline
+
+    return qwen_image_edit_pipeline(QwenImageEditPlusPipeline)
+
+
+def _qwen_image_layered_pipeline():
+    from .qwen_image_edit import qwen_image_layered_pipeline
+
+    return qwen_image_layered_pipeline()
 
 
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
              "ovis-image": _ovis_image_pipeline, "longcat-image": _longcat_image_pipeline,
              "glm-image": _glm_image_pipeline, "wan": _wan_pipeline, "wan-ti2v": lambda: _wan_pipeline(ti2v=True),
-             "stable-audio": _stable_audio_pipeline}
+             "stable-audio": _stable_audio_pipeline, "qwen-image-edit": _qwen_image_edit_pipeline,
+             "qwen-image-edit-plus": _qwen_image_edit_plus_pipeline, "qwen-image-layered": _qwen_image_layered_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
