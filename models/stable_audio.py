@@ -176,9 +176,9 @@ class StableAudioAdapter(FamilyAdapter):
 
     # ---- prepare ------------------------------------------------------------------------------
 
-    def prepare(self, params: SamplingParams, cond: TextConditioning,
-                generator: torch.Generator | None) -> AudioDenoiseState:
-        state = super().prepare(params, cond, generator)
+    def prepare(self, params: SamplingParams, cond: TextConditioning, generator: torch.Generator | None,
+                images: Any = None) -> AudioDenoiseState:
+        state = super().prepare(params, cond, generator, images)
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(DenoiseState)}
         return AudioDenoiseState(**fields, step_kwargs=self.pipe.prepare_extra_step_kwargs(generator, 0.0))
 
