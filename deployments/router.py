@@ -13,10 +13,19 @@ A request with LoRA adapters goes to the DiT with its first adapter as Serve's
 ``multiplexed_model_id``: Serve prefers a DiT replica that already holds it (``serving.DiT``).
 ``GET /v1/models`` lists the base model and, read from ``lora_dir`` at each call (adapters dropped
 in appear without a restart), each adapter as a model whose ``parent`` is the base model.
+
+Video models: ``/v1/videos`` goes to the ``Jobs`` deployment (``jobs.py``; bound for video models
+only), which stores and runs the jobs, so any Router replica answers for any job. Python callers
+use ``handle.generate_video.remote(req)`` (a ``VideoResult`` with uint8 frames); ``generate`` and
+``/v1/images/generations`` refuse video models, naming ``model``. A synchronous request whose
+caller goes away (HTTP disconnect, ``DeploymentResponse.cancel()``) cancels its stage calls
+(``compose``): the DiT's ranks stop at their next step; counted as ``status="cancelled"``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Literal
@@ -29,6 +38,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ditserve.features.lora import list_adapters
 
+from .compose import StageHandles, compose
 from .config import AppConfig
 from .engine import GenerationResult
 from .http import (
@@ -36,12 +46,16 @@ from .http import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    VideoDeleted,
+    VideoJob,
+    VideoList,
+    VideosRequest,
     build_http_app,
     encode_images,
     images_response,
 )
 from .metrics import RouterMetrics
-from .schema import GenerationRequest, ResolvedRequest
+from .schema import GenerationRequest, RequestError, ResolvedRequest
 from .served import ServedModel
 from .stages import Decoded, merge_reports
 
@@ -49,6 +63,28 @@ logger = logging.getLogger("ray.serve")
 
 STAGES = ("prior", "encode", "lora_load", "prepare", "denoise", "decode", "postprocess")
 SIDE_BY_SIDE = ("prior", "encode")  # run concurrently: the longer one is on the request's path
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - built outside a replica (unit tests)
+        return ""
+
+
+@dataclasses.dataclass
+class VideoResult:
+    """What ``Router.generate_video`` returns.
+
+    Attributes:
+        frames: uint8 array (n, frames, H, W, 3).
+        fps: the model's frames per second.
+        result: request id, model, seed, seconds per stage (``images`` is ``None``: see ``frames``).
+    """
+
+    frames: np.ndarray
+    fps: int
+    result: GenerationResult
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -77,11 +113,13 @@ class Router:
 
     def __init__(
         self, cfg: AppConfig, served: ServedModel, encoder: DeploymentHandle, dit: DeploymentHandle,
-        vae: DeploymentHandle, prior: DeploymentHandle | None = None,
+        vae: DeploymentHandle, prior: DeploymentHandle | None = None, jobs: DeploymentHandle | None = None,
     ) -> None:
         self.cfg = cfg
         self.served = served
         self.encoder, self.dit, self.vae, self.prior = encoder, dit, vae, prior
+        self.jobs = jobs  # the Jobs deployment (video models only)
+        self.replica_id = _replica_id()  # the x-ditserve-replica header of /v1/videos answers
         self.created = int(time.time())
         self.metrics = RouterMetrics()
 
@@ -90,21 +128,28 @@ class Router:
 
     # ---- composition --------------------------------------------------------------------------
 
-    async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
-        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request; only the last reply is awaited."""
-        encoded = self.encoder.encode.remote(resolved)
-        prior = (self.prior.generate.remote(resolved),) if self.prior is not None else ()
-        # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
-        # follow it: a client that combines adapters tends to combine the same ones)
-        dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(resolved, encoded, *prior)
-        return await self.vae.decode.remote(resolved, denoised, return_latents)
+    async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False,
+                       progress_key: str | None = None) -> Decoded:
+        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request (``compose.compose``, shared
+        with the Jobs deployment); only the last reply is awaited."""
+        stages = StageHandles(self.encoder, self.dit, self.vae, self.prior)
+        return await compose(stages, resolved, return_latents, progress_key)
+
+    def _is_video(self) -> bool:
+        return self.served.spec.modality.value == "video"
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray, GenerationResult]:
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
         resolved = self.served.validate(req)
-        decoded = await self._compose(resolved, return_latents)
+        # with a Jobs deployment, the DiT reports this request's steps there (Jobs.progress(request_id))
+        key = request_id if self.jobs is not None and request_id else None
+        try:
+            decoded = await self._compose(resolved, return_latents, key)
+        except asyncio.CancelledError:
+            self.metrics.cancelled(resolved.model)
+            logger.info("request %s cancelled (caller gone); its stage calls were cancelled", request_id)
+            raise
         # each stage reported its own timings and statistics; they are merged here, once
         timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
@@ -141,14 +186,35 @@ class Router:
         """
         if isinstance(req, dict):
             req = GenerationRequest.parse(req)
+        if self._is_video():
+            raise RequestError("model", f"model {self.served.id} generates video: use generate_video (HTTP: "
+                               "POST /v1/videos)")
         images, result = await self._run(req, return_latents)
         start = time.perf_counter()
         result.images = [Image.fromarray(a) for a in images] if output_type == "pil" else list(images)
         return self._finish(result, time.perf_counter() - start)
 
+    async def generate_video(self, req: GenerationRequest, return_latents: bool = False) -> VideoResult:
+        """Generate a video synchronously (video models). Cancelling the call (``response.cancel()``)
+        stops the DiT's ranks at their next step.
+
+        Returns:
+            ``VideoResult``: uint8 frames (n, frames, H, W, 3), the fps, and the request's result
+            (seed, request id, seconds per stage; latents when ``return_latents``).
+        """
+        if isinstance(req, dict):
+            req = GenerationRequest.parse(req)
+        if not self._is_video():
+            raise RequestError("model", f"model {self.served.id} generates images: use generate")
+        frames, result = await self._run(req, return_latents)
+        result = self._finish(result, 0.0)
+        return VideoResult(frames, self.served.spec.fps or 16, result)
+
     # ---- HTTP backend (http.HttpBackend) ------------------------------------------------------
 
     async def images(self, req: ImagesRequest) -> ImagesResponse:
+        if self._is_video():
+            raise RequestError("model", f"model {self.served.id} generates video: use POST /v1/videos")
         images, result = await self._run(req.generation_request(), return_latents=False)
         start = time.perf_counter()
         data = encode_images(images, req)
@@ -167,6 +233,32 @@ class Router:
                 continue
             cards.append(ModelCard(id=name, created=created, root=self.served.id, parent=self.served.id))
         return ModelList(data=cards)
+
+    def _jobs(self) -> DeploymentHandle:
+        if self.jobs is None:
+            raise RequestError("model", f"model {self.served.id} generates {self.served.spec.modality.value}; "
+                               "/v1/videos serves video models")
+        return self.jobs
+
+    async def create_video(self, req: VideosRequest) -> VideoJob:
+        if req.user:
+            logger.info("video job for user %s", req.user)
+        return VideoJob.model_validate(await self._jobs().create.remote(req))
+
+    async def video(self, video_id: str) -> VideoJob:
+        return VideoJob.model_validate(await self._jobs().get.remote(video_id))
+
+    async def videos(self, limit: int, after: str | None) -> VideoList:
+        jobs = [VideoJob.model_validate(j) for j in await self._jobs().list.remote(limit + 1, after)]
+        page = jobs[:limit]
+        return VideoList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
+                         has_more=len(jobs) > limit)
+
+    async def delete_video(self, video_id: str) -> VideoDeleted:
+        return VideoDeleted.model_validate(await self._jobs().delete.remote(video_id))
+
+    async def video_content(self, video_id: str, variant: str) -> tuple[bytes, str]:
+        return await self._jobs().content.remote(video_id, variant)
 
     def failed(self, status: int) -> None:
         self.metrics.failed(self.served.id, status)
