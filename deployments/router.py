@@ -260,5 +260,9 @@ class Router:
     async def video_content(self, video_id: str, variant: str) -> tuple[bytes, str]:
         return await self._jobs().content.remote(video_id, variant)
 
+    def info(self) -> dict[str, Any]:
+        """This replica's id and model (operators, tests: ``handle.broadcast("info")``)."""
+        return {"replica_id": self.replica_id, "model": self.served.id}
+
     def failed(self, status: int) -> None:
         self.metrics.failed(self.served.id, status)
