@@ -157,7 +157,11 @@ def test_models_and_health(http):
 def test_openapi_documents_routes_with_our_models(http):
     status, spec, _ = http("GET", "/openapi.json")
     assert status == 200
-    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/models", "/health"}
+    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/models", "/health", "/v1/videos",
+                                  "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"}
+    assert set(spec["paths"]["/v1/videos/{video_id}"]) == {"get", "delete"}
+    assert spec["paths"]["/v1/videos"]["post"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "$ref"] == "#/components/schemas/VideoJob"
     post = spec["paths"]["/v1/images/generations"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ImagesRequest"
     schemas = spec["components"]["schemas"]

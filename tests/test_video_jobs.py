@@ -183,3 +183,38 @@ def test_bad_input_is_a_4xx_naming_the_field(served, path, body, param):
     assert 400 <= status < 500 and answer["error"]["param"] == param, answer
     if path == "/v1/images/generations":
         assert "/v1/videos" in answer["error"]["message"]
+
+
+def test_job_store_keeps_results_within_ttl_bytes_and_job_count():
+    from ditserve.deployments.config import VideoJobsOptions
+    from ditserve.deployments.jobs import Job, JobStore
+    from ditserve.deployments.schema import RequestError
+
+    now = [1000.0]
+    store = JobStore(VideoJobsOptions(result_ttl_s=60, max_result_bytes=250, max_jobs=3), clock=lambda: now[0])
+
+    def job(i: int, done: bool) -> Job:
+        j = Job(id=f"video_{i}", model="m", size="16x16", num_frames=1, fps=16, num_inference_steps=2, seed=i,
+                created_at=int(now[0]))
+        if done:
+            j.status, j.completed_at, j.mp4 = "completed", int(now[0]), b"x" * 100
+        return j
+
+    for i in range(3):
+        store.add(job(i, done=i < 2))
+    assert [j.id for j in store.newest_first(10, None)] == ["video_2", "video_1", "video_0"]
+    assert [j.id for j in store.newest_first(1, "video_2")] == ["video_1"]
+    store.add(job(3, done=True))  # past max_jobs: the oldest finished job goes; past the bytes: the next oldest
+    assert [j.id for j in store.newest_first(10, None)] == ["video_3", "video_2", "video_1"]
+    store.add(job(4, done=True))
+    assert "video_1" not in store.jobs and sum(j.result_bytes for j in store.jobs.values()) <= 250
+    now[0] += 61  # past result_ttl_s: finished jobs go, the running one stays
+    assert list(store.jobs) == ["video_2", "video_3", "video_4"] and [j.id for j in store.newest_first(10, None)] == [
+        "video_2"]
+    with pytest.raises(RequestError, match="no video job 'video_3'"):
+        store.get("video_3")
+    for i in (5, 6):
+        store.add(job(i, done=False))
+    with pytest.raises(RequestError, match="max_jobs") as err:
+        store.add(job(7, done=False))
+    assert err.value.status == 429
