@@ -15,6 +15,7 @@ from typing import Any
 from ray.serve import Application
 
 from .config import AppConfig
+from .jobs import Jobs
 from .placement import check_placement, observe_cluster, uses_gpu
 from .router import Router
 from .served import describe_served_model
@@ -24,8 +25,8 @@ IMPORT_PATH = "ditserve.deployments.app:build_app"
 
 
 def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
-    """Bind Router(TextEncoder, DiT, VAE, and Prior for a model with an autoregressive prior) for one
-    config; each deployment sets its own options.
+    """Bind Router(TextEncoder, DiT, VAE, and Prior for a model with an autoregressive prior, and Jobs
+    for a video model) for one config; each deployment sets its own options.
 
     Raises:
         ValueError: a layout no node of the running cluster can hold, or that the model cannot run.
@@ -39,4 +40,8 @@ def build_app(args: AppConfig | Mapping[str, Any] | None = None) -> Application:
     dit = DiT.options(**DiT.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
     vae = VAE.options(**VAE.func_or_class.deployment_options(cfg, gpu)).bind(cfg, gpu)
     prior = Prior.options(**Prior.func_or_class.deployment_options(cfg, gpu)).bind(cfg) if served.prior else None
-    return Router.options(**Router.func_or_class.deployment_options(cfg)).bind(cfg, served, encoder, dit, vae, prior)
+    jobs = None
+    if served.spec.modality.value == "video":  # /v1/videos: the job store, shared by every Router replica
+        jobs = Jobs.options(**Jobs.func_or_class.deployment_options(cfg)).bind(cfg, served, encoder, dit, vae, prior)
+    return Router.options(**Router.func_or_class.deployment_options(cfg)).bind(cfg, served, encoder, dit, vae, prior,
+                                                                               jobs=jobs)

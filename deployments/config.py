@@ -88,6 +88,23 @@ class SequentialStageOptions(StageOptions):
         return data
 
 
+class VideoJobsOptions(BaseModel):
+    """The ``/v1/videos`` job store (the ``Jobs`` deployment, deployed for video models only): how
+    many jobs it keeps and how long and how much of their results."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    result_ttl_s: float = Field(3600.0, gt=0, description="Seconds a finished job (and its video) is kept after it "
+                                "ends; then GET answers 404.")
+    max_result_bytes: int = Field(2 * 1024**3, gt=0, description="Bytes of results (MP4 + frames) kept in all; past "
+                                  "it the oldest finished jobs are dropped first.")
+    max_jobs: int = Field(1000, ge=1, description="Jobs kept (queued, running and finished); past it the oldest "
+                          "finished job is dropped, and a new job is refused with 429 when none has finished.")
+    max_seconds: float = Field(20.0, gt=0, description="Longest video a request may ask for, in seconds (also bounded "
+                               "by the model's max_frames).")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs of the Jobs replica (MP4 encoding runs there).")
+
+
 class AppConfig(BaseModel):
     """Everything the served app needs, as one validated object."""
 
@@ -133,6 +150,9 @@ class AppConfig(BaseModel):
     encode_batch_size: int = Field(8, ge=1, description="Most prompts the text encoder batches at once.")
     encode_batch_wait_s: float = Field(0.005, ge=0, description="How long the text encoder waits to fill a batch.")
     max_request_bytes: int = Field(1_000_000, gt=0, description="Largest HTTP body accepted (413 beyond).")
+    video_jobs: VideoJobsOptions = Field(
+        default_factory=VideoJobsOptions, description="Video models: the /v1/videos job store (results kept, budget)."
+    )
 
     @model_validator(mode="before")
     @classmethod

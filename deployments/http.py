@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -42,6 +42,7 @@ logger = logging.getLogger("ray.serve")
 IMAGES_PATH = "/v1/images/generations"
 AUDIO_PATH = "/v1/audio/generations"
 EDITS_PATH = "/v1/images/edits"
+VIDEOS_PATH = "/v1/videos"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
 OPENAPI_PATH = "/openapi.json"
@@ -150,6 +151,36 @@ async def edits_from_form(request: Request) -> ImageEditsRequest:
     return req
 
 
+class VideosRequest(GenerationRequest):
+    """Body of ``POST /v1/videos``: OpenAI's fields (``prompt``, ``model``, ``seconds``, ``size``) plus
+    the generation fields (``num_frames``, ``negative_prompt``, ``num_inference_steps``,
+    ``guidance_scale``, ``guidance_scale_2``, ``seed``, ``cache``, ``lora``) and ``fps``."""
+
+    seconds: str | float | None = Field(
+        None, description="Length in seconds (OpenAI sends a string, e.g. '4'): frames = seconds x fps rounded to "
+        "k x 4 + 1. num_frames, when given, wins. Default: the model's frames.",
+    )
+    fps: int | None = Field(None, ge=1, le=120, description="Frames per second of the MP4, and of seconds -> frames; "
+                            "default: the model's.")
+    user: str | None = Field(None, max_length=256, description="End-user id, logged with the request.")
+
+    def seconds_value(self) -> float:
+        try:
+            value = float(self.seconds)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise RequestError("seconds", f"{self.seconds!r} is not a number of seconds, e.g. '4'") from None
+        if not value > 0 or value == float("inf"):
+            raise RequestError("seconds", f"{self.seconds!r} must be a positive number of seconds")
+        return value
+
+    def generation_request(self, num_frames: int | None) -> GenerationRequest:
+        if self.n != 1:
+            raise RequestError("n", "a video job makes one video; send one job per video")
+        # ``seconds`` here is the video's length (turned into num_frames), not an audio clip's end
+        fields = self.model_dump(include=set(GenerationRequest.model_fields) - {"seconds"}, exclude_none=True)
+        return GenerationRequest.model_validate({**fields, "num_frames": num_frames})
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -224,6 +255,54 @@ class AudioAnswer:
     media_type: str = "application/json"
 
 
+class VideoError(_Response):
+    """Why a video job failed."""
+
+    code: str = Field(description="invalid_request or generation_failed.")
+    message: str = Field(description="What went wrong.")
+
+
+class VideoJob(_Response):
+    """A video job, in OpenAI's shape (``object: video``) with ditserve's extensions after ``error``."""
+
+    id: str = Field(description="Job id ('video_...').")
+    object: Literal["video"] = "video"
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"] = Field(description="Lifecycle state.")
+    progress: int = Field(description="Percent of the denoising steps done (100 once completed).")
+    created_at: int = Field(description="Unix time the job was created.")
+    completed_at: int | None = Field(description="Unix time it ended (completed, failed or cancelled).")
+    expires_at: int | None = Field(description="Unix time it will be dropped (result_ttl_s after it ended).")
+    model: str = Field(description="Model that generates it.")
+    size: str = Field(description="'WIDTHxHEIGHT'.")
+    seconds: str = Field(description="Length: num_frames / fps.")
+    error: VideoError | None = Field(description="Why it failed (status failed).")
+    num_frames: int = Field(description="Frames of the video.")
+    fps: int = Field(description="Frames per second of the MP4.")
+    seed: int = Field(description="Seed of the initial noise.")
+    steps_done: int = Field(description="Denoising steps finished (rank 0's counter).")
+    num_inference_steps: int = Field(description="Denoising steps of the job.")
+    cancelled_at_step: int | None = Field(description="Cancelled: steps rank 0 had finished when the cancel reached it.")
+    stopped_at_step: int | None = Field(description="Cancelled: steps finished when every rank had stopped.")
+
+
+class VideoList(_Response):
+    """Answer of ``GET /v1/videos``: newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[VideoJob] = Field(description="The jobs, newest first.")
+    first_id: str | None = Field(description="Id of the first job of data.")
+    last_id: str | None = Field(description="Id of the last job of data (the next page's 'after').")
+    has_more: bool = Field(description="Whether older jobs follow.")
+
+
+class VideoDeleted(_Response):
+    """Answer of ``DELETE /v1/videos/{id}``."""
+
+    id: str = Field(description="Job id.")
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = Field(description="Always true.")
+
+
 class ModelCard(_Response):
     """One served model, as OpenAI lists them."""
 
@@ -266,8 +345,9 @@ class ErrorResponse(_Response):
 
 _ERRORS = {
     400: "Malformed JSON, or not a JSON object.",
-    404: "Unknown model or route.",
+    404: "Unknown model, route or video job.",
     405: "Wrong method for the route.",
+    409: "The video job is not completed: no content yet.",
     413: "Body larger than max_request_bytes.",
     422: "A field is invalid (param names it).",
     429: "A stage's queue is full; retry after Retry-After seconds.",
@@ -421,6 +501,18 @@ class HttpBackend(Protocol):
 
     def models(self) -> ModelList: ...
 
+    async def create_video(self, req: VideosRequest) -> VideoJob:
+        """Create a video job (raises ``RequestError`` naming the field)."""
+
+    async def video(self, video_id: str) -> VideoJob: ...
+
+    async def videos(self, limit: int, after: str | None) -> VideoList: ...
+
+    async def delete_video(self, video_id: str) -> VideoDeleted: ...
+
+    async def video_content(self, video_id: str, variant: str) -> tuple[bytes, str]:
+        """The job's content bytes and media type."""
+
     def failed(self, status: int) -> None:
         """Count a refused or failed generation request (metrics)."""
 
@@ -433,8 +525,9 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
         "code}}, param naming the field.",
     )
     app.add_middleware(BodyLimit, limit=max_request_bytes, refused=backend.failed)
-    routes = (f"POST {IMAGES_PATH}", f"POST {EDITS_PATH}", f"POST {AUDIO_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}",
-              f"GET {OPENAPI_PATH}")
+    routes = (f"POST {IMAGES_PATH}", f"POST {EDITS_PATH}", f"POST {AUDIO_PATH}", f"POST {VIDEOS_PATH}",
+              f"GET {VIDEOS_PATH}[/{{id}}[/content]]", f"DELETE {VIDEOS_PATH}/{{id}}", f"GET {MODELS_PATH}",
+              f"GET {HEALTH_PATH}", f"GET {OPENAPI_PATH}")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -484,6 +577,35 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
             backend.failed(err.status)
             return error_response(err.status, str(err), err.field)
         return await _answer(backend, req)
+
+
+    video_errors = _error_docs(400, 404, 409, 413, 422, 429, 500, 503)
+
+    @app.post(VIDEOS_PATH, response_model=VideoJob, responses=video_errors, summary="Create a video job.")
+    async def create_video(req: VideosRequest) -> Response:
+        return await _video_answer(backend, lambda: backend.create_video(req))
+
+    @app.get(VIDEOS_PATH, response_model=VideoList, responses=video_errors, summary="List video jobs, newest first.")
+    async def videos(limit: int = Query(20, ge=1, le=100, description="Jobs per page."),
+                     after: str | None = Query(None, description="Id of the last job of the previous page.")
+                     ) -> Response:
+        return await _video_answer(backend, lambda: backend.videos(limit, after))
+
+    @app.get(VIDEOS_PATH + "/{video_id}", response_model=VideoJob, responses=video_errors, summary="A video job.")
+    async def video(video_id: str) -> Response:
+        return await _video_answer(backend, lambda: backend.video(video_id))
+
+    @app.get(VIDEOS_PATH + "/{video_id}/content", responses=video_errors,
+             summary="A completed job's MP4 (variant=video), first-frame PNG (thumbnail) or uint8 frames (.npy).")
+    async def video_content(video_id: str, variant: str = Query(
+            "video", description="video (MP4, H.264), thumbnail (PNG of the first frame), frames (.npy uint8 "
+            "(frames, H, W, 3), exact)")) -> Response:
+        return await _video_answer(backend, lambda: backend.video_content(video_id, variant))
+
+    @app.delete(VIDEOS_PATH + "/{video_id}", response_model=VideoDeleted, responses=video_errors,
+                summary="Cancel a queued or running job (it reads cancelled), or delete a finished one.")
+    async def delete_video(video_id: str) -> Response:
+        return await _video_answer(backend, lambda: backend.delete_video(video_id))
 
     @app.get(MODELS_PATH, response_model=ModelList, summary="List the served models.")
     async def models() -> ModelList:
@@ -549,3 +671,24 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
         if status != 200:
             backend.failed(status)
 
+
+
+async def _video_answer(backend: HttpBackend, call: Callable[[], Any]) -> Response:
+    """A ``/v1/videos`` route's answer: the model as JSON or content bytes, or an error in OpenAI's
+    shape; ``x-ditserve-replica`` names the Router replica that answered."""
+    headers = {"x-ditserve-replica": str(getattr(backend, "replica_id", ""))}
+    try:
+        result = await call()
+        if isinstance(result, tuple):
+            data, media_type = result
+            return Response(data, media_type=media_type, headers=headers)
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
+    except RequestError as exc:
+        return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field, headers=headers)
+    except BackPressureError as exc:
+        return error_response(429, f"server busy, retry later ({exc})", kind="rate_limit_error", headers=headers)
+    except (DeploymentUnavailableError, RayActorError) as exc:
+        return error_response(503, f"video job store unavailable: {type(exc).__name__}", headers=headers)
+    except Exception as exc:  # the replica stays up; the client learns what failed
+        logger.exception("video request failed")
+        return error_response(500, f"video request failed: {type(exc).__name__}", headers=headers)

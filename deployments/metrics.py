@@ -68,6 +68,10 @@ class RouterMetrics:
         """A generation request refused or failed with HTTP ``status``."""
         self.requests.inc(tags={"model": model, "status": str(status)})
 
+    def cancelled(self, model: str) -> None:
+        """A request or job cancelled (client disconnect, cancelled handle call, deleted job)."""
+        self.requests.inc(tags={"model": model, "status": "cancelled"})
+
     def _count_cache(self, model: str, stats: Mapping[str, Any]) -> None:
         tags = {"model": model, "backend": stats["backend"]}
         for outcome, calls, blocks in (

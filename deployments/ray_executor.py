@@ -10,6 +10,13 @@ and ``abort`` run in a ``control`` group with its own thread. A plain sync actor
 health ping behind a running generation, so Serve took a healthy replica that was busy for longer
 than its health-check timeout for dead and killed it mid-request.
 
+Cancellation: when the coroutine awaiting ``call_all_async`` is cancelled (Serve cancels a
+replica's handler when its caller cancels the ``DeploymentResponse`` or the HTTP client
+disconnects), the ranks are aborted (every rank stops at the same next step), awaited so the group
+is free for the next request, and the ``CancelledError`` is re-raised: no result is returned.
+``last_cancel`` keeps the steps rank 0 had finished when the cancel arrived and where the ranks
+stopped (``progress``, read on the control thread).
+
 Inputs are put in the object store once (``ray.put``) and every rank gets the reference; only the
 reply rank returns its result.
 """
@@ -45,17 +52,21 @@ class RankActor:
     def run(self, op: str, *args: Any) -> Any:
         return getattr(self.worker, op)(*args)
 
-    def call(self, request: tuple[Target, tuple, dict], reply: bool) -> Any:
+    def call(self, request: tuple[Target, tuple, dict], reply: bool, call_id: int = 0) -> Any:
         target, args, kwargs = request
-        return self.worker.call(target, args, kwargs, reply)
+        return self.worker.call(target, args, kwargs, reply, call_id)
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:
         return self.worker.ping()
 
     @ray.method(concurrency_group=CONTROL)
-    def abort(self) -> None:
-        self.worker.abort()
+    def abort(self, call_id: int | None = None) -> None:
+        self.worker.abort(call_id)
+
+    @ray.method(concurrency_group=CONTROL)
+    def progress(self) -> tuple[int, int]:
+        return self.worker.progress()
 
     @ray.method(concurrency_group=CONTROL)
     def node_ip(self) -> str:
@@ -97,6 +108,9 @@ class RayExecutor(Executor):
     ) -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
+        #: (steps rank 0 had finished when the last cancel arrived, steps when the ranks stopped)
+        self.last_cancel: tuple[int, int] | None = None
+        self._call_id = 0  # id of the latest call (progress of an older one reads as 0)
         # starting actors and loading weights is not a collective: it gets its own, longer, limit
         self.startup_timeout_s = startup_timeout_s or timeout_s
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if num_gpus == 0 else {}
@@ -130,7 +144,9 @@ class RayExecutor(Executor):
 
     def _refs(self, target: Target, args: tuple, kwargs: dict, reply_rank: int | None) -> list:
         request = ray.put((target, args, kwargs))  # once, for every rank
-        return [a.call.remote(request, reply_rank is None or rank == reply_rank) for rank, a in enumerate(self.actors)]
+        self._call_id += 1
+        return [a.call.remote(request, reply_rank is None or rank == reply_rank, self._call_id)
+                for rank, a in enumerate(self.actors)]
 
     def call_all(self, target: Target, *args: Any, reply_rank: int | None = 0, timeout_s: float | None = None,
                  **kwargs: Any) -> Any:
@@ -149,6 +165,15 @@ class RayExecutor(Executor):
         done = asyncio.gather(*refs, return_exceptions=True)
         try:
             results = await asyncio.wait_for(asyncio.shield(done), timeout=timeout_s)
+        except asyncio.CancelledError:
+            # the caller went away: stop the ranks, wait until they have (in a task of its own, so
+            # a second cancel cannot leave the group busy behind our back), then re-raise
+            stop = asyncio.ensure_future(self._stop(done))
+            try:
+                await asyncio.shield(stop)
+            except asyncio.CancelledError:
+                pass
+            raise
         except asyncio.TimeoutError:
             self.abort()
             try:  # every rank stops at its next step; wait for them so the group is free again
@@ -196,11 +221,29 @@ class RayExecutor(Executor):
                 raise WorkerError(f"{method} failed on rank {rank}: {exc}") from exc
         return out
 
+    async def _stop(self, done: asyncio.Future) -> None:
+        """Abort the running call and wait for every rank to leave it; records ``last_cancel``."""
+        at = await self.progress()
+        self.abort()
+        try:
+            await asyncio.wait_for(done, timeout=self.timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("ranks did not stop within %g s of a cancel", self.timeout_s)
+        self.last_cancel = (at, await self.progress())
+        logger.info("call cancelled at step %d; the ranks stopped after step %d", *self.last_cancel)
+
     # ---- control -----------------------------------------------------------------------------------
 
+    async def progress(self) -> int:
+        """Denoising steps rank 0 has finished in the latest call (control thread: the call is not
+        disturbed); 0 until that call has started there."""
+        call_id, steps = await self.actors[0].progress.remote()
+        return steps if call_id == self._call_id else 0
+
     def abort(self) -> None:
+        # the latest call (one at a time per replica), even on a rank that has not started it yet
         for actor in self.actors:
-            actor.abort.remote()
+            actor.abort.remote(self._call_id)
 
     async def check_health(self, timeout_s: float = 10.0) -> None:
         """Every rank answers a ping (from its control thread: a running request does not delay it)."""

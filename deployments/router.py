@@ -13,10 +13,18 @@ A request with LoRA adapters goes to the DiT with its first adapter as Serve's
 ``multiplexed_model_id``: Serve prefers a DiT replica that already holds it (``serving.DiT``).
 ``GET /v1/models`` lists the base model and, read from ``lora_dir`` at each call (adapters dropped
 in appear without a restart), each adapter as a model whose ``parent`` is the base model.
+
+Video models: ``/v1/videos`` goes to the ``Jobs`` deployment (``jobs.py``; bound for video models
+only), which stores and runs the jobs, so any Router replica answers for any job. Python callers
+use ``handle.generate_video.remote(req)`` (a ``VideoResult`` with uint8 frames); ``generate`` and
+``/v1/images/generations`` refuse video models, naming ``model``. A synchronous request whose
+caller goes away (HTTP disconnect, ``DeploymentResponse.cancel()``) cancels its stage calls
+(``compose``): the DiT's ranks stop at their next step; counted as ``status="cancelled"``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -31,17 +39,23 @@ from ray.serve.handle import DeploymentHandle
 from ditserve.features.lora import list_adapters
 from ditserve.models import Modality
 
+from .compose import StageHandles, compose
 from .config import AppConfig
 from .engine import GenerationResult
 from .http import (
     AUDIO_PATH,
     IMAGES_PATH,
+    VIDEOS_PATH,
     AudioAnswer,
     AudioRequest,
     ImagesRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
+    VideoDeleted,
+    VideoJob,
+    VideoList,
+    VideosRequest,
     audio_answer,
     build_http_app,
     encode_images,
@@ -58,6 +72,28 @@ STAGES = ("prior", "encode", "image_encode", "lora_load", "prepare", "denoise", 
 # run concurrently (the prior, the text encoder and the VAE's encode of input images): the longest is
 # on the request's path
 SIDE_BY_SIDE = ("prior", "encode", "image_encode")
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - built outside a replica (unit tests)
+        return ""
+
+
+@dataclasses.dataclass
+class VideoResult:
+    """What ``Router.generate_video`` returns.
+
+    Attributes:
+        frames: uint8 array (n, frames, H, W, 3).
+        fps: the model's frames per second.
+        result: request id, model, seed, seconds per stage (``images`` is ``None``: see ``frames``).
+    """
+
+    frames: np.ndarray
+    fps: int
+    result: GenerationResult
 
 
 # The app is built per replica (``__serve_build_asgi_app__``) so that its routes, error handlers and
@@ -86,11 +122,13 @@ class Router:
 
     def __init__(
         self, cfg: AppConfig, served: ServedModel, encoder: DeploymentHandle, dit: DeploymentHandle,
-        vae: DeploymentHandle, prior: DeploymentHandle | None = None,
+        vae: DeploymentHandle, prior: DeploymentHandle | None = None, jobs: DeploymentHandle | None = None,
     ) -> None:
         self.cfg = cfg
         self.served = served
         self.encoder, self.dit, self.vae, self.prior = encoder, dit, vae, prior
+        self.jobs = jobs  # the Jobs deployment (video models only)
+        self.replica_id = _replica_id()  # the x-ditserve-replica header of /v1/videos answers
         self.created = int(time.time())
         self.metrics = RouterMetrics()
 
@@ -99,26 +137,29 @@ class Router:
 
     # ---- composition --------------------------------------------------------------------------
 
-    async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False) -> Decoded:
-        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request; only the last reply is
-        awaited. Input images (editing) go to the TextEncoder (read with the prompt) and to the VAE's
-        ``encode`` (latents) in parallel with the Prior; the DiT gets every reply unawaited."""
-        encoded = self.encoder.encode.remote(resolved)
-        prior = self.prior.generate.remote(resolved) if self.prior is not None else None
-        images = self.vae.encode.remote(resolved) if resolved.images else None
-        lean = dataclasses.replace(resolved, images=()) if resolved.images else resolved  # pixels: read already
-        # multiplexing: Serve prefers a DiT replica that holds the first adapter (the others
-        # follow it: a client that combines adapters tends to combine the same ones)
-        dit = self.dit.options(multiplexed_model_id=resolved.lora[0].name) if resolved.lora else self.dit
-        denoised = dit.denoise.remote(lean, encoded, prior, images)
-        return await self.vae.decode.remote(lean, denoised, return_latents)
+    async def _compose(self, resolved: ResolvedRequest, return_latents: bool = False,
+                       progress_key: str | None = None) -> Decoded:
+        """TextEncoder (and Prior) -> DiT -> VAE for one resolved request (``compose.compose``, shared
+        with the Jobs deployment); only the last reply is awaited."""
+        stages = StageHandles(self.encoder, self.dit, self.vae, self.prior)
+        return await compose(stages, resolved, return_latents, progress_key)
+
+    def _is_video(self) -> bool:
+        return self.served.spec.modality.value == "video"
 
     async def _run(self, req: GenerationRequest, return_latents: bool) -> tuple[np.ndarray | None, GenerationResult]:
         """Images (uint8) and the result; an audio model's clips are in ``result.audio`` (images ``None``)."""
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
         resolved = self.served.validate(req)
-        decoded = await self._compose(resolved, return_latents)
+        # with a Jobs deployment, the DiT reports this request's steps there (Jobs.progress(request_id))
+        key = request_id if self.jobs is not None and request_id else None
+        try:
+            decoded = await self._compose(resolved, return_latents, key)
+        except asyncio.CancelledError:
+            self.metrics.cancelled(resolved.model)
+            logger.info("request %s cancelled (caller gone); its stage calls were cancelled", request_id)
+            raise
         # each stage reported its own timings and statistics; they are merged here, once
         timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
@@ -159,16 +200,35 @@ class Router:
         """
         if isinstance(req, dict):
             req = GenerationRequest.parse(req)
+        if self._is_video():
+            raise RequestError("model", f"model {self.served.id} generates video: use generate_video (HTTP: "
+                               "POST /v1/videos)")
         images, result = await self._run(req, return_latents)
         start = time.perf_counter()
         if images is not None:
             result.images = [Image.fromarray(a) for a in images] if output_type == "pil" else list(images)
         return self._finish(result, time.perf_counter() - start)
 
+    async def generate_video(self, req: GenerationRequest, return_latents: bool = False) -> VideoResult:
+        """Generate a video synchronously (video models). Cancelling the call (``response.cancel()``)
+        stops the DiT's ranks at their next step.
+
+        Returns:
+            ``VideoResult``: uint8 frames (n, frames, H, W, 3), the fps, and the request's result
+            (seed, request id, seconds per stage; latents when ``return_latents``).
+        """
+        if isinstance(req, dict):
+            req = GenerationRequest.parse(req)
+        if not self._is_video():
+            raise RequestError("model", f"model {self.served.id} generates images: use generate")
+        frames, result = await self._run(req, return_latents)
+        result = self._finish(result, 0.0)
+        return VideoResult(frames, self.served.spec.fps or 16, result)
+
     # ---- HTTP backend (http.HttpBackend) ------------------------------------------------------
 
     async def images(self, req: ImagesRequest) -> ImagesResponse:
-        self._check_route(audio=False)
+        self._check_route(Modality.IMAGE)
         images, result = await self._run(req.generation_request(), return_latents=False)
         start = time.perf_counter()
         data = encode_images(images, req)
@@ -177,16 +237,17 @@ class Router:
         steps = req.num_inference_steps or self.served.specs[result.model].num_inference_steps
         return images_response(req, result, data, (width, height), steps)
 
-    def _check_route(self, audio: bool) -> None:
-        """Refuse, before any stage runs, a route that does not fit the served model's output."""
+    def _check_route(self, modality: Modality) -> None:
+        """Refuse, before any stage runs, a route that does not fit the served model's output (404
+        naming ``model`` and the route that does)."""
         spec = self.served.spec
-        if (spec.modality == Modality.AUDIO) != audio:
-            route = AUDIO_PATH if spec.modality == Modality.AUDIO else IMAGES_PATH
-            raise RequestError("model", f"model {spec.id} generates {spec.modality.value}; use {route}", status=404)
+        if spec.modality != modality:
+            route = {Modality.AUDIO: AUDIO_PATH, Modality.VIDEO: VIDEOS_PATH}.get(spec.modality, IMAGES_PATH)
+            raise RequestError("model", f"model {spec.id} generates {spec.modality.value}; use POST {route}", status=404)
 
     async def audio(self, req: AudioRequest) -> AudioAnswer:
         """``POST /v1/audio/generations``: the clip(s) as WAV/FLAC or base64 JSON."""
-        self._check_route(audio=True)
+        self._check_route(Modality.AUDIO)
         _, result = await self._run(req.generation_request(), return_latents=False)
         start = time.perf_counter()
         answer = audio_answer(req, result)
@@ -203,6 +264,36 @@ class Router:
                 continue
             cards.append(ModelCard(id=name, created=created, root=self.served.id, parent=self.served.id))
         return ModelList(data=cards)
+
+    def _jobs(self) -> DeploymentHandle:
+        if self.jobs is None:
+            raise RequestError("model", f"model {self.served.id} generates {self.served.spec.modality.value}; "
+                               "/v1/videos serves video models")
+        return self.jobs
+
+    async def create_video(self, req: VideosRequest) -> VideoJob:
+        if req.user:
+            logger.info("video job for user %s", req.user)
+        return VideoJob.model_validate(await self._jobs().create.remote(req))
+
+    async def video(self, video_id: str) -> VideoJob:
+        return VideoJob.model_validate(await self._jobs().get.remote(video_id))
+
+    async def videos(self, limit: int, after: str | None) -> VideoList:
+        jobs = [VideoJob.model_validate(j) for j in await self._jobs().list.remote(limit + 1, after)]
+        page = jobs[:limit]
+        return VideoList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
+                         has_more=len(jobs) > limit)
+
+    async def delete_video(self, video_id: str) -> VideoDeleted:
+        return VideoDeleted.model_validate(await self._jobs().delete.remote(video_id))
+
+    async def video_content(self, video_id: str, variant: str) -> tuple[bytes, str]:
+        return await self._jobs().content.remote(video_id, variant)
+
+    def info(self) -> dict[str, Any]:
+        """This replica's id and model (operators, tests: ``handle.broadcast("info")``)."""
+        return {"replica_id": self.replica_id, "model": self.served.id}
 
     def failed(self, status: int) -> None:
         self.metrics.failed(self.served.id, status)

@@ -10,6 +10,12 @@ starts a ``RayExecutor`` in it whose ranks run a ``Denoiser`` or a ``Decoder``; 
 ``call_all`` (the whole loop runs in the ranks), answered by rank 0 alone, with the deployment's
 ``request_timeout_s`` as its deadline.
 
+Progress and cancellation: ``DiT.denoise`` with a ``progress_key`` (a video job's id, or a
+synchronous request's id) polls rank 0's step count on the ranks' control thread every
+``PROGRESS_PERIOD_S`` and reports it to the ``Jobs`` deployment (video models). When Serve cancels
+a coordinator's call (its caller cancelled it or went away), the executor aborts the ranks, waits
+for them and re-raises (``ray_executor``); the DiT reports where they stopped.
+
 LoRA across replicas: the Router sends a request with adapters to the DiT with the first adapter's
 name as Serve's ``multiplexed_model_id``, and each DiT replica registers the adapters it served
 with Serve's model multiplexing (``DiT.adapter``), so Serve routes the next request for an adapter
@@ -35,6 +41,8 @@ from .stages import Decoded, Denoised, Encoded, EncodedImages, Encoder, PriorTok
 from .stages import Prior as PriorStage
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_PERIOD_S = 0.05  # how often the DiT reads rank 0's step count during a request with a progress key
 
 
 def _request_id() -> str:
@@ -199,6 +207,7 @@ class DiT(_GroupCoordinator):
     def __init__(self, cfg: AppConfig, gpu: bool) -> None:
         super().__init__(cfg, gpu, cfg.dit_world_size, cfg.dit)
         self.metrics = DitMetrics()
+        self._jobs: Any = None  # the Jobs deployment's handle, made at the first progress report
         self.lora_requests: collections.Counter[str] = collections.Counter()  # served requests per adapter
 
         # a fresh function per replica: Serve keeps the LRU on the decorated function object
@@ -208,11 +217,24 @@ class DiT(_GroupCoordinator):
         self.adapter = serve.multiplexed(max_num_models_per_replica=cfg.engine.lora.max_loras_per_replica)(adapter)
 
     async def denoise(self, req: ResolvedRequest, encoded: Encoded, prior: PriorTokens | None = None,
-                      images: EncodedImages | None = None) -> Denoised:
+                      images: EncodedImages | None = None, progress_key: str | None = None) -> Denoised:
         # prior: an autoregressive prior's tokens (GLM-Image); images: the input images' latents
-        # (editing), from the VAE's encode
+        # (editing), from the VAE's encode; progress_key: report rank 0's steps to the Jobs deployment
         extra = (None, images) if images is not None else ()
-        denoised = await self._call(req, encoded.with_prior(prior), _request_id(), *extra)
+        watcher = asyncio.ensure_future(self._watch(progress_key)) if progress_key else None
+        self.executor.last_cancel = None
+        try:
+            denoised = await self._call(req, encoded.with_prior(prior), _request_id(), *extra)
+        except asyncio.CancelledError:
+            if progress_key and self.executor.last_cancel is not None:
+                at, stopped = self.executor.last_cancel
+                self._report(progress_key, steps_done=stopped, cancelled_at_step=at, stopped_at_step=stopped)
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if progress_key:
+            self._report(progress_key, steps_done=req.params.num_inference_steps)
         if req.lora:
             for lora in req.lora:
                 await self.adapter(lora.name)
@@ -220,6 +242,28 @@ class DiT(_GroupCoordinator):
             report = next((r.lora for r in reversed(denoised.reports) if r.stage == "denoise"), None)
             self.metrics.lora_report(req.model, report)
         return denoised
+
+    def _report(self, key: str, **progress: int) -> None:
+        """Send progress to the Jobs deployment (fire and forget: a lost report only delays progress)."""
+        try:
+            if self._jobs is None:
+                self._jobs = serve.get_deployment_handle("Jobs", serve.get_replica_context().app_name)
+            self._jobs.report.remote(key, **progress)
+        except Exception:  # noqa: BLE001 - an app without Jobs (image models): progress has nowhere to go
+            logger.debug("progress of %s not reported", key, exc_info=True)
+
+    async def _watch(self, key: str) -> None:
+        """Report rank 0's step count under ``key`` while the call runs (0 at once: the job is running)."""
+        last = -1
+        while True:
+            try:
+                steps = await self.executor.progress() if last >= 0 else 0
+            except Exception:  # noqa: BLE001 - a rank gone: the call itself fails and says so
+                return
+            if steps != last:
+                self._report(key, steps_done=steps)
+                last = steps
+            await asyncio.sleep(PROGRESS_PERIOD_S)
 
     async def lora_stats(self) -> dict[str, Any]:
         """This replica's adapters: rank 0's store counters (``loads``, ``hits``, ``restores``,

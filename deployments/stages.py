@@ -314,18 +314,21 @@ class Denoiser(_Stage):
         groups: this rank's process groups (``None``: one rank).
         aborted: asked once per step; ``True`` stops the request (``RequestAborted``). Executors
             pass the rank worker's collective check, so every rank stops at the same step.
+        on_step: told the number of steps finished after each step (before ``aborted`` is asked):
+            the rank worker's progress counter.
     """
 
     stage = "denoise"
 
     def __init__(self, config: Any, groups: ParallelGroups | None = None, adapter: FamilyAdapter | None = None, *,
                  resolved: ResolvedModel | None = None, caps: Support | None = None,
-                 aborted: Callable[[], bool] | None = None) -> None:
+                 aborted: Callable[[], bool] | None = None, on_step: Callable[[int], None] | None = None) -> None:
         if config.parallel.world_size > 1 and groups is None:
             raise ValueError(f"{config.parallel.describe()} needs process groups (run it with an executor: "
                              "ParallelEngine, ditserve generate, or the served DiT)")
         self.groups = groups or ParallelGroups.single()
         self.aborted = aborted
+        self.on_step = on_step
         super().__init__(config, adapter, resolved, caps, self.groups)
 
     def denoise(self, req: ResolvedRequest, encoded: Encoded, request_id: str,
@@ -377,13 +380,15 @@ class Denoiser(_Stage):
             yield {"adapters": run.names, **store.stats.counts_since(before)}
 
     def _step_callback(self, callback: StepCallback | None) -> StepCallback | None:
-        if self.aborted is None:
+        if self.aborted is None and self.on_step is None:
             return callback
 
         def on_step(step: StepOutput) -> None:
             if callback is not None:
                 callback(step)
-            if self.aborted():
+            if self.on_step is not None:
+                self.on_step(step.index + 1)
+            if self.aborted is not None and self.aborted():
                 raise RequestAborted("the request was aborted at a step boundary")
 
         return on_step
@@ -447,8 +452,8 @@ class Decoder(_Stage):
                        denoised.latents if return_latents else None, audio)
 
 
-def build_stage(config: Any, stages: Sequence[str], *, aborted: Callable[[], bool] | None = None
-                ) -> tuple[Any, ParallelGroups | None, Group | None]:
+def build_stage(config: Any, stages: Sequence[str], *, aborted: Callable[[], bool] | None = None,
+                on_step: Callable[[int], None] | None = None) -> tuple[Any, ParallelGroups | None, Group | None]:
     """The stage object a rank serves (inside an initialized torch.distributed world, if any):
     ``["denoise"]`` a Denoiser in the DiT layout's groups, ``["decode"]`` a Decoder in the VAE
     group, ``["encode"]`` an Encoder, several stages the reference runner over them.
@@ -460,7 +465,7 @@ def build_stage(config: Any, stages: Sequence[str], *, aborted: Callable[[], boo
     groups = build_groups(config.parallel) if "denoise" in stages else None
     vae_group = build_vae_group(config.vae) if stages == ["decode"] else None
     if stages == ["denoise"]:
-        return Denoiser(config, groups, aborted=aborted), groups, None
+        return Denoiser(config, groups, aborted=aborted, on_step=on_step), groups, None
     if stages == ["decode"]:
         return Decoder(config, vae_group), None, vae_group
     if stages == ["encode"]:

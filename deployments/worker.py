@@ -9,6 +9,8 @@ of the same latents.
 ``abort()`` may arrive from another thread while a call runs (the executors deliver it on a
 control channel that does not wait behind the call). The denoising loop asks ``aborted()`` once
 per step, and that answer is all-reduced over the world, so every rank stops at the same step.
+``progress()`` (also from the control thread) is the number of denoising steps the running (or
+last) call has finished on this rank, so a coordinator can follow a request without touching it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class RankWorker:
         self.vae_group: Any = None
         self._store: Any = None
         self._abort = threading.Event()
+        self._steps_done = 0  # denoising steps of the running (or last) call; read from the control thread
+        self._aborted_call = -1  # an abort may arrive before its call starts here: it still applies
+        self._call_id = 0  # the executor's id of the running (or last) call, so progress is never a stale call's
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -87,16 +92,21 @@ class RankWorker:
         assert self.placement is not None, "init_distributed first"
         config = config.model_copy(update={"device": str(self.placement.device)})
         self.stage = None
-        self.stage, self.groups, self.vae_group = build_stage(config, stages, aborted=self.aborted)
+        self.stage, self.groups, self.vae_group = build_stage(config, stages, aborted=self.aborted,
+                                                              on_step=self._stepped)
         return {"model": self.stage.spec.id, "device": str(self.placement.device),
                 "dtype": str(config.torch_dtype()), "backend": self.placement.backend}
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def call(self, target: Target, args: tuple, kwargs: dict, reply: bool) -> Any:
+    def call(self, target: Target, args: tuple, kwargs: dict, reply: bool, call_id: int = 0) -> Any:
         """Run ``stage.<target>(*args, **kwargs)`` (or ``target(self, *args, **kwargs)``); the
-        result goes back only when ``reply``."""
+        result goes back only when ``reply``. ``call_id`` tags the call's progress."""
         self._abort.clear()
+        self._steps_done = 0
+        self._call_id = call_id
+        if call_id and self._aborted_call == call_id:  # aborted before it started (see abort)
+            self._abort.set()
         try:
             fn = getattr(self.stage, target) if isinstance(target, str) else (lambda *a, **k: target(self, *a, **k))
             result = fn(*args, **kwargs)
@@ -109,9 +119,15 @@ class RankWorker:
             raise
         return result if reply else None
 
-    def abort(self) -> None:
-        """Ask the running call to stop at its next step (thread-safe)."""
-        self._abort.set()
+    def abort(self, call_id: int | None = None) -> None:
+        """Ask the running call (or, given, call ``call_id``, even if it has not started here yet) to
+        stop at its next step (thread-safe)."""
+        if call_id is None:
+            self._abort.set()
+            return
+        self._aborted_call = call_id  # written before _call_id is read; call() does the reverse
+        if self._call_id == call_id:
+            self._abort.set()
 
     def aborted(self) -> bool:
         """Whether any rank was asked to abort; every rank gets the same answer."""
@@ -123,6 +139,13 @@ class RankWorker:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
             flag = bool(value.item())
         return flag
+
+    def _stepped(self, steps_done: int) -> None:
+        self._steps_done = steps_done  # an int store: atomic under the GIL, read by progress()
+
+    def progress(self) -> tuple[int, int]:
+        """(call id, denoising steps it has finished on this rank) of the running or last call (thread-safe)."""
+        return self._call_id, self._steps_done
 
     def ping(self) -> int:
         return self.rank

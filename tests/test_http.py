@@ -158,10 +158,13 @@ def test_openapi_documents_routes_with_our_models(http):
     status, spec, _ = http("GET", "/openapi.json")
     assert status == 200
     assert set(spec["paths"]) == {"/v1/images/generations", "/v1/images/edits", "/v1/audio/generations", "/v1/models",
-                                  "/health"}
+                                  "/health", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"}
     audio = spec["paths"]["/v1/audio/generations"]["post"]
     assert audio["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/AudioRequest"
     assert {"audio/wav", "audio/flac", "application/json"} <= set(audio["responses"]["200"]["content"])
+    assert set(spec["paths"]["/v1/videos/{video_id}"]) == {"get", "delete"}
+    assert spec["paths"]["/v1/videos"]["post"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "$ref"] == "#/components/schemas/VideoJob"
     post = spec["paths"]["/v1/images/generations"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ImagesRequest"
     schemas = spec["components"]["schemas"]
