@@ -49,6 +49,7 @@ from .http import (
 )
 from .metrics import RouterMetrics
 from .schema import GenerationRequest, RequestError, ResolvedRequest
+from .security import api_key_digests
 from .served import ServedModel
 from .stages import Decoded, conditioning_report, merge_reports
 
@@ -95,7 +96,8 @@ class Router:
         self.metrics = RouterMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self, max_request_bytes=self.cfg.max_request_bytes)
+        keys = api_key_digests(self.cfg.api_key, self.cfg.api_key_file)  # the file is read here, at start
+        return build_http_app(self, max_request_bytes=self.cfg.max_request_bytes, api_keys=sorted(keys))
 
     # ---- composition --------------------------------------------------------------------------
 

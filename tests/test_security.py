@@ -1,0 +1,256 @@
+"""The Router's HTTP guards (``deployments/security.py``) without a cluster, as ``test_http.py``
+drives the app: API keys on every route but ``/health``, hostile bodies refused with 4xx naming the
+field, 5xx bodies free of internals, request ids sanitized, and the shutdown handler of
+``ditserve run``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import re
+import signal
+
+import pytest
+from PIL import Image
+from ray.exceptions import RayActorError
+
+from ditserve.deployments import AppConfig
+from ditserve.deployments.http import ImagesResponse, ImagesUsage, ModelCard, ModelList, build_http_app
+from ditserve.deployments.security import (
+    MAX_JSON_DEPTH,
+    api_key_digests,
+    key_digest,
+    parse_json,
+    read_key_file,
+    request_id,
+    sanitize_request_id,
+)
+from ditserve.deployments.schema import GenerationRequest, RequestError
+
+KEYS = ("key-one", "key-two")
+LEAK = "worker pid=4242 at 10.1.2.3:6379 actor_id=ab12cd34ef ObjectRef /home/ray/session_latest/logs"
+
+
+class FakeBackend:
+    """Answers with an empty image list carrying the request's id; a prompt picks a failure."""
+
+    def __init__(self) -> None:
+        self.failures: list[int] = []
+
+    async def images(self, req):
+        if req.prompt == "crash":
+            raise RuntimeError(LEAK)
+        if req.prompt == "actor died":
+            raise RayActorError()
+        return ImagesResponse(created=1, data=[], model="m", output_format="png", size="64x64", seed=3,
+                              request_id=request_id(), timings={"total": 0.5}, cache=None,
+                              usage=ImagesUsage(images=0, num_inference_steps=2))
+
+    async def audio(self, req):
+        raise RuntimeError(LEAK)
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id="m", created=1)])
+
+    def failed(self, status: int) -> None:
+        self.failures.append(status)
+
+
+def _client(api_keys=()):
+    backend = FakeBackend()
+    app = build_http_app(backend, max_request_bytes=200_000, api_keys=[key_digest(k) for k in api_keys])
+
+    def call(method: str, path: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None,
+             content_type: str = "application/json") -> tuple[int, dict, dict]:
+        raw = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
+        hdrs = [(b"content-type", content_type.encode()), (b"content-length", str(len(raw)).encode())]
+        hdrs += [(k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": hdrs,
+                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1)}
+        messages = [{"type": "http.request", "body": raw, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        text = b"".join(m.get("body", b"") for m in sent[1:])
+        reply = json.loads(text) if text.startswith(b"{") else {"raw": text}
+        return sent[0]["status"], reply, {k.decode().lower(): v.decode() for k, v in sent[0]["headers"]}
+
+    call.app, call.backend = app, backend
+    return call
+
+
+def _error(reply: dict) -> dict:
+    assert set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}, reply
+    return reply["error"]
+
+
+def _routes(app) -> list[tuple[str, str]]:
+    return sorted({(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"})
+
+
+# ---- API keys -------------------------------------------------------------------------------------
+
+
+def test_every_route_but_health_needs_a_key():
+    call = _client(KEYS)
+    # a route added after the app was built is covered too (the check is a middleware)
+    call.app.add_api_route("/v1/later", lambda: {"ok": True}, methods=["GET"])
+    routes = _routes(call.app)
+    assert ("POST", "/v1/images/generations") in routes and ("GET", "/v1/later") in routes
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-one"},
+                        {"Authorization": f"Bearer {key_digest('key-one')}"}):
+            status, reply, resp_headers = call(method, path, {"prompt": "x"}, headers)
+            if path == "/health":
+                assert status == 200, (method, path, headers)
+                continue
+            assert status == 401, (method, path, headers, status)
+            assert resp_headers["www-authenticate"] == "Bearer"
+            assert _error(reply)["code"] == "invalid_api_key" and "Bearer" in _error(reply)["message"]
+    assert set(call.backend.failures) == {401}
+
+
+def test_right_key_passes_and_no_key_configured_leaves_routes_open():
+    call = _client(KEYS)
+    for key in KEYS:
+        status, reply, _ = call("POST", "/v1/images/generations", {"prompt": "x"}, {"Authorization": f"Bearer {key}"})
+        assert status == 200, reply
+        assert call("GET", "/v1/models", headers={"authorization": f"bearer {key}"})[0] == 200
+    open_call = _client()
+    assert open_call("POST", "/v1/images/generations", {"prompt": "x"})[0] == 200
+    assert open_call("GET", "/openapi.json")[0] == 200
+
+
+def test_keys_are_stored_as_digests_from_flags_and_files(tmp_path):
+    from ditserve.cluster import cli
+    from ditserve.cluster.serve_config import serve_config_yaml
+
+    args = cli.build_parser().parse_args(["config", "--api-key", "alpha-secret", "--api-key", "beta-secret, gamma-secret"])
+    cfg = cli._app_config(args)
+    assert cfg.api_key == tuple(key_digest(k) for k in ("alpha-secret", "beta-secret", "gamma-secret"))
+    dumped = serve_config_yaml(cfg) + repr(cfg) + str(cfg)
+    assert "secret" not in dumped and key_digest("alpha-secret") in dumped
+    assert AppConfig.model_validate(cfg.model_dump(mode="json")) == cfg  # digests round-trip
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nfile-key-1\n\n  file-key-2  \n")
+    assert read_key_file(str(keys)) == (key_digest("file-key-1"), key_digest("file-key-2"))
+    both = api_key_digests(cfg.api_key, str(keys))
+    assert len(both) == 5
+    with pytest.raises(ValueError, match="api_key_file=.*cannot be read"):
+        read_key_file(str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="api_key_file=.*holds no key"):
+        read_key_file(str(tmp_path / "empty"))
+
+
+# ---- hostile bodies -------------------------------------------------------------------------------
+
+
+def _png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+DEEP = b'{"prompt": "x", "cache": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+UTF16 = json.dumps({"prompt": "x"}).encode("utf-16")  # with a BOM
+UTF16LE = json.dumps({"prompt": "x"}).encode("utf-16-le")  # without: json.loads(bytes) would guess it
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/audio/generations", "/v1/images/edits"])
+@pytest.mark.parametrize(("body", "message"), [(DEEP, f"deeper than {MAX_JSON_DEPTH}"), (UTF16, "UTF-8"),
+                                               (UTF16LE, "UTF-8")], ids=["deep", "utf16", "utf16le"])
+def test_hostile_json_bodies_get_400_naming_body(path, body, message):
+    call = _client()
+    status, reply, _ = call("POST", path, body)
+    assert status == 400 and _error(reply)["param"] == "body" and message in _error(reply)["message"], reply
+
+
+def test_the_guarded_parser_also_reads_edits_json_and_form_fields():
+    call = _client()
+    deep_form = (b'--B\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+                 b'--B\r\nContent-Disposition: form-data; name="lora"\r\n\r\n' + b"[" * 5000 + b"]" * 5000 + b"\r\n"
+                 b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                 b"Content-Type: image/png\r\n\r\n" + base64.b64decode(_png()) + b"\r\n--B--\r\n")
+    status, reply, _ = call("POST", "/v1/images/edits", deep_form, content_type="multipart/form-data; boundary=B")
+    assert status == 400 and _error(reply)["param"] == "lora", reply
+    with pytest.raises(RequestError, match="deeper than"):
+        parse_json("[" * 2000 + "]" * 2000)
+    assert parse_json('{"a": [[1]]}') == {"a": [[1]]} and parse_json('"[{not a bracket"') == "[{not a bracket"
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({"prompt": "a\x00b"}, "prompt", "U+0000"),
+    ({"prompt": "\x1b[31mred"}, "prompt", "U+001B"),
+    ({"prompt": "x", "negative_prompt": "\x07"}, "negative_prompt", "U+0007"),
+    ({"prompt": "x", "size": "٦٤x64"}, "size", "WIDTHxHEIGHT"),
+    ({"prompt": "x", "size": "64x６４"}, "size", "WIDTHxHEIGHT"),
+])
+def test_control_characters_and_foreign_digits_get_422_naming_the_field(body, param, message):
+    call = _client()
+    status, reply, _ = call("POST", "/v1/images/generations", body)
+    assert status == 422 and _error(reply)["param"] == param and message in _error(reply)["message"], reply
+
+
+def test_tabs_and_newlines_stay_accepted_in_prompts():
+    assert GenerationRequest.parse({"prompt": "line one\n\tline two\r\n", "size": " 64x32 "}).size == "64x32"
+
+
+# ---- error bodies and request ids -----------------------------------------------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize(("path", "prompt", "status"), [("/v1/images/generations", "crash", 500),
+                                                        ("/v1/audio/generations", "x", 500),
+                                                        ("/v1/images/generations", "actor died", 503)])
+def test_server_errors_carry_the_request_id_not_the_internals(path, prompt, status):
+    call = _client()
+    records = _Records()
+    logging.getLogger("ray.serve").addHandler(records)
+    try:
+        code, reply, headers = call("POST", path, {"prompt": prompt}, {"x-request-id": "client-req-7"})
+    finally:
+        logging.getLogger("ray.serve").removeHandler(records)
+    message = _error(reply)["message"]
+    assert code == status and "request id client-req-7" in message and headers["x-request-id"] == "client-req-7"
+    assert not re.search(r"pid|10\.1\.2\.3|actor_id|/home|Traceback|ObjectRef", message), message
+    assert _error(reply)["type"] == "server_error"
+    logged = [r for r in records.records if "client-req-7" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the detail went to the log, with the id
+    if status == 500:
+        assert LEAK in str(logged[0].exc_info[1])
+
+
+@pytest.mark.parametrize("given", ["a b", "x" * 129, "id\x7f", "ид-1", "<script>", ""])
+def test_unsafe_request_ids_are_replaced_before_logs_and_answers(given):
+    call = _client()
+    headers = {"x-request-id": given} if given.isascii() else {}
+    status, reply, resp_headers = call("POST", "/v1/images/generations", {"prompt": "x"}, headers)
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", reply["request_id"]), reply
+    assert resp_headers["x-request-id"] == reply["request_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", sanitize_request_id(given))
+
+
+def test_safe_request_ids_are_kept():
+    call = _client()
+    for given in ("my-req-1", "trace:01HZX.4_a", "x" * 128):
+        status, reply, _ = call("POST", "/v1/images/generations", {"prompt": "x"}, {"x-request-id": given})
+        assert status == 200 and reply["request_id"] == given
