@@ -398,6 +398,35 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+@dataclasses.dataclass
+class Drain:
+    """The HTTP requests a Router replica is answering (``count``); ``draining`` once it shuts down."""
+
+    count: int = 0
+    draining: bool = False
+
+
+class InFlight:
+    """ASGI middleware: counts the HTTP requests being answered in ``drain``, and once it is
+    ``draining`` (a shutdown) answers new ones with 503 and ``Retry-After`` so that a drain ends."""
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            await error_response(503, "the server is shutting down; retry on another replica")(scope, receive, send)
+            return
+        self.drain.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.count -= 1
+
+
 # ---- the app --------------------------------------------------------------------------------
 
 
@@ -437,6 +466,8 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
     if api_keys:
         app.add_middleware(ApiKeyAuth, digests=api_keys, refused=backend.failed)
     app.add_middleware(RequestIdGuard)
+    app.state.drain = Drain()  # the Router's drain() reads and sets it
+    app.add_middleware(InFlight, drain=app.state.drain)
     routes = (f"POST {IMAGES_PATH}", f"POST {EDITS_PATH}", f"POST {AUDIO_PATH}", f"GET {MODELS_PATH}", f"GET {HEALTH_PATH}",
               f"GET {OPENAPI_PATH}")
 

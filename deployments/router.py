@@ -97,7 +97,14 @@ class Router:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         keys = api_key_digests(self.cfg.api_key, self.cfg.api_key_file)  # the file is read here, at start
-        return build_http_app(self, max_request_bytes=self.cfg.max_request_bytes, api_keys=sorted(keys))
+        self.http_app = build_http_app(self, max_request_bytes=self.cfg.max_request_bytes, api_keys=sorted(keys))
+        return self.http_app
+
+    def drain(self) -> int:
+        """Stop taking HTTP requests (new ones get 503) and return how many are still being answered
+        (``ditserve run`` polls it on SIGTERM before shutting Serve down)."""
+        self.http_app.state.drain.draining = True
+        return self.http_app.state.drain.count
 
     # ---- composition --------------------------------------------------------------------------
 

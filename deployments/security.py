@@ -30,14 +30,16 @@ import re
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-
-from ray.serve import context as serve_context
-from starlette.datastructures import MutableHeaders
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing import TYPE_CHECKING, Any
 
 from .schema import RequestError
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Ray and Starlette are imported where a middleware runs: AppConfig reads the key helpers, and
+# importing the engine's configs does not import Ray.
 
 logger = logging.getLogger("ray.serve")
 
@@ -100,6 +102,8 @@ def api_key_digests(api_key: Iterable[str], api_key_file: str | None) -> frozens
 
 def _error(status: int, message: str, param: str | None, code: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
+    from starlette.responses import JSONResponse
+
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -240,6 +244,9 @@ class RequestIdGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        from ray.serve import context as serve_context
+        from starlette.datastructures import MutableHeaders
+
         headers = MutableHeaders(scope=scope)
         current = serve_context._get_serve_request_context()
         given = current.request_id or headers.get("x-request-id")
@@ -254,4 +261,6 @@ class RequestIdGuard:
 
 def request_id() -> str:
     """The current request's (sanitized) id, '' outside a request."""
+    from ray.serve import context as serve_context
+
     return serve_context._get_serve_request_context().request_id

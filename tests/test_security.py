@@ -254,3 +254,62 @@ def test_safe_request_ids_are_kept():
     for given in ("my-req-1", "trace:01HZX.4_a", "x" * 128):
         status, reply, _ = call("POST", "/v1/images/generations", {"prompt": "x"}, {"x-request-id": given})
         assert status == 200 and reply["request_id"] == given
+
+
+# ---- SIGTERM / SIGINT drain of `ditserve run` -----------------------------------------------------
+
+
+def test_a_draining_router_refuses_new_requests_with_503_and_counts_in_flight():
+    call = _client()
+    seen: list[int] = []
+    images = call.backend.images
+
+    async def counting(req):
+        seen.append(call.app.state.drain.count)
+        return await images(req)
+
+    call.backend.images = counting
+    assert call("POST", "/v1/images/generations", {"prompt": "x"})[0] == 200
+    assert seen == [1] and call.app.state.drain.count == 0
+    call.app.state.drain.draining = True
+    for method, path in (("GET", "/health"), ("POST", "/v1/images/generations")):
+        status, reply, headers = call(method, path, {"prompt": "x"})
+        assert status == 503 and headers["retry-after"] == "1" and "shutting down" in _error(reply)["message"]
+
+
+def test_shutdown_waits_for_in_flight_requests_then_stops_serve():
+    from ditserve.cluster.server import shutdown_gracefully
+
+    left, stopped = [2, 1, 0], []
+    assert shutdown_gracefully(5.0, lambda: left.pop(0), poll_s=0, shutdown=lambda: stopped.append(1))
+    assert left == [] and stopped == [1]
+    # the grace period ends first: Serve is shut down anyway
+    assert not shutdown_gracefully(0.05, lambda: 1, poll_s=0.01, shutdown=lambda: stopped.append(2))
+
+    def dead() -> int:
+        raise RayActorError()
+
+    assert not shutdown_gracefully(5.0, dead, shutdown=lambda: stopped.append(3))
+    assert stopped == [1, 2, 3]
+
+
+def test_sigterm_and_sigint_set_the_stop_event_and_a_second_signal_forces():
+    import os
+    import threading
+
+    from ditserve.cluster.server import install_stop_handlers, shutdown_gracefully
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for first, second in ((signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)):
+            stop = threading.Event()
+            install_stop_handlers(stop)
+            os.kill(os.getpid(), first)
+            assert stop.wait(5) and not getattr(stop, "force", False)
+            os.kill(os.getpid(), second)
+            assert getattr(stop, "force", False)
+            # a forced stop ends the drain at once, however long the grace period
+            assert not shutdown_gracefully(3600, lambda: 1, stop=stop, shutdown=lambda: None)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
