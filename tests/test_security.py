@@ -313,3 +313,25 @@ def test_sigterm_and_sigint_set_the_stop_event_and_a_second_signal_forces():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_generate_client_sends_the_key_as_bearer(monkeypatch):
+    from ditserve.cluster import client
+
+    sent = []
+
+    class _Reply(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(request, timeout):
+        sent.append(request)
+        return _Reply(json.dumps({"data": [], "seed": 1}).encode())
+
+    monkeypatch.setattr(client.urllib.request, "urlopen", urlopen)
+    client.generate_images("http://h:1", {"prompt": "x"}, api_key="key-one")
+    client.generate_images("http://h:1", {"prompt": "x"})
+    assert sent[0].get_header("Authorization") == "Bearer key-one" and sent[1].get_header("Authorization") is None
