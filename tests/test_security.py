@@ -59,8 +59,8 @@ class FakeBackend:
         self.failures.append(status)
 
 
-def _client(api_keys=()):
-    backend = FakeBackend()
+def _client(api_keys=(), backend=None):
+    backend = backend or FakeBackend()
     app = build_http_app(backend, max_request_bytes=200_000, api_keys=[key_digest(k) for k in api_keys])
 
     def call(method: str, path: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None,
@@ -335,3 +335,79 @@ def test_generate_client_sends_the_key_as_bearer(monkeypatch):
     client.generate_images("http://h:1", {"prompt": "x"}, api_key="key-one")
     client.generate_images("http://h:1", {"prompt": "x"})
     assert sent[0].get_header("Authorization") == "Bearer key-one" and sent[1].get_header("Authorization") is None
+
+
+# ---- schema-based fuzz of the routes (hypothesis, bounded) ------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ditserve.deployments.http import AudioAnswer, AudioRequest, ImageEditsRequest, ImagesRequest  # noqa: E402
+
+
+class FuzzBackend(FakeBackend):
+    """Turns each valid request into the engine's request (as the Router does) and answers 200."""
+
+    async def images(self, req):
+        req.generation_request()
+        self.answered = getattr(self, "answered", 0) + 1
+        return ImagesResponse(created=1, data=[], model="m", output_format="png", size="64x64", seed=3,
+                              request_id=request_id(), timings={}, cache=None,
+                              usage=ImagesUsage(images=0, num_inference_steps=2))
+
+    async def audio(self, req):
+        req.generation_request()
+        self.answered = getattr(self, "answered", 0) + 1
+        return AudioAnswer(b"RIFF", request_id(), 1, "audio/wav")
+
+
+_LEAF = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
+_JSON = st.recursive(_LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                     max_leaves=8)
+_SPECIFIC = {
+    "prompt": st.text(max_size=40),
+    "negative_prompt": st.text(max_size=10),
+    "size": st.from_regex(r"\A[0-9٠-٩６]{1,5}[xX* ][0-9]{1,5}\Z") | st.text(max_size=8),
+    "n": st.integers(-2, 12),
+    "num_inference_steps": st.integers(-1, 300),
+    "seed": st.integers(-1, 2**64),
+    "output_format": st.sampled_from(["png", "jpeg", "webp", "gif"]),
+    "response_format": st.sampled_from(["b64_json", "url", "wav", "flac"]),
+    "lora": st.fixed_dictionaries({"name": st.text(max_size=6)}, optional={"scale": st.floats(-10, 10)}),
+    "cache": st.fixed_dictionaries({}, optional={"backend": st.sampled_from(["tea_cache", "cache_dit", "none", "x"]),
+                                                 "config": _JSON}),
+    "image": st.sampled_from([_png(), "data:image/png;base64," + _png(), "!!", ""]) | st.lists(st.just(_png()), max_size=2),
+}
+_ROUTES = {"/v1/images/generations": ImagesRequest, "/v1/audio/generations": AudioRequest,
+           "/v1/images/edits": ImageEditsRequest}
+
+
+def _bodies(model) -> st.SearchStrategy[dict]:
+    """Wild bodies (any field any JSON) and near-valid ones (a plain prompt, the field strategies)."""
+    wild = {name: (_SPECIFIC[name] | _JSON) if name in _SPECIFIC else _JSON
+            for name in model.model_fields if name != "prompt"}
+    wild["unknown_field"] = _JSON
+    near = {name: _SPECIFIC[name] for name in model.model_fields if name in _SPECIFIC and name != "prompt"}
+    required = {"prompt": st.text("abc xyz", min_size=1, max_size=10).filter(str.strip)}
+    if "image" in model.model_fields:
+        required["image"] = st.just(_png())
+        near.pop("image")
+    return (st.fixed_dictionaries({"prompt": _SPECIFIC["prompt"] | _JSON}, optional=wild)
+            | st.fixed_dictionaries(required, optional=near))
+
+
+@pytest.mark.parametrize("path", list(_ROUTES))
+def test_fuzzed_bodies_never_get_a_500(path):
+    fuzz = _client(backend=FuzzBackend())
+
+    @settings(max_examples=50, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(body=_bodies(_ROUTES[path]) | st.binary(max_size=64))
+    def check(body):
+        status, reply, _ = fuzz("POST", path, body)
+        assert status < 500, (body, status, reply)
+        if status != 200:
+            assert _error(reply)["message"]
+
+    check()
+    assert fuzz.backend.answered > 0  # some bodies were valid: the fuzz reached the backend
