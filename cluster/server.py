@@ -18,8 +18,7 @@ from collections.abc import Callable
 import ray
 from ray import serve
 
-from ditserve.deployments import AppConfig, build_app
-from ditserve.deployments.security import api_key_digests
+from ditserve.deployments import AppConfig, api_key_digests, build_app
 
 from .serve_config import APP_NAME
 
