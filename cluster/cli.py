@@ -161,7 +161,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
         # merged over the server's)
         body["cache"] = {"backend": args.cache_backend, "config": engine.get("cache_config") or {}}
     try:
-        images, reply = generate_images(args.server, body, output_format=_format_of(args.output))
+        images, reply = generate_images(args.server, body, output_format=_format_of(args.output),
+                                        api_key=args.api_key)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate in this process (the reference runner), or via --server")
     p.add_argument("--server", help="URL of a running server (e.g. http://127.0.0.1:8000); default: in process")
+    p.add_argument("--api-key", help="with --server: the server's API key (sent as 'Authorization: Bearer')")
     _flags().request.add_to(p)
     p.add_argument("--lora", action="append", metavar="NAME[:SCALE]",
                    help="a LoRA adapter of --lora-dir (or of the server's) at SCALE (default 1); repeat to combine "

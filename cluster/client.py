@@ -12,11 +12,14 @@ class ServerError(RuntimeError):
     """The server answered with an error (its OpenAI-style message) or could not be reached."""
 
 
-def generate_images(server: str, body: dict, *, output_format: str = "png", timeout_s: float = 600.0) -> tuple[list[bytes], dict]:
-    """POST /v1/images/generations; returns the encoded images and the rest of the reply."""
+def generate_images(server: str, body: dict, *, output_format: str = "png", timeout_s: float = 600.0,
+                    api_key: str | None = None) -> tuple[list[bytes], dict]:
+    """POST /v1/images/generations (``api_key``: sent as ``Authorization: Bearer``); returns the
+    encoded images and the rest of the reply."""
     url = server.rstrip("/") + "/v1/images/generations"
     data = json.dumps({**body, "output_format": output_format, "response_format": "b64_json"}).encode()
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             reply = json.loads(resp.read())

@@ -2,8 +2,9 @@
 
 One flag per field: its name is the field's (``--prefix-`` + underscores as dashes), its help is the
 field's description, its default the field's, its type read from the annotation (int, float, str;
-a ``Literal`` gives choices; a bool gives ``--x/--no-x``; a nested object, mapping or tuple is given
-as JSON). A new config field therefore gets its flag without touching the CLI.
+a ``Literal`` gives choices; a bool gives ``--x/--no-x``; a field marked
+``json_schema_extra={"repeatable": True}`` is a string flag given once or more, its values collected
+in a list; a nested object, mapping or tuple is given as JSON). A new config field therefore gets its flag without touching the CLI.
 
 Flags left out of the command line stay out of the built model (their argparse default is
 ``None``), so the model's own defaults apply and nothing is copied here. Building validates the
@@ -136,14 +137,20 @@ def _choices(annotation: Any) -> tuple[Any, ...]:
     return typing.get_args(bare) if typing.get_origin(bare) is Literal else ()
 
 
+def _repeatable(info: FieldInfo) -> bool:
+    return isinstance(info.json_schema_extra, dict) and bool(info.json_schema_extra.get("repeatable"))
+
+
 def _is_json(info: FieldInfo) -> bool:
     bare = _bare(info.annotation)
-    return not (bare in (int, float, str, bool) or _choices(info.annotation))
+    return not (bare in (int, float, str, bool) or _choices(info.annotation) or _repeatable(info))
 
 
 def _kind(info: FieldInfo) -> dict[str, Any]:
     bare = _bare(info.annotation)
     choices = _choices(info.annotation)
+    if _repeatable(info):
+        return {"action": "append", "metavar": "VALUE"}
     if choices:
         values = [*choices, NONE] if _optional(info.annotation) and NONE not in choices else list(choices)
         return {"choices": values, "type": type(choices[0])}

@@ -37,6 +37,7 @@ from .engine import Engine, EngineConfig, GenerationResult
 from .images_in import ImageInputConfig
 from .local import ParallelEngine
 from .schema import GenerationRequest, LoraRequest, RequestError, ResolvedRequest, resolve_request, select_model
+from .security import api_key_digests
 
 _LAZY = {"build_app": ".app", "IMPORT_PATH": ".app"}  # need Ray
 
@@ -75,6 +76,7 @@ __all__ = [
     "SequentialStageOptions",
     "StageOptions",
     "VaeConfig",
+    "api_key_digests",
     "build_app",
     "encode_audio",
     "implemented_families",

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine import EngineConfig
+from .security import split_keys
 
 
 class AutoscalingOptions(BaseModel):
@@ -153,6 +154,25 @@ class AppConfig(BaseModel):
     video_jobs: VideoJobsOptions = Field(
         default_factory=VideoJobsOptions, description="Video models: the /v1/videos job store (results kept, budget)."
     )
+    api_key: tuple[str, ...] = Field(
+        (), json_schema_extra={"repeatable": True},
+        description="API key(s) the HTTP routes require as 'Authorization: Bearer <key>' (repeat the flag, or "
+        "separate with commas; /health stays open; none: every route is open). Stored as 'sha256:<hex>' digests "
+        "only, so the config file and logs never hold a key in clear; a value already of that form is kept.",
+    )
+    api_key_file: str | None = Field(
+        None, description="File of API keys, one per line (blank lines and '#' comments skipped), read by each "
+        "Router replica at start (a mounted secret on a cluster), in addition to api_key.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT (`ditserve run`) or a redeploy: how long in-flight requests "
+        "may finish before the replicas are stopped.",
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _digests(cls, value: Any) -> tuple[str, ...]:
+        return split_keys(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,7 +15,6 @@ import base64
 import dataclasses
 import importlib.metadata
 import io
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ from .audio import AUDIO_MEDIA_TYPES, encode_audio
 from .executor import RequestTimeoutError
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
+from .security import ApiKeyAuth, JsonGuard, RequestIdGuard, parse_json, request_id
 
 logger = logging.getLogger("ray.serve")
 
@@ -136,10 +136,7 @@ async def edits_from_form(request: Request) -> ImageEditsRequest:
         elif not isinstance(value, str):
             raise RequestError(key, "unexpected file; only image / image[] take files")
         elif key in _JSON_FORM_FIELDS:
-            try:
-                data[key] = json.loads(value)
-            except ValueError:
-                raise RequestError(key, "must be JSON text in a form field") from None
+            data[key] = parse_json(value, key)
         else:
             data[key] = value
     if not images:
@@ -334,7 +331,7 @@ class ErrorDetail(_Response):
     message: str = Field(description="What went wrong, starting with the field it concerns.")
     type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
     param: str | None = Field(description="The offending field (dotted path), 'body', or null.")
-    code: str | None = Field(None, description="Always null.")
+    code: str | None = Field(None, description="'invalid_api_key' on a 401, else null.")
 
 
 class ErrorResponse(_Response):
@@ -344,7 +341,8 @@ class ErrorResponse(_Response):
 
 
 _ERRORS = {
-    400: "Malformed JSON, or not a JSON object.",
+    400: "Malformed JSON, not a JSON object, not UTF-8, or nested too deep.",
+    401: "Missing or wrong API key (when the deployment has keys).",
     404: "Unknown model, route or video job.",
     405: "Wrong method for the route.",
     409: "The video job is not completed: no content yet.",
@@ -480,6 +478,35 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+@dataclasses.dataclass
+class Drain:
+    """The HTTP requests a Router replica is answering (``count``); ``draining`` once it shuts down."""
+
+    count: int = 0
+    draining: bool = False
+
+
+class InFlight:
+    """ASGI middleware: counts the HTTP requests being answered in ``drain``, and once it is
+    ``draining`` (a shutdown) answers new ones with 503 and ``Retry-After`` so that a drain ends."""
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            await error_response(503, "the server is shutting down; retry on another replica")(scope, receive, send)
+            return
+        self.drain.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.count -= 1
+
+
 # ---- the app --------------------------------------------------------------------------------
 
 
@@ -517,14 +544,22 @@ class HttpBackend(Protocol):
         """Count a refused or failed generation request (metrics)."""
 
 
-def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
-    """The FastAPI app of one Router replica; the routes call ``backend``."""
+def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app of one Router replica; the routes call ``backend``. ``api_keys``: the
+    accepted keys' digests (``security.key_digest``); none: every route is open."""
     app = FastAPI(
         title="ditserve", version=_version(), openapi_url=OPENAPI_PATH,
         description="Diffusion transformers on Ray Serve, OpenAI-style. Errors: {'error': {message, type, param, "
         "code}}, param naming the field.",
     )
+    # innermost first: JSON checks on the bounded body, the body limit, keys, then the request id
+    app.add_middleware(JsonGuard, refused=backend.failed)
     app.add_middleware(BodyLimit, limit=max_request_bytes, refused=backend.failed)
+    if api_keys:
+        app.add_middleware(ApiKeyAuth, digests=api_keys, refused=backend.failed)
+    app.add_middleware(RequestIdGuard)
+    app.state.drain = Drain()  # the Router's drain() reads and sets it
+    app.add_middleware(InFlight, drain=app.state.drain)
     routes = (f"POST {IMAGES_PATH}", f"POST {EDITS_PATH}", f"POST {AUDIO_PATH}", f"POST {VIDEOS_PATH}",
               f"GET {VIDEOS_PATH}[/{{id}}[/content]]", f"DELETE {VIDEOS_PATH}/{{id}}", f"GET {MODELS_PATH}",
               f"GET {HEALTH_PATH}", f"GET {OPENAPI_PATH}")
@@ -534,6 +569,10 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int) -> FastAPI:
         err = validation_error(exc.errors()[0], request.headers.get("content-type"))
         backend.failed(err.status)
         return error_response(err.status, str(err), err.field)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return internal_error(500, "internal error", exc)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -633,10 +672,7 @@ async def _audio_response(backend: HttpBackend, req: AudioRequest) -> Response:
 
 async def _json_body(request: Request) -> Any:
     """The body as a JSON object (400 naming ``body`` otherwise)."""
-    try:
-        data = json.loads(await request.body())
-    except ValueError as exc:
-        raise RequestError("body", f"invalid JSON: {exc}", status=400) from None
+    data = parse_json(await request.body())
     if not isinstance(data, dict):
         raise RequestError("body", "must be a JSON object", status=400)
     return data
@@ -656,21 +692,31 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
         return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
     except BackPressureError as exc:
         status = 429
-        return error_response(429, f"server busy, retry later ({exc})", kind="rate_limit_error")
+        logger.warning("request %s refused: %s", request_id(), exc)
+        return error_response(429, f"server busy, retry later (request id {request_id()})", kind="rate_limit_error",
+                              headers={"x-request-id": request_id()})
     except (DeploymentUnavailableError, RayActorError) as exc:
         status = 503
-        return error_response(503, f"model stage unavailable: {exc}")
+        return internal_error(503, "model stage unavailable, retry later", exc)
     except RequestTimeoutError:
         status = 504
         return error_response(504, "the request ran past request_timeout_s and was stopped", kind="timeout_error")
-    except Exception as exc:  # the replica stays up; the client learns what failed
+    except Exception as exc:  # the replica stays up; the detail goes to the log only
         status = 500
-        logger.exception("request failed")
-        return error_response(500, f"generation failed: {type(exc).__name__}: {exc}")
+        return internal_error(500, "generation failed", exc)
     finally:
         if status != 200:
             backend.failed(status)
 
+
+
+def internal_error(status: int, what: str, exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A 5xx that tells the client what failed and the request id, never the exception's text
+    (Ray's carries pids, addresses, actor ids and tracebacks): that goes to the log, with the id."""
+    rid = request_id()
+    logger.error("request %s: %s", rid, what, exc_info=exc)
+    return error_response(status, f"{what} ({type(exc).__name__}); request id {rid}: see the server log",
+                          headers={**(headers or {}), **({"x-request-id": rid} if rid else {})} or None)
 
 
 async def _video_answer(backend: HttpBackend, call: Callable[[], Any]) -> Response:
@@ -685,10 +731,9 @@ async def _video_answer(backend: HttpBackend, call: Callable[[], Any]) -> Respon
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
     except RequestError as exc:
         return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field, headers=headers)
-    except BackPressureError as exc:
-        return error_response(429, f"server busy, retry later ({exc})", kind="rate_limit_error", headers=headers)
+    except BackPressureError:
+        return error_response(429, "server busy, retry later", kind="rate_limit_error", headers=headers)
     except (DeploymentUnavailableError, RayActorError) as exc:
-        return error_response(503, f"video job store unavailable: {type(exc).__name__}", headers=headers)
+        return internal_error(503, "video job store unavailable", exc, headers)
     except Exception as exc:  # the replica stays up; the client learns what failed
-        logger.exception("video request failed")
-        return error_response(500, f"video request failed: {type(exc).__name__}", headers=headers)
+        return internal_error(500, "video request failed", exc, headers)

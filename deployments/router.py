@@ -63,6 +63,7 @@ from .http import (
 )
 from .metrics import RouterMetrics
 from .schema import GenerationRequest, RequestError, ResolvedRequest
+from .security import api_key_digests
 from .served import ServedModel
 from .stages import Decoded, conditioning_report, merge_reports
 
@@ -133,7 +134,15 @@ class Router:
         self.metrics = RouterMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self, max_request_bytes=self.cfg.max_request_bytes)
+        keys = api_key_digests(self.cfg.api_key, self.cfg.api_key_file)  # the file is read here, at start
+        self.http_app = build_http_app(self, max_request_bytes=self.cfg.max_request_bytes, api_keys=sorted(keys))
+        return self.http_app
+
+    def drain(self) -> int:
+        """Stop taking HTTP requests (new ones get 503) and return how many are still being answered
+        (``ditserve run`` polls it on SIGTERM before shutting Serve down)."""
+        self.http_app.state.drain.draining = True
+        return self.http_app.state.drain.count
 
     # ---- composition --------------------------------------------------------------------------
 

@@ -23,7 +23,11 @@ from ditserve.parallel.vae import VaeConfig, size_error
 
 MAX_PROMPT_CHARS = 20_000
 LAYERED_DEFAULT_LAYERS = 4  # QwenImageLayeredPipeline's default
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(\d+)\s*$")
+# ASCII digits only: Python's \d and int() also take other scripts' digits ("٦٤x64")
+_SIZE_RE = re.compile(r"^[ \t]*([0-9]+)[ \t]*[xX*][ \t]*([0-9]+)[ \t]*$")
+# C0 control characters but tab, newline and carriage return: no tokenizer wants them, and a NUL
+# truncates the prompt in some C tokenizers and in logs
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class RequestError(ValueError):
@@ -56,6 +60,15 @@ LoraField = Annotated[
     Discriminator(lambda v: "many" if isinstance(v, list | tuple) else "one"),
 ]
 _UNION_TAGS = {"one", "many"}
+
+
+def _no_control(text: str) -> str:
+    """``text`` when it holds no control character but tab, newline and carriage return (and no DEL)."""
+    bad = _CONTROL_RE.search(text)
+    if bad:
+        raise ValueError(f"control character U+{ord(bad.group()):04X} at index {bad.start()}; only tab, newline and "
+                         "carriage return are accepted")
+    return text
 
 
 class GenerationRequest(BaseModel):
@@ -105,7 +118,12 @@ class GenerationRequest(BaseModel):
     def _prompt_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
-        return value
+        return _no_control(value)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_plain(cls, value: str | None) -> str | None:
+        return None if value is None else _no_control(value)
 
     @field_validator("size")
     @classmethod
