@@ -375,7 +375,12 @@ _ROW_FEATURES = {"cache": (Feature.TEA_CACHE, Feature.CACHE_DIT), "vae_parallel"
 def _unsupported_reason(caps: Support, row: str) -> str | None:
     """The adapter's reason for not offering the feature of table row ``row``, if it gives one."""
     features = _ROW_FEATURES.get(row) or tuple(f for f in Feature if f.value == row)
-    reasons = getattr(caps.caps.adapter, "unsupported", {})
+    adapter = caps.caps.adapter
+    reasons = dict(getattr(adapter, "unsupported", {}))
+    pipeline = getattr(adapter, "pipeline_class", None)
+    if pipeline is not None and not hasattr(pipeline, "lora_state_dict"):  # LoRA files are read through it
+        reasons.setdefault(Feature.LORA, f"{pipeline.__name__} has no LoRA loader (lora_state_dict) to read "
+                                         "adapter files with")
     return next((reasons[f] for f in features if f in reasons and f not in caps.features), None)
 
 

@@ -29,13 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .audio import AUDIO_MEDIA_TYPES, encode_audio
 from .executor import RequestTimeoutError
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
-from .security import ApiKeyAuth, JsonGuard, RequestIdGuard, parse_json, request_id
+from .security import ApiKeyAuth, JsonGuard, RequestIdGuard, parse_json, replay_body, request_id
 
 logger = logging.getLogger("ray.serve")
 
@@ -466,16 +466,7 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
 
 @dataclasses.dataclass

@@ -181,6 +181,21 @@ def parse_json(raw: bytes | str, field: str = "body") -> Any:
         raise RequestError(field, f"invalid JSON: {exc}", status=400) from None
 
 
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app ``body`` (read already by a middleware) as one message,
+    then defers to the real ``receive`` (disconnects)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class JsonGuard:
     """ASGI middleware: a request body sent as JSON (any body but a multipart form) passes
     ``check_json`` before a route parses it; 400 naming ``body`` otherwise. Sits inside the body
@@ -203,22 +218,14 @@ class JsonGuard:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        body, replayed = b"".join(chunks), False
+        body = b"".join(chunks)
         try:
             check_json(body)
         except RequestError as exc:
             self.refused(exc.status)
             await _error(exc.status, str(exc), exc.field)(scope, receive, send)
             return
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(body, receive), send)
 
 
 # ---- request ids --------------------------------------------------------------------------------

@@ -4,14 +4,16 @@
 equals uncached (every block evaluated, both CFG branches through the hooks), and high thresholds
 skip exactly what their policies say over 6 steps (TeaCache: the first and last steps always run;
 DBCache: 2 warm-up steps, at most 2 skipped in a row, Fn=1 block run per skipped call) and change
-the result.
+the result. ``check_lora_refused``: a family whose diffusers pipeline has no LoRA loader refuses
+``lora_dir`` at start-up and says why.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ditserve.deployments import GenerationRequest
+from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 
 CACHE_STEPS = 6
 _DB = {"residual_diff_threshold": 9.0, "max_warmup_steps": 2, "max_continuous_cached_steps": 2}
@@ -43,3 +45,14 @@ def check_caches(engine, request: dict, blocks: int, branches: tuple[str, ...] =
         assert out.cache["blocks_total"] == total
         assert out.cache["blocks_evaluated"] == len(branches) * ((CACHE_STEPS - skipped) * blocks + skipped * per_skip), cache
         assert not torch.equal(out.latents, uncached.latents), cache  # skipping changed something
+
+
+def check_lora_refused(pipeline_cls: type, checkpoint, lora_dir) -> None:
+    """``lora_dir`` on a model whose pipeline has no ``lora_state_dict`` (what reads adapter files)
+    fails at start-up, naming the option and the reason."""
+    from ditserve.features.lora import LoraConfig
+
+    assert not hasattr(pipeline_cls, "lora_state_dict")
+    with pytest.raises(ValueError, match=rf"lora_dir=.* does not support LoRA \({pipeline_cls.__name__} has no LoRA "
+                                         r"loader"):
+        Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(lora_dir))))

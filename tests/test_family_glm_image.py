@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from diffusers import GlmImagePipeline
-from family_checks import check_caches
+from family_checks import check_caches, check_lora_refused
 from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -196,15 +196,13 @@ def test_declared_features_compose_on_one_batch(checkpoint, engine):
 def test_refusals_at_start_up(checkpoint, tmp_path):
     """Degrees the heads do not allow, and LoRA (GlmImagePipeline has no LoRA loader to read
     adapters with), refused at start-up with the reason."""
-    from ditserve.features.lora import LoraConfig
     from ditserve.parallel import ParallelConfig
 
-    assert not hasattr(GlmImagePipeline, "lora_state_dict")
+    check_lora_refused(GlmImagePipeline, checkpoint, tmp_path)
     model = dict(model=str(checkpoint), device="cpu")
     for options, reason in (
         (dict(parallel=ParallelConfig(tensor_parallel_size=8)), "tensor_parallel_size=8 must divide num_heads=4"),
         (dict(parallel=ParallelConfig(ulysses_degree=8)), "ulysses_degree=8"),
-        (dict(lora=LoraConfig(lora_dir=str(tmp_path))), "does not support LoRA"),
     ):
         with pytest.raises(ValueError, match=reason):
             Engine(EngineConfig(**model, **options))

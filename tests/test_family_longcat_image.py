@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from diffusers import LongCatImagePipeline
-from family_checks import check_caches
+from family_checks import check_caches, check_lora_refused
 from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -107,12 +107,7 @@ def test_registry_defaults_and_resaved_checkpoint_with_other_config(engine, tmp_
 
 
 def test_lora_is_refused_at_start_up(checkpoint, tmp_path):
-    """LongCatImagePipeline has no LoRA loader (no lora_state_dict to read an adapter's files with)."""
-    from ditserve.features.lora import LoraConfig
-
-    assert not hasattr(LongCatImagePipeline, "lora_state_dict")
-    with pytest.raises(ValueError, match="does not support LoRA"):
-        Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
+    check_lora_refused(LongCatImagePipeline, checkpoint, tmp_path)
 
 
 def test_shared_tiny_qwen2_5_vl_processor_feeds_an_image_to_the_encoder():

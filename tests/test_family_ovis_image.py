@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from diffusers import OvisImagePipeline
-from family_checks import check_caches
+from family_checks import check_caches, check_lora_refused
 from layouts import layout_ids, run_and_compare, serve_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
@@ -103,12 +103,7 @@ def test_resaved_checkpoint_with_other_config_loads_and_runs(tmp_path):
 
 
 def test_lora_is_refused_at_start_up(checkpoint, tmp_path):
-    """OvisImagePipeline has no LoRA loader (no lora_state_dict to read an adapter's files with)."""
-    from ditserve.features.lora import LoraConfig
-
-    assert not hasattr(OvisImagePipeline, "lora_state_dict")
-    with pytest.raises(ValueError, match="does not support LoRA"):
-        Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
+    check_lora_refused(OvisImagePipeline, checkpoint, tmp_path)
 
 
 # ---- caches (double-stream blocks, then single-stream blocks taking and returning both streams) ---

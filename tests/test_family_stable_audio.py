@@ -270,12 +270,11 @@ def test_cache_dit_zero_threshold_equals_uncached_and_skips_when_allowed(engine)
 def test_refused_features_say_why(checkpoint, engine, tmp_path):
     """LoRA: StableAudioPipeline has no LoRA loader. TeaCache: the blocks have no timestep-modulated
     input to probe. VAE tiling: diffusers has no tiled decode for AutoencoderOobleck."""
-    from ditserve.features.lora import LoraConfig
+    from family_checks import check_lora_refused
+
     from ditserve.parallel.vae import VaeConfig
 
-    assert not hasattr(StableAudioPipeline, "lora_state_dict")
-    with pytest.raises(ValueError, match="does not support LoRA"):
-        Engine(EngineConfig(model=str(checkpoint), device="cpu", lora=LoraConfig(lora_dir=str(tmp_path))))
+    check_lora_refused(StableAudioPipeline, checkpoint, tmp_path)
     with pytest.raises(RequestError, match="does not support tea_cache") as info:
         engine.resolve(GenerationRequest(prompt="x", cache={"backend": "tea_cache"}))
     assert info.value.field == "cache.backend"
