@@ -28,7 +28,6 @@ from ray import serve
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.deployments.app import build_app
 from ditserve.deployments.config import AppConfig
-from ditserve.deployments.stages import to_uint8
 from ditserve.models.tiny import make_tiny
 
 pytestmark = pytest.mark.timeout(600)
@@ -85,7 +84,8 @@ def _reference_frames(wan, **fields) -> np.ndarray:
     torch.set_num_threads(1)  # the served ranks compute with one thread
     try:
         engine = Engine(EngineConfig(model=str(wan), device="cpu", dtype="float32"))
-        return to_uint8(engine.generate(GenerationRequest(**fields), output_type="np").images)
+        images = engine.generate(GenerationRequest(**fields), output_type="np").images
+        return (images * 255).round().astype("uint8")  # rounded as diffusers' numpy_to_pil
     finally:
         torch.set_num_threads(threads)
 
