@@ -61,8 +61,8 @@ class RankActor:
         return self.worker.ping()
 
     @ray.method(concurrency_group=CONTROL)
-    def abort(self, call_id: int | None = None) -> None:
-        self.worker.abort(call_id)
+    def abort(self, call_id: int | None = None) -> int:
+        return self.worker.abort(call_id)
 
     @ray.method(concurrency_group=CONTROL)
     def progress(self) -> tuple[int, int]:
@@ -110,6 +110,7 @@ class RayExecutor(Executor):
         self.timeout_s = timeout_s
         #: (steps rank 0 had finished when the last cancel arrived, steps when the ranks stopped)
         self.last_cancel: tuple[int, int] | None = None
+        self.stopping: asyncio.Future | None = None  # the latest cancel's stop (it outlives its caller)
         self._call_id = 0  # id of the latest call (progress of an older one reads as 0)
         # starting actors and loading weights is not a collective: it gets its own, longer, limit
         self.startup_timeout_s = startup_timeout_s or timeout_s
@@ -168,7 +169,7 @@ class RayExecutor(Executor):
         except asyncio.CancelledError:
             # the caller went away: stop the ranks, wait until they have (in a task of its own, so
             # a second cancel cannot leave the group busy behind our back), then re-raise
-            stop = asyncio.ensure_future(self._stop(done))
+            stop = self.stopping = asyncio.ensure_future(self._stop(done))
             try:
                 await asyncio.shield(stop)
             except asyncio.CancelledError:
@@ -221,16 +222,16 @@ class RayExecutor(Executor):
                 raise WorkerError(f"{method} failed on rank {rank}: {exc}") from exc
         return out
 
-    async def _stop(self, done: asyncio.Future) -> None:
-        """Abort the running call and wait for every rank to leave it; records ``last_cancel``."""
-        at = await self.progress()
-        self.abort()
+    async def _stop(self, done: asyncio.Future) -> tuple[int, int]:
+        """Abort the running call and wait for every rank to leave it; records and returns ``last_cancel``."""
+        at = await self._abort_refs()[0]  # rank 0's steps when the abort landed there
         try:
             await asyncio.wait_for(done, timeout=self.timeout_s)
         except asyncio.TimeoutError:
             logger.warning("ranks did not stop within %g s of a cancel", self.timeout_s)
         self.last_cancel = (at, await self.progress())
         logger.info("call cancelled at step %d; the ranks stopped after step %d", *self.last_cancel)
+        return self.last_cancel
 
     # ---- control -----------------------------------------------------------------------------------
 
@@ -241,9 +242,12 @@ class RayExecutor(Executor):
         return steps if call_id == self._call_id else 0
 
     def abort(self) -> None:
-        # the latest call (one at a time per replica), even on a rank that has not started it yet
-        for actor in self.actors:
-            actor.abort.remote(self._call_id)
+        self._abort_refs()
+
+    def _abort_refs(self) -> list:
+        """Abort the latest call (one at a time per replica), even on a rank that has not started it
+        yet; each rank's reference answers the steps it had finished when the abort landed."""
+        return [actor.abort.remote(self._call_id) for actor in self.actors]
 
     async def check_health(self, timeout_s: float = 10.0) -> None:
         """Every rank answers a ping (from its control thread: a running request does not delay it)."""

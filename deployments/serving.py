@@ -222,13 +222,13 @@ class DiT(_GroupCoordinator):
         # (editing), from the VAE's encode; progress_key: report rank 0's steps to the Jobs deployment
         extra = (None, images) if images is not None else ()
         watcher = asyncio.ensure_future(self._watch(progress_key)) if progress_key else None
-        self.executor.last_cancel = None
+        self.executor.stopping = None
         try:
             denoised = await self._call(req, encoded.with_prior(prior), _request_id(), *extra)
         except asyncio.CancelledError:
-            if progress_key and self.executor.last_cancel is not None:
-                at, stopped = self.executor.last_cancel
-                self._report(progress_key, steps_done=stopped, cancelled_at_step=at, stopped_at_step=stopped)
+            if progress_key:
+                # from a task of its own: Serve may cancel this one again before the ranks have stopped
+                asyncio.ensure_future(self._report_stop(progress_key, self.executor.stopping))
             raise
         finally:
             if watcher is not None:
@@ -242,6 +242,12 @@ class DiT(_GroupCoordinator):
             report = next((r.lora for r in reversed(denoised.reports) if r.stage == "denoise"), None)
             self.metrics.lora_report(req.model, report)
         return denoised
+
+    async def _report_stop(self, key: str, stopping: asyncio.Future | None) -> None:
+        """Once the cancelled call's ranks have stopped: where the cancel reached them and where they stopped."""
+        if stopping is not None:
+            at, stopped = await stopping
+            self._report(key, steps_done=stopped, cancelled_at_step=at, stopped_at_step=stopped)
 
     def _report(self, key: str, **progress: int) -> None:
         """Send progress to the Jobs deployment (fire and forget: a lost report only delays progress)."""

@@ -119,15 +119,18 @@ class RankWorker:
             raise
         return result if reply else None
 
-    def abort(self, call_id: int | None = None) -> None:
+    def abort(self, call_id: int | None = None) -> int:
         """Ask the running call (or, given, call ``call_id``, even if it has not started here yet) to
-        stop at its next step (thread-safe)."""
+        stop at its next step (thread-safe). Returns the steps that call had finished here when the
+        abort landed (0: not started here yet)."""
         if call_id is None:
             self._abort.set()
-            return
+            return self._steps_done
         self._aborted_call = call_id  # written before _call_id is read; call() does the reverse
         if self._call_id == call_id:
             self._abort.set()
+            return self._steps_done
+        return 0
 
     def aborted(self) -> bool:
         """Whether any rank was asked to abort; every rank gets the same answer."""
