@@ -7,7 +7,9 @@ Ulysses, Ring and TP at degree 2 equal one rank; TeaCache and Cache-DiT; layerwi
 patch parallel (decode split, encode on one worker); LoRA equals the pipeline's loader; FP8.
 Qwen-Image-Edit-2509 (``qwen-image-edit-plus``): equals ``QwenImageEditPlusPipeline`` with 1, 2 and 3
 images; CFG-parallel and Ulysses with two images. Qwen-Image-Layered (``qwen-image-layered``): equals
-``QwenImageLayeredPipeline`` (latents and RGBA layers).
+``QwenImageLayeredPipeline`` (latents and RGBA layers). Both then run the rest of Qwen-Image-Edit's
+rows on one batch each (``check_declared_features``): ring and TP (Layered also CFG-parallel) with
+layerwise offload, a LoRA and two VAE workers equal one rank; both caches; FP8.
 
 The pipelines resize the input image to a 1024*1024 area (640*640 for Layered; tens of seconds for
 the VAE on a CPU); the tiny checkpoints record ``condition_pixels`` = 64*64 and the reference
