@@ -198,8 +198,8 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, images: tuple[Any, 
         RequestError: an option the model does not accept, or a size it cannot produce.
     """
     seconds, seconds_start = resolve_seconds(req, spec)
-    if req.size is not None and spec.task == "image-layered":
-        raise RequestError("size", f"model {spec.id} outputs layers at the input image's size; leave size unset")
+    if req.size is not None and spec.size_follows_input:
+        raise RequestError("size", f"model {spec.id} outputs at the input image's size; leave size unset")
     if req.size is None and images and spec.condition_pixels:
         # editing: the output follows the input image, as the pipeline's default (its last image's)
         from ditserve.models import adapter_class

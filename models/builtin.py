@@ -28,7 +28,7 @@ _TINY_FAMILY_DEFAULTS = {
     "stable-audio": dict(audio_seconds=1.0, max_audio_seconds=1.0, audio_sample_rate=128, default_width=1,
                          default_height=1, min_size=1, max_size=1),
     **{family: dict(condition_pixels=TINY_CONDITION_PIXELS) for family in ("qwen-image-edit", "qwen-image-edit-plus",
-                                                            "qwen-image-layered")},
+                                                            "qwen-image-layered", "longcat-image-edit")},
 }
 
 
@@ -72,6 +72,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
           "Tiny Qwen-Image-Edit-2509 (random weights)", "qwen-image-edit-plus"),
     _tiny("Qwen/Qwen-Image-Layered", "ditserve/tiny-qwen-image-layered", "Tiny Qwen-Image-Layered (random weights)",
           "qwen-image-layered"),
+    _tiny("meituan-longcat/LongCat-Image-Edit", "ditserve/tiny-longcat-image-edit",
+          "Tiny LongCat-Image-Edit (random weights)", "longcat-image-edit"),
     next(spec for spec in MODELS if spec.id == "Qwen/Qwen-Image").model_copy(
         update={
             "id": "ditserve/demo",

@@ -225,9 +225,17 @@ MODELS: list[ModelSpec] = [
         guidance=Guidance.CFG,
         num_inference_steps=50,
         guidance_scale=4.5,
+        max_input_images=1,
+        condition_pixels=1024 * 1024,
+        size_follows_input=True,
         **_image_sizes(16),
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ❌ ✅ ❌ ❌"),
-        notes="Output size follows the input image (about 1024x1024 area); text_processor is a Qwen2VLProcessor.",
+        notes=(
+            "Defaults are LongCatImageEditPipeline's (50 steps, guidance 4.5, classic CFG with the negative prompt "
+            "\"\" by default, no cfg renorm). One input image; the output is its size resized to about 1024x1024 "
+            "(the pipeline takes no width/height: size is refused). The text encoder reads the image at half that "
+            "size through the text_processor (Qwen2VLProcessor)."
+        ),
     ),
     ModelSpec(
         id="OvisAI/Ovis-Image",
@@ -317,6 +325,7 @@ MODELS: list[ModelSpec] = [
         **_QWEN_DEFAULTS,
         max_input_images=1,
         condition_pixels=640 * 640,
+        size_follows_input=True,
         **_image_sizes(16, width=640, height=640),
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌ ❌"),
         notes=(

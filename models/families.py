@@ -34,6 +34,7 @@ _ADAPTERS = {
     "qwen-image-edit": "ditserve.models.qwen_image_edit:QwenImageEditAdapter",
     "qwen-image-edit-plus": "ditserve.models.qwen_image_edit:QwenImageEditPlusAdapter",
     "qwen-image-layered": "ditserve.models.qwen_image_edit:QwenImageLayeredAdapter",
+    "longcat-image-edit": "ditserve.models.longcat_image_edit:LongCatImageEditAdapter",
 }
 
 SPEC_OVERRIDES_FILE = "ditserve.json"  # optional: ModelSpec fields a checkpoint folder overrides

@@ -232,9 +232,11 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
 
     family = "qwen-image-edit-plus"
     pipeline_class = QwenImageEditPlusPipeline
-    # Verified (tests/test_family_qwen_image_edit.py): CFG-parallel and Ulysses at degree 2 with two input
-    # images equal one rank; the rest of Qwen-Image-Edit's list is refused here until verified with it.
-    supported_features = frozenset({Feature.SEQUENCE_PARALLEL, Feature.CFG_PARALLEL})
+    # Verified with two input images (tests/test_family_qwen_image_edit.py): CFG-parallel and Ulysses at
+    # degree 2 equal one rank; ring 2 and TP 2, each with layerwise offload, a LoRA and two VAE workers
+    # (decode split, encode on the first), equal one rank; TeaCache and Cache-DiT at threshold 0 equal
+    # uncached and skip above it; a LoRA changes the result; FP8 runs close to unquantized: Qwen-Image-Edit's
+    # list, inherited.
 
     @property
     def vision_pixels(self) -> int:
@@ -272,8 +274,11 @@ class QwenImageLayeredAdapter(QwenImageEditAdapter):
     image_mode: ClassVar[str] = "RGBA"
     max_sequence_length = 512  # the pipeline's default
     condition_pixels: int = 640 * 640
-    # Verified: equivalence with the pipeline only (tests/test_family_qwen_image_edit.py)
-    supported_features = frozenset()
+    # Verified (tests/test_family_qwen_image_edit.py), with layers=2: CFG-parallel 2, ring 2 (Ulysses
+    # runs the same split plan) and TP 2, each with layerwise offload, a LoRA and two VAE workers (decode
+    # split over the layers' frames, encode on the first), equal one rank; TeaCache and Cache-DiT at
+    # threshold 0 equal uncached and skip above it; a LoRA changes the result; FP8 runs close to
+    # unquantized: Qwen-Image-Edit's list, inherited.
 
     def text_shape_key(self, text: str) -> int:
         return len(self.pipe.tokenizer(self.pipe.prompt_template_encode.format(text)).input_ids)

@@ -129,6 +129,10 @@ class ModelSpec(BaseModel):
         "ratio, sides multiples of 32) before the VAE encodes it; the output size follows it by default "
         "(the pipeline's 1024*1024).",
     )
+    size_follows_input: bool = Field(
+        False, description="Editing: the output is always the input image's size (resized to condition_pixels), "
+        "as the pipeline takes no width/height (Qwen-Image-Layered, LongCat-Image-Edit); a request's size is refused.",
+    )
     tea_cache_coefficients: tuple[float, float, float, float, float] | None = Field(
         None, description="TeaCache polynomial fitted for this checkpoint (tools/fit_tea_cache.py); "
         "default: the family's.",

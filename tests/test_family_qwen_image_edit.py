@@ -7,7 +7,9 @@ Ulysses, Ring and TP at degree 2 equal one rank; TeaCache and Cache-DiT; layerwi
 patch parallel (decode split, encode on one worker); LoRA equals the pipeline's loader; FP8.
 Qwen-Image-Edit-2509 (``qwen-image-edit-plus``): equals ``QwenImageEditPlusPipeline`` with 1, 2 and 3
 images; CFG-parallel and Ulysses with two images. Qwen-Image-Layered (``qwen-image-layered``): equals
-``QwenImageLayeredPipeline`` (latents and RGBA layers).
+``QwenImageLayeredPipeline`` (latents and RGBA layers). Both then run the rest of Qwen-Image-Edit's
+rows on one batch each (``check_declared_features``): ring and TP (Layered also CFG-parallel) with
+layerwise offload, a LoRA and two VAE workers equal one rank; both caches; FP8.
 
 The pipelines resize the input image to a 1024*1024 area (640*640 for Layered; tens of seconds for
 the VAE on a CPU); the tiny checkpoints record ``condition_pixels`` = 64*64 and the reference
@@ -17,6 +19,7 @@ differs)."""
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import numpy as np
 import pytest
@@ -250,12 +253,17 @@ def test_edit_plus_layout_with_two_images_matches_single_rank(plus_checkpoint, d
 # ---- Qwen-Image-Layered (family qwen-image-layered): RGBA layers -------------------------------------
 
 
-def test_layered_returns_the_pipelines_layers(tmp_path_factory):
+@pytest.fixture(scope="module")
+def layered_checkpoint(tmp_path_factory):
+    return make_tiny("qwen-image-layered", tmp_path_factory.mktemp("qwen-image-layered") / "tiny")
+
+
+def test_layered_returns_the_pipelines_layers(layered_checkpoint):
     """Latents (read at the pipeline's last step: its output_type="latent" path is broken in 0.42.1)
     and the RGBA layers equal QwenImageLayeredPipeline's, with true CFG and layers=2."""
     from diffusers import QwenImageLayeredPipeline
 
-    checkpoint = make_tiny("qwen-image-layered", tmp_path_factory.mktemp("qwen-image-layered") / "tiny")
+    checkpoint = layered_checkpoint
     engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32"))
     rgba = np.random.RandomState(0).randint(0, 256, (48, 80, 4), dtype=np.uint8)
     fields = dict(prompt="decompose the scene", negative_prompt="blurry", true_cfg_scale=4.0, layers=2)
@@ -324,3 +332,89 @@ def test_fp8_runs_end_to_end_close_to_unquantized(checkpoint, engine):
     assert np.isfinite(got.images).all()
     rel = float((got.latents - ref.latents).norm() / ref.latents.norm())
     assert 0 < rel < 0.05, rel  # quantized (not bit-equal), and close to the unquantized path
+
+
+# ---- Edit-2509 and Layered: the rest of Qwen-Image-Edit's feature rows, one batch per model ---------------
+
+TEA = {"backend": "tea_cache", "config": {"rel_l1_thresh": 9.0}}
+DB = {"backend": "cache_dit", "config": {"residual_diff_threshold": 9.0, "max_warmup_steps": 1,
+                                         "max_continuous_cached_steps": 2}}
+ZERO = ({"backend": "tea_cache", "config": {"rel_l1_thresh": 0}},
+        {"backend": "cache_dit", "config": {"residual_diff_threshold": 0, "max_warmup_steps": 0}})
+
+
+def check_declared_features(checkpoint, pipeline_cls, base: dict, lora_dir, layouts: list[dict]) -> None:
+    """Each layout of ``layouts`` (two ranks each), with layerwise offload, a LoRA directory and the
+    VAE patch parallel over two workers (``ParallelEngine``: the ranks as served), runs one request in
+    turn (TeaCache with CFG; Cache-DiT with CFG and a LoRA) and equals one rank with only the cache and
+    the LoRA on (latents <= 1e-4, images to one uint8 level, the same cache decisions); on one rank
+    both caches at threshold 0 equal uncached and the LoRA changes the result; FP8 runs close to
+    unquantized."""
+    from lora_files import save_peft_lora
+
+    from ditserve.deployments import OffloadConfig, QuantizationConfig
+    from ditserve.deployments.local import ParallelEngine
+    from ditserve.features import quantization as fp8
+    from ditserve.features.lora import LoraConfig
+    from ditserve.parallel import ParallelConfig
+    from ditserve.parallel.vae import VaeConfig
+
+    save_peft_lora(pipeline_cls, checkpoint, lora_dir / "style", seed=11)
+    lora = LoraConfig(lora_dir=str(lora_dir))
+    single = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", lora=lora))
+    uncached = single.generate(GenerationRequest(**base), output_type="np")
+    for cache in ZERO:
+        same = single.generate(GenerationRequest(**base, cache=cache), output_type="np")
+        assert torch.equal(same.latents, uncached.latents), cache
+        assert same.cache["calls_cached"] == 0 and set(same.cache["decisions"]) == {"cond", "uncond"}, cache
+    requests = [GenerationRequest(**base, cache=TEA),
+                GenerationRequest(**base, cache=DB, lora=[{"name": "style", "scale": 0.8}])]
+    refs = [single.generate(r, output_type="np") for r in requests]
+    assert all("S" in d for ref in refs for d in ref.cache["decisions"].values())
+    assert refs[0].cache["blocks_evaluated"] < refs[0].cache["blocks_total"]
+    without_lora = single.generate(GenerationRequest(**base, cache=DB), output_type="np")
+    assert float((without_lora.latents - refs[1].latents).abs().max()) > 1e-2  # the adapter does something
+
+    # two ranks each (the executors the layout tests above started); the requests taken in turn
+    for degrees, request, ref in zip(layouts, itertools.cycle(requests), itertools.cycle(refs)):
+        parallel = ParallelEngine(EngineConfig(
+            model=str(checkpoint), device="cpu", dtype="float32", lora=lora, parallel=ParallelConfig(**degrees),
+            offload=OffloadConfig(enable_layerwise_offload=True), vae=VaeConfig(vae_patch_parallel_size=2),
+        ))
+        got = parallel.generate(request, output_type="np")
+        assert float((got.latents - ref.latents).abs().max()) <= 1e-4, degrees
+        assert np.abs(np.stack(got.images) * 255 - (ref.images * 255).round()).max() <= 1.0 + 1e-3, degrees
+        decisions = got.cache["decisions"]
+        assert decisions and all(ref.cache["decisions"][b] == d for b, d in decisions.items()), (degrees, got.cache)
+
+    quant = Engine(EngineConfig(model=str(checkpoint), device="cpu", quant=QuantizationConfig(quantization="fp8")))
+    got = quant.generate(GenerationRequest(**base), output_type="np")
+    names = fp8.quantized_names(quant.adapter.transformer)
+    assert names and "proj_out" not in names and "img_in" not in names
+    assert np.isfinite(got.images).all()
+    rel = float((got.latents - uncached.latents).norm() / uncached.latents.norm())
+    assert 0 < rel < 0.05, rel  # quantized (not bit-equal), and close to the unquantized path
+
+
+def test_edit_plus_declared_features_compose_on_one_batch(plus_checkpoint, tmp_path):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from ditserve.models import Feature, adapter_class
+
+    base = dict(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, size="64x32",
+                images=[input_image(0), input_image(1)], num_inference_steps=3, seed=6)
+    # CFG-parallel and Ulysses: test_edit_plus_layout_with_two_images_matches_single_rank
+    check_declared_features(plus_checkpoint, QwenImageEditPlusPipeline, base, tmp_path,
+                            [{"ring_degree": 2}, {"tensor_parallel_size": 2}])
+    assert adapter_class("qwen-image-edit-plus").verified_features() == adapter_class("qwen-image-edit").verified_features()
+    assert Feature.LORA in adapter_class("qwen-image-edit-plus").verified_features()
+
+
+def test_layered_declared_features_compose_on_one_batch(layered_checkpoint, tmp_path):
+    from diffusers import QwenImageLayeredPipeline
+
+    rgba = np.random.RandomState(0).randint(0, 256, (48, 80, 4), dtype=np.uint8)
+    base = dict(prompt="decompose the scene", negative_prompt="blurry", true_cfg_scale=4.0, layers=2,
+                images=[rgba], num_inference_steps=3, seed=6)
+    check_declared_features(layered_checkpoint, QwenImageLayeredPipeline, base, tmp_path,
+                            [{"cfg_parallel_size": 2}, {"ring_degree": 2}, {"tensor_parallel_size": 2}])

@@ -20,14 +20,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image", "glm-image", "wan",
-            "wan-ti2v", "stable-audio", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered")
+            "wan-ti2v", "stable-audio", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered",
+            "longcat-image-edit")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
                   "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-longcat-image": "longcat-image",
                   "ditserve/tiny-glm-image": "glm-image", "ditserve/tiny-wan": "wan", "ditserve/tiny-wan-ti2v": "wan-ti2v",
                   "ditserve/tiny-stable-audio": "stable-audio", "ditserve/tiny-qwen-image-edit": "qwen-image-edit",
                   "ditserve/tiny-qwen-image-edit-2509": "qwen-image-edit-plus",
-                  "ditserve/tiny-qwen-image-layered": "qwen-image-layered"}
+                  "ditserve/tiny-qwen-image-layered": "qwen-image-layered",
+                  "ditserve/tiny-longcat-image-edit": "longcat-image-edit"}
 _COMPLETE_MARKER = ".ditserve-complete"
 
 # Scheduler configs of the real checkpoints (Qwen/Qwen-Image, black-forest-labs/FLUX.1-dev).
@@ -202,12 +204,19 @@ def _qwen_image_layered_pipeline():
     return qwen_image_layered_pipeline()
 
 
+def _longcat_image_edit_pipeline():
+    from .longcat_image_edit import longcat_image_edit_pipeline
+
+    return longcat_image_edit_pipeline()
+
+
 _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": _sd3_pipeline,
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
              "ovis-image": _ovis_image_pipeline, "longcat-image": _longcat_image_pipeline,
              "glm-image": _glm_image_pipeline, "wan": _wan_pipeline, "wan-ti2v": lambda: _wan_pipeline(ti2v=True),
              "stable-audio": _stable_audio_pipeline, "qwen-image-edit": _qwen_image_edit_pipeline,
-             "qwen-image-edit-plus": _qwen_image_edit_plus_pipeline, "qwen-image-layered": _qwen_image_layered_pipeline}
+             "qwen-image-edit-plus": _qwen_image_edit_plus_pipeline, "qwen-image-layered": _qwen_image_layered_pipeline,
+             "longcat-image-edit": _longcat_image_edit_pipeline}
 
 
 def make_tiny(family: str, out: str | os.PathLike, *, seed: int = 0, spec_overrides: dict | None = None) -> Path:
