@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import OvisImagePipeline
 from family_checks import check_caches, check_lora_refused
-from layouts import layout_ids, run_and_compare, serve_and_compare
+from layouts import layout_ids, run_and_compare
 
 from ditserve.deployments import Engine, EngineConfig, GenerationRequest
 from ditserve.models.tiny import make_tiny
@@ -244,9 +244,3 @@ def test_declared_features_compose_on_one_batch(checkpoint, engine):
         assert np.abs(np.stack(got.images) * 255 - (ref.images * 255).round()).max() <= 1.0 + 1e-3
         decisions = got.cache["decisions"]
         assert decisions and all(ref.cache["decisions"][b] == d for b, d in decisions.items()), got.cache
-
-
-def test_served_graph_matches_reference(ray_cluster, checkpoint, par_references):
-    """The default layout (one DiT rank) served: a CFG request and a plain one equal the in-process
-    runner (CFG-parallel itself is checked against one rank locally, above)."""
-    serve_and_compare("ovis-image-test", {"model": str(checkpoint)}, PAR_REQUESTS, par_references)

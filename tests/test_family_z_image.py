@@ -5,7 +5,7 @@ guidance_scale > 0); a checkpoint with another layer/head count loads and runs."
 from __future__ import annotations
 
 import pytest
-from layouts import layout_ids, run_and_compare, serve_and_compare
+from layouts import layout_ids, run_and_compare
 import torch
 from diffusers import ZImagePipeline
 
@@ -234,11 +234,3 @@ def test_parallel_ranks_take_the_single_rank_cache_decisions(engine, checkpoint,
             assert got["cache"]["decisions"] == ref.cache["decisions"], (rank, degrees)
             assert float((got["latents"] - ref.latents).abs().max()) <= 1e-4, (rank, degrees)
 
-
-# ---- served ---------------------------------------------------------------------------------------
-
-@pytest.mark.timeout(300)
-def test_served_graph_with_ulysses2_matches_reference(ray_cluster, checkpoint, par_references):
-    # plain, batched CFG, one call per branch
-    serve_and_compare("z-image-test", {"model": str(checkpoint), "parallel": {"ulysses_degree": 2}}, PAR_REQUESTS,
-                      par_references)
