@@ -70,6 +70,16 @@ class StageOptions(BaseModel):
     health_check_timeout_s: float = Field(30.0, gt=0, description="Health check timeout.")
 
 
+class TextEncoderOptions(StageOptions):
+    """Resources and scaling of the TextEncoder deployment, and its prompt cache."""
+
+    prompt_cache_mb: float = Field(
+        64.0, ge=0, description="MiB of encoded prompts (and negative prompts) each TextEncoder replica keeps, least "
+        "recently used out first: a repeated text skips the encoder (counted as prompt_hits/prompt_misses in the "
+        "response's conditioning and ditserve_conditioning_cache_total); 0 disables it.",
+    )
+
+
 # Why the DiT and VAE deployments take one request at a time per replica.
 ONE_AT_A_TIME = ("a replica runs one request at a time so that its workers' collectives (all-to-all, ring, "
                  "gather) of two requests never interleave")
@@ -129,8 +139,8 @@ class AppConfig(BaseModel):
         "minutes). Past it every rank is aborted at its next step and the request fails with 504. Separate from "
         "distributed_timeout_s, which bounds one collective.",
     )
-    text_encoder: StageOptions = Field(
-        default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=16),
+    text_encoder: TextEncoderOptions = Field(
+        default_factory=lambda: TextEncoderOptions(num_cpus=0.2, max_ongoing_requests=16),
         description="TextEncoder deployment.",
     )
     prior: StageOptions = Field(

@@ -38,8 +38,9 @@ class RouterMetrics:
             tag_keys=("model", "backend", "outcome"),
         )
         self.conditioning_cache = Counter(
-            "ditserve_conditioning_cache_total", description="Input images' encodes (editing) by kind (vision: the "
-            "text encoder's vision tower, latent: the VAE encode) and outcome (hits: skipped, misses: computed).",
+            "ditserve_conditioning_cache_total", description="Cached encodes by kind (prompt: the text encoder's "
+            "prompt cache; editing: vision, the vision tower, latent, the VAE encode) and outcome (hits: skipped, "
+            "misses: computed).",
             tag_keys=("model", "kind", "outcome"),
         )
         self.cache_blocks = Counter(

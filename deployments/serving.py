@@ -93,7 +93,7 @@ class TextEncoder:
         }
 
     def __init__(self, cfg: AppConfig) -> None:
-        self.encoder = Encoder(cfg.engine)
+        self.encoder = Encoder(cfg.engine, prompt_cache_mb=cfg.text_encoder.prompt_cache_mb)
         self.encode.set_max_batch_size(cfg.encode_batch_size)
         self.encode.set_batch_wait_timeout_s(cfg.encode_batch_wait_s)
 

@@ -147,7 +147,8 @@ def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dic
 
 
 def conditioning_report(reports: Sequence[StageReport]) -> dict[str, int] | None:
-    """The conditioning cache's counts of all stages for one request (``None``: no input images)."""
+    """The conditioning caches' counts of all stages for one request (input images' ``vision_*``,
+    ``latent_*``; the prompt cache's ``prompt_hits``/``prompt_misses``); ``None``: no cache ran."""
     out: dict[str, int] = {}
     for report in reports:
         for name, count in (report.conditioning or {}).items():
@@ -224,10 +225,13 @@ class Encoder(_Stage):
     stage = "encode"
 
     def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
-                 caps: Support | None = None) -> None:
+                 caps: Support | None = None, prompt_cache_mb: float = 0.0) -> None:
         super().__init__(config, adapter, resolved, caps)
         # input images' vision features by content key (editing; conditioning.py)
         self.vision_cache = ConditioningCache(config.images.conditioning_cache_mb)
+        # encoded texts (prompts and negative prompts) by text: the TextEncoder deployment's
+        # prompt_cache_mb; the reference runner keeps none (0)
+        self.prompt_cache = ConditioningCache(prompt_cache_mb)
 
     def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
         return self._conditioning(reqs)[0]
@@ -247,6 +251,11 @@ class Encoder(_Stage):
             counts["vision_hits"] = counts.get("vision_hits", 0) + 1
         return kwargs
 
+    def _prompt_key(self, text: str) -> str:
+        """The prompt cache's key: the text under this replica's model and encoder dtype (what else
+        shapes an encoding, e.g. the family's template and max sequence length, is the model's)."""
+        return f"{self.spec.id}|{self.adapter.dtype}|{text}"
+
     def _conditioning(self, reqs: Sequence[ResolvedRequest]) -> tuple[list[TextConditioning], list[dict[str, int]]]:
         # texts alone batch by shape; a request with input images is read with its images, alone
         texts = sorted({t for r in reqs if not r.images for t in (r.prompt, r.negative_prompt) if t is not None})
@@ -255,9 +264,27 @@ class Encoder(_Stage):
             by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
         encoded: dict[Any, dict[str, torch.Tensor | None]] = {}
         counts: list[dict[str, int]] = [{} for _ in reqs]
+        if self.prompt_cache.max_bytes:
+            for text in texts:
+                hit = self.prompt_cache.get(self._prompt_key(text))
+                if hit is not None:
+                    encoded[text] = {k: v.to(self.adapter.device) if v is not None else None for k, v in hit.items()}
+            for i, r in enumerate(reqs):
+                for text in (r.prompt, r.negative_prompt) if not r.images else ():
+                    if text is not None:
+                        outcome = "prompt_hits" if text in encoded else "prompt_misses"
+                        counts[i][outcome] = counts[i].get(outcome, 0) + 1
+            by_shape = {k: [t for t in group if t not in encoded] for k, group in by_shape.items()}
         with torch.inference_mode(), self.scope():
             for group in by_shape.values():
-                encoded.update(zip(group, self.adapter.encode_texts(group)))
+                if not group:
+                    continue
+                fresh = self.adapter.encode_texts(group)
+                encoded.update(zip(group, fresh))
+                if self.prompt_cache.max_bytes:
+                    for text, kwargs in zip(group, fresh):
+                        self.prompt_cache.put(self._prompt_key(text), {
+                            k: v.detach().to("cpu", copy=True) if v is not None else None for k, v in kwargs.items()})
             for i, r in enumerate(reqs):
                 for text in (r.prompt, r.negative_prompt) if r.images else ():
                     if text is not None:

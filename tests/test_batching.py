@@ -1,0 +1,61 @@
+"""Throughput (issue 21): the TextEncoder's prompt cache and request batching in the DiT.
+
+Stage level, no Ray: the tiny Qwen-Image checkpoint (the demo model's family), 64x64, 2 steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditserve.deployments.engine import Engine, EngineConfig
+from ditserve.deployments.schema import GenerationRequest
+from ditserve.deployments.stages import Encoder, conditioning_report
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen):
+    return Engine(EngineConfig(model=str(tiny_qwen), device="cpu"))
+
+
+def _req(engine, prompt="a red circle", **kw):
+    kw.setdefault("size", "64x64")
+    kw.setdefault("num_inference_steps", 2)
+    kw.setdefault("seed", 1)
+    return engine.resolve(GenerationRequest(prompt=prompt, **kw))
+
+
+def test_prompt_cache_hits_a_repeated_prompt_with_identical_embeddings(engine):
+    encoder = Encoder(engine.config, engine.adapter, resolved=engine.resolved, caps=engine.caps, prompt_cache_mb=8)
+    req = _req(engine, negative_prompt="blurry", true_cfg_scale=4.0)
+    first = encoder.encode([req])[0]
+    second = encoder.encode([req])[0]
+    assert conditioning_report(first.reports) == {"prompt_misses": 2}
+    assert conditioning_report(second.reports) == {"prompt_hits": 2}
+    for a, b in ((first.cond.positive, second.cond.positive), (first.cond.negative, second.cond.negative)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
+    # the cached encodings equal the encoder's own (no cache at all)
+    plain = engine.encoder.encode([req])[0]
+    assert torch.equal(plain.cond.positive["encoder_hidden_states"], second.cond.positive["encoder_hidden_states"])
+    assert conditioning_report(plain.reports) is None  # the reference runner keeps no prompt cache
+    stats = encoder.prompt_cache.stats()
+    assert (stats["hits"], stats["entries"]) == (2, 2)
+
+
+def test_prompt_cache_evicts_least_recently_used_past_its_size(engine):
+    probe = Encoder(engine.config, engine.adapter, resolved=engine.resolved, caps=engine.caps, prompt_cache_mb=8)
+    probe.encode([_req(engine, "one")])
+    one_bytes = probe.prompt_cache.bytes
+    # room for two encodings of this size, not three
+    encoder = Encoder(engine.config, engine.adapter, resolved=engine.resolved, caps=engine.caps,
+                      prompt_cache_mb=2.5 * one_bytes / 2**20)
+    for prompt in ("one", "two", "three"):  # equal token counts: equal sizes
+        encoder.encode([_req(engine, prompt)])
+    assert len(encoder.prompt_cache) == 2
+    assert conditioning_report(encoder.encode([_req(engine, "three")])[0].reports) == {"prompt_hits": 1}
+    assert conditioning_report(encoder.encode([_req(engine, "one")])[0].reports) == {"prompt_misses": 1}
+    off = Encoder(engine.config, engine.adapter, resolved=engine.resolved, caps=engine.caps, prompt_cache_mb=0)
+    off.encode([_req(engine, "one")])
+    assert conditioning_report(off.encode([_req(engine, "one")])[0].reports) is None and len(off.prompt_cache) == 0
