@@ -73,7 +73,10 @@ class StageReport:
         lora: the adapters of the request and what the DiT's store did for them (loads, hits, ...).
         conditioning: the conditioning cache's hits and misses for the request's input images
             (``vision_hits``/``vision_misses`` from the Encoder, ``latent_hits``/``latent_misses`` from
-            the VAE's ``encode``).
+            the VAE's ``encode``) and the Encoder's prompt cache (``prompt_hits``/``prompt_misses``).
+        batch: request batching in the DiT (``Denoiser.denoise_batch``): ``size`` (requests that
+            shared the loop), ``samples`` (their images together), and ``alone`` (why the request
+            ran by itself, when it did); ``None``: the request came alone (``denoise``).
     """
 
     stage: str
@@ -82,6 +85,7 @@ class StageReport:
     bytes_sent: int = 0
     lora: dict[str, Any] | None = None
     conditioning: dict[str, int] | None = None
+    batch: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -387,6 +391,99 @@ class Denoiser(_Stage):
         prior_reports = encoded.prior.reports if encoded.prior is not None else ()
         before = (*prior_reports, *encoded.reports, *(images.reports if images is not None else ()))
         return Denoised(latents.cpu(), (*before, report))
+
+    def denoise_batch(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]],
+                      callback: StepCallback | None = None) -> list[Denoised]:
+        """Several requests (``(request, encoded, request_id)``), denoised in as few loops as they
+        allow: those that can share a forward (``batch_groups``) run as one batch, each with its own
+        seed, CFG scale and negative prompt; the others one at a time. Results in order, each with
+        the timings of the loop it ran in and its ``batch`` report."""
+        out: list[Denoised | None] = [None] * len(items)
+        for group, alone in self.batch_groups(items):
+            results = self._denoise_group([items[i] for i in group], callback) if len(group) > 1 else None
+            if results is None and len(group) > 1:  # prepared states that cannot merge after all
+                results, alone = None, self._merge_refusal
+            if results is None:
+                for i in group:
+                    req, encoded, request_id = items[i]
+                    one = self.denoise(req, encoded, request_id, callback)
+                    report = dataclasses.replace(one.reports[-1], batch={
+                        "size": 1, "samples": req.params.num_images_per_prompt, **({"alone": alone} if alone else {})})
+                    out[i] = Denoised(one.latents, (*one.reports[:-1], report))
+                continue
+            for i, result in zip(group, results):
+                out[i] = result
+        return out
+
+    def batch_groups(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]]) -> list[tuple[list[int], str | None]]:
+        """Indices of ``items`` that can share a forward, and why an item runs alone (``None``: it
+        had no partner, or it is a group). Requests share one when they ask for the same size,
+        frames, steps and guidance kind (CFG on or off), the same LoRA set, no cache, no input
+        images, and their texts encode to the same shapes; seeds, CFG scales, negative prompts and
+        ``n`` may differ."""
+        refusal = self.adapter.batch_refusal() or (
+            "the model denoises with a prior's tokens" if self.adapter.has_prior() else None)
+        groups: dict[Any, list[int]] = {}
+        alone: list[tuple[list[int], str | None]] = []
+        for i, (req, encoded, _) in enumerate(items):
+            reason = refusal
+            if reason is None and req.cache is not None:
+                # the block caches skip or compute a whole forward: one decision for every sample
+                reason = "cache: a block cache decides per forward, not per sample; a cached request runs alone"
+            if reason is None and req.images:
+                reason = "input images: an editing request runs alone"
+            if reason is not None:
+                alone.append(([i], reason))
+                continue
+            groups.setdefault(self._batch_key(req, encoded.cond), []).append(i)
+        return [(g, None) for g in groups.values()] + alone
+
+    def _batch_key(self, req: ResolvedRequest, cond: TextConditioning) -> Any:
+        # what two requests must share for one forward (per-request values set to one placeholder)
+        p = dataclasses.replace(req.params, guidance_scale=None, true_cfg_scale=None, guidance_scale_2=None,
+                                num_images_per_prompt=1)
+
+        def shapes(kw: dict[str, torch.Tensor | None] | None) -> Any:
+            return None if kw is None else tuple(sorted((k, None if v is None else tuple(v.shape[1:]))
+                                                        for k, v in kw.items()))
+
+        return p, req.loras, self.adapter.cfg_scale(req.params, cond) is None, shapes(cond.positive), \
+            shapes(cond.negative)
+
+    _merge_refusal = "the requests' prepared states differ in a denoiser input that is not per sample"
+
+    def _denoise_group(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]],
+                       callback: StepCallback | None) -> list[Denoised] | None:
+        """One loop over the samples of ``items`` (one batch group); ``None``: their prepared states
+        do not merge (the caller runs them one at a time)."""
+        timer = Timer()
+        sent_before = self.groups.bytes_sent()
+        reqs = [req for req, _, _ in items]
+        conds = [encoded.cond.to(self.adapter.device, self.adapter.dtype) for _, encoded, _ in items]
+        first = reqs[0]
+        ctx = RequestContext(id="+".join(rid for _, _, rid in items), seed=first.seed,
+                             num_inference_steps=first.params.num_inference_steps)
+        on_step = self._step_callback(callback)
+        with request_context(ctx), self.scope(), self._lora(self.adapter.lora_store, first, timer) as lora:
+            with timer.stage("prepare"):
+                # each request its own initial noise, from its own seed, as alone
+                states = [self.adapter.prepare(r.params, c, torch.Generator("cpu").manual_seed(r.seed))
+                          for r, c in zip(reqs, conds)]
+                try:
+                    self.adapter.merge_states(states, conds)
+                except ValueError as exc:
+                    logger.info("batch of %d not merged (%s); its requests run one at a time", len(items), exc)
+                    return None
+            with timer.stage("denoise"):
+                latents = self.adapter.denoise_batch(states, conds, callback=on_step)
+        batch = {"size": len(items), "samples": sum(r.params.num_images_per_prompt for r in reqs)}
+        sent = (self.groups.bytes_sent() - sent_before) // len(items)
+        out = []
+        for (req, encoded, _), lat in zip(items, latents):
+            report = StageReport("denoise", dict(timer.timings), None, sent, lora, batch=dict(batch))
+            before = (*encoded.reports,)
+            out.append(Denoised(lat.cpu(), (*before, report)))
+        return out
 
     @contextlib.contextmanager
     def _lora(self, store: LoraStore | None, req: ResolvedRequest, timer: Timer) -> Iterator[dict[str, Any] | None]:

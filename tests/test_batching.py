@@ -59,3 +59,34 @@ def test_prompt_cache_evicts_least_recently_used_past_its_size(engine):
     off = Encoder(engine.config, engine.adapter, resolved=engine.resolved, caps=engine.caps, prompt_cache_mb=0)
     off.encode([_req(engine, "one")])
     assert conditioning_report(off.encode([_req(engine, "one")])[0].reports) is None and len(off.prompt_cache) == 0
+
+
+def _items(engine, reqs):
+    return [(r, engine.encoder.encode([r])[0], f"r{i}") for i, r in enumerate(reqs)]
+
+
+def test_every_request_of_a_batch_equals_itself_alone(engine):
+    cfg = dict(negative_prompt="blurry", true_cfg_scale=4.0)
+    reqs = [
+        _req(engine, "a red circle", seed=1, **cfg),
+        _req(engine, "a blue square", seed=2, negative_prompt="ugly", true_cfg_scale=2.5),  # own scale and negative
+        _req(engine, "a red circle", seed=3, n=2, **cfg),  # two samples of its own
+        _req(engine, "a red circle", seed=4, size="128x64", **cfg),  # another size: kept out of the batch
+        _req(engine, "a red circle", seed=5, cache={"backend": "tea_cache", "config": {"rel_l1_thresh": 0.5}}, **cfg),
+        _req(engine, "a red circle", seed=6),  # CFG off: another guidance kind
+        _req(engine, "a red circle", seed=7, negative_prompt="dark", true_cfg_scale=4.0),  # a shorter negative text
+    ]
+    items = _items(engine, reqs)
+    batched = engine.denoiser.denoise_batch(items)
+    reports = [d.reports[-1].batch for d in batched]
+    assert reports[:3] == [{"size": 3, "samples": 4}] * 3
+    assert reports[3] == {"size": 1, "samples": 1}
+    assert reports[4]["size"] == 1 and reports[4]["alone"].startswith("cache:")
+    assert reports[5] == reports[6] == {"size": 1, "samples": 1}
+    assert batched[4].reports[-1].cache is not None  # the cache ran, on the request alone
+    for (req, encoded, rid), got in zip(items, batched):
+        alone = engine.denoiser.denoise(req, encoded, rid).latents
+        assert got.latents.shape == alone.shape
+        torch.testing.assert_close(got.latents, alone, atol=1e-4, rtol=0)
+    # a batch is not a no-op: different seeds gave different samples
+    assert (batched[0].latents - batched[2].latents[:1]).abs().max() > 1e-2
