@@ -99,6 +99,27 @@ class SequentialStageOptions(StageOptions):
         return data
 
 
+class DitStageOptions(SequentialStageOptions):
+    """Resources and scaling of the DiT deployment, and its request batching: a replica runs one
+    batch at a time (``ONE_AT_A_TIME`` holds for batches); Serve lets up to ``max_batch_size``
+    requests into a replica so that they can meet there."""
+
+    max_batch_size: int = Field(
+        1, ge=1, le=64, description="Most requests a DiT replica denoises together as one batch (1: batching off). "
+        "Only requests that can share a forward batch (same size, frames, steps, guidance kind, LoRA set, text "
+        "shapes; no cache, no input images); each keeps its own seed, CFG scale and negative prompt.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a DiT replica waits for more requests to fill a batch once one has come "
+        "(with max_batch_size > 1).",
+    )
+    request_router: Literal["power_of_two", "least_cost"] = Field(
+        "power_of_two", description="How callers pick a DiT replica: 'power_of_two' (Serve's default: the shorter "
+        "queue of two, by request count) or 'least_cost' (the least queued work as this caller sent it: pixels x "
+        "frames x steps x CFG branches x n; after LoRA multiplexing's preference).",
+    )
+
+
 class VideoJobsOptions(BaseModel):
     """The ``/v1/videos`` job store (the ``Jobs`` deployment, deployed for video models only): how
     many jobs it keeps and how long and how much of their results."""
@@ -148,8 +169,9 @@ class AppConfig(BaseModel):
         description="Prior deployment: the autoregressive prior of models that have one (GLM-Image); not "
         "deployed for the others. A replica generates one request at a time (the seed drives torch's generator).",
     )
-    dit: SequentialStageOptions = Field(
-        default_factory=SequentialStageOptions, description="DiT deployment (one request at a time per replica)."
+    dit: DitStageOptions = Field(
+        default_factory=DitStageOptions, description="DiT deployment (one request, or one batch of max_batch_size "
+        "requests, at a time per replica)."
     )
     vae: SequentialStageOptions = Field(
         default_factory=SequentialStageOptions, description="VAE deployment (one request at a time per replica)."

@@ -90,3 +90,44 @@ def test_every_request_of_a_batch_equals_itself_alone(engine):
         torch.testing.assert_close(got.latents, alone, atol=1e-4, rtol=0)
     # a batch is not a no-op: different seeds gave different samples
     assert (batched[0].latents - batched[2].latents[:1]).abs().max() > 1e-2
+
+
+def _makespan_in_steps(assign, reqs, replicas=2):
+    """All requests queued at once; each replica works through its queue: the makespan is the
+    largest queued cost (steps of one 512x512 sample)."""
+    from ditserve.deployments.routing import request_cost
+
+    load = [0.0] * replicas
+    for i, req in enumerate(reqs):
+        r = assign(i, req, load)
+        load[r] += request_cost(req)
+    return max(load)
+
+
+def test_least_cost_routing_beats_round_robin_on_a_mix_of_large_and_small_requests(engine):
+    from ditserve.deployments.routing import LeastCostPolicy, request_cost
+
+    small = _req(engine, size="64x64", num_inference_steps=2)  # 1/64 of a 512x512 sample, 2 steps
+    large = _req(engine, size="256x256", num_inference_steps=8, negative_prompt="blurry", true_cfg_scale=4.0)
+    assert request_cost(large) == 256 * 256 / 512**2 * 8 * 2 and request_cost(small) == 64 * 64 / 512**2 * 2
+    reqs = [large, small] * 4 + [large, large, small, small]
+
+    policy = LeastCostPolicy()
+
+    def least_cost(i, req, load):
+        replica = policy.choose([0, 1])
+        policy.routed(replica, f"r{i}", request_cost(req))
+        return replica
+
+    round_robin = _makespan_in_steps(lambda i, req, load: i % 2, reqs)
+    cost_aware = _makespan_in_steps(least_cost, reqs)
+    assert cost_aware < round_robin
+    assert cost_aware <= sum(map(request_cost, reqs)) / 2 + request_cost(large)  # within one request of even
+    # completions free a replica's queue; a replica gone takes its books with it
+    for i in range(len(reqs)):
+        policy.completed(f"r{i}")
+    assert policy.queued == {0: 0.0, 1: 0.0}
+    policy.routed(1, "x", 5.0)
+    assert policy.choose([1, 0]) == 0
+    policy.forget(1)
+    assert policy.choose([1, 0]) == 1
