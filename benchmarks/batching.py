@@ -12,7 +12,9 @@ loop it ran in. Prints one JSON object: throughput (requests/s), p50/p95 latency
 ratios, the CPU seconds of each (``cpu_s``: what a shared machine's load does not inflate), whether
 the issue's target (1.5x throughput) is met, the batch sizes formed, and the largest difference between a request's batched and lone
 latents (the same requests, so the speedup is not bought with other numbers). The two modes
-alternate ``repeats`` times and the best run of each is kept (a shared CPU is noisy).
+alternate ``repeats`` times and the best run of each is kept (a shared CPU is noisy). ``routing_2_replicas``:
+the makespan, counted in steps, of a large/small mix on two replicas, round-robin vs the DiT's
+``least_cost`` router policy (``routing.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ PROMPTS = ["a red circle", "a blue square", "a green circle", "a red square", "a
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:
     return {"p50_s": round(float(np.percentile(latencies, 50)), 3), "p95_s": round(float(np.percentile(latencies, 95)), 3)}
+
+
+def routing_makespans(engine: Engine, replicas: int = 2) -> dict[str, float]:
+    """Makespan in steps of one 512x512 sample (``routing.request_cost``) of a mix of large and
+    small requests queued at once on ``replicas`` DiT replicas: round-robin vs least queued cost."""
+    from ditserve.deployments.routing import LeastCostPolicy, request_cost
+
+    large = engine.resolve(GenerationRequest(prompt="a red circle", size="256x256", num_inference_steps=20))
+    small = engine.resolve(GenerationRequest(prompt="a red circle", size="64x64", num_inference_steps=4))
+    reqs = [large, small] * 8
+    policy = LeastCostPolicy()
+    rr, lc = [0.0] * replicas, [0.0] * replicas
+    for i, req in enumerate(reqs):
+        rr[i % replicas] += request_cost(req)
+        chosen = policy.choose(list(range(replicas)))
+        policy.routed(chosen, str(i), request_cost(req))
+        lc[chosen] += request_cost(req)
+    return {"requests": len(reqs), "round_robin_steps": round(max(rr), 3), "least_cost_steps": round(max(lc), 3),
+            "ratio": round(max(rr) / max(lc), 2)}
 
 
 def main() -> None:
@@ -98,6 +119,7 @@ def main() -> None:
         "cpu_ratio": round(row_off["cpu_s"] / row_on["cpu_s"], 2),
         "meets_1_5x": row_on["throughput_rps"] >= 1.5 * row_off["throughput_rps"],
         "max_abs_diff_batched_vs_alone": max_diff,
+        "routing_2_replicas": routing_makespans(engine),
     }))
 
 
