@@ -131,3 +131,23 @@ def test_least_cost_routing_beats_round_robin_on_a_mix_of_large_and_small_reques
     assert policy.choose([1, 0]) == 0
     policy.forget(1)
     assert policy.choose([1, 0]) == 1
+
+
+def test_a_batch_on_cfg_parallel_ranks_equals_each_request_alone(engine, tiny_qwen):
+    # CFG parallel: the two branches of every request on two ranks, combined per request
+    from ditserve.deployments.executor import local_executor
+    from ditserve.parallel import ParallelConfig
+
+    # the session's shared 2-rank executor (spawned once for every 2-rank test)
+    dit = local_executor(2, "cpu")
+    dit.load(EngineConfig(model=str(tiny_qwen), device="cpu", parallel=ParallelConfig(cfg_parallel_size=2)),
+             ["denoise"])
+    reqs = [_req(engine, "a red circle", seed=1, negative_prompt="blurry", true_cfg_scale=4.0),
+            _req(engine, "a blue square", seed=2, negative_prompt="ugly", true_cfg_scale=2.0)]
+    items = _items(engine, reqs)
+    ranks = dit.call_all("denoise_batch", items, reply_rank=None)
+    for results in ranks:
+        assert [d.reports[-1].batch for d in results] == [{"size": 2, "samples": 2}] * 2
+        for (req, encoded, rid), got in zip(items, results):
+            torch.testing.assert_close(got.latents, engine.denoiser.denoise(req, encoded, rid).latents,
+                                       atol=1e-4, rtol=0)
