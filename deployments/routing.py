@@ -7,7 +7,9 @@ power-of-two choices) piles large requests on one replica as readily as small on
 ``request_cost`` is the work in one unit, ``LeastCostPolicy`` keeps each replica's queued cost as
 this caller sent it (added when a request is routed, removed when it completes) and picks the
 least; ``CostAwareRequestRouter`` is the policy as a Ray Serve request router (the DiT deployment's
-``request_router`` option), after Serve's multiplexing (LoRA) and locality preferences.
+``request_router`` option), after Serve's multiplexing (LoRA) and locality preferences. When
+requests wait for a replica, the router hands a freed replica to the oldest ``interactive``
+request before older ``batch`` ones (the request's ``priority``; ``first_interactive``).
 
 Why ours: Serve's routers see request counts only; the cost lives in our request type. Each
 caller (Router replica) counts what it sent: with several Router replicas each balances its own
@@ -79,9 +81,25 @@ class LeastCostPolicy:
 def _pending_cost(pending: Any) -> float:
     """The cost of a pending ``DiT.denoise`` call (its first argument is the request); 1 step for
     anything else (another method, an argument not yet resolved)."""
-    args = getattr(pending, "args", None) or ()
-    req = args[0] if args else None
+    req = _pending_request(pending)
     return request_cost(req) if hasattr(req, "params") and hasattr(req, "negative_prompt") else 1.0
+
+
+def _pending_request(pending: Any) -> Any:
+    args = getattr(pending, "args", None) or ()
+    return args[0] if args else None
+
+
+def first_interactive(pending: Any) -> Any | None:
+    """The oldest waiting request (Serve's ``PendingRequest``s, oldest first) whose request is
+    ``priority="interactive"``, or ``None``: a replica that frees up takes it before any older
+    ``batch`` request (a request whose future is done, i.e. routed or cancelled, is passed over)."""
+    for pr in pending:
+        if pr.future.done():
+            continue
+        if getattr(_pending_request(pr), "priority", "interactive") == "interactive":
+            return pr
+    return None
 
 
 def _router_class() -> type:
@@ -103,6 +121,12 @@ def _router_class() -> type:
             if not ids:
                 return []
             return [[self._replicas[i]] for i in self.policy.rank(sorted(ids, key=str))]
+
+        def _get_pending_request_matching_metadata(self, request_metadata: Any = None) -> Any:
+            # FIFOMixin's hook: an adapter's request to a replica that holds it first (multiplexing),
+            # then the oldest interactive request, then (None) the oldest of all
+            matched = super()._get_pending_request_matching_metadata(request_metadata)
+            return matched if matched is not None else first_interactive(self._pending_requests_to_fulfill)
 
         def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
             self.policy.routed(replica_id, pending_request.metadata.internal_request_id, _pending_cost(pending_request))

@@ -151,3 +151,23 @@ def test_a_batch_on_cfg_parallel_ranks_equals_each_request_alone(engine, tiny_qw
         for (req, encoded, rid), got in zip(items, results):
             torch.testing.assert_close(got.latents, engine.denoiser.denoise(req, encoded, rid).latents,
                                        atol=1e-4, rtol=0)
+
+
+def test_a_freed_replica_goes_to_the_oldest_interactive_request_before_older_batch_ones(engine):
+    import concurrent.futures
+    import types
+
+    from ditserve.deployments.routing import first_interactive
+
+    def pending(req, done=False):  # the fields of Serve's PendingRequest the router reads
+        future = concurrent.futures.Future()
+        if done:
+            future.set_result(None)
+        return types.SimpleNamespace(args=[req], future=future)
+
+    batch = _req(engine, priority="batch")
+    interactive = _req(engine)
+    assert (batch.priority, interactive.priority) == ("batch", "interactive")
+    queue = [pending(batch), pending(interactive, done=True), pending(batch), pending(interactive)]
+    assert first_interactive(queue) is queue[3]  # the done (routed or cancelled) one is passed over
+    assert first_interactive(queue[:3]) is None  # no interactive waits: the oldest of all goes (FIFO)
