@@ -36,7 +36,7 @@ from ray import serve
 from .config import AppConfig, StageOptions
 from .metrics import DitMetrics
 from .ray_executor import RayExecutor
-from .schema import ResolvedRequest
+from .schema import RequestError, ResolvedRequest
 from .stages import Decoded, Denoised, Encoded, EncodedImages, Encoder, PriorTokens
 from .stages import Prior as PriorStage
 
@@ -240,6 +240,8 @@ class DiT(_GroupCoordinator):
             # batching on: the request meets others in ``_denoise_batch`` (a job reporting progress,
             # an editing request or a prior's tokens run alone, below)
             denoised = await self._denoise_batch((req, encoded, _request_id()))
+            if isinstance(denoised, RequestError):  # refused on its own account; its batch-mates ran
+                raise denoised
         else:
             async with self._one_call:
                 denoised = await self._denoise_alone(req, encoded, prior, images, progress_key)

@@ -393,26 +393,35 @@ class Denoiser(_Stage):
         return Denoised(latents.cpu(), (*before, report))
 
     def denoise_batch(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]],
-                      callback: StepCallback | None = None) -> list[Denoised]:
+                      callback: StepCallback | None = None) -> list[Denoised | RequestError]:
         """Several requests (``(request, encoded, request_id)``), denoised in as few loops as they
         allow: those that can share a forward (``batch_groups``) run as one batch, each with its own
         seed, CFG scale and negative prompt; the others one at a time. Results in order, each with
-        the timings of the loop it ran in and its ``batch`` report."""
-        out: list[Denoised | None] = [None] * len(items)
+        the timings of the loop it ran in and its ``batch`` report; a request refused on its own
+        account (``RequestError``, e.g. an adapter that does not load; every rank agrees) gets the
+        error in its place, and the other groups still run."""
+        out: list[Denoised | RequestError | None] = [None] * len(items)
         for group, alone in self.batch_groups(items):
-            results = self._denoise_group([items[i] for i in group], callback) if len(group) > 1 else None
-            if results is None and len(group) > 1:  # prepared states that cannot merge after all
-                results, alone = None, self._merge_refusal
-            if results is None:
-                for i in group:
-                    req, encoded, request_id = items[i]
+            if len(group) > 1:
+                try:
+                    results = self._denoise_group([items[i] for i in group], callback)
+                except RequestError as exc:  # the group's shared LoRA set: the same answer for each
+                    results = [exc] * len(group)
+                if results is not None:
+                    for i, result in zip(group, results):
+                        out[i] = result
+                    continue
+                alone = self._merge_refusal  # prepared states that cannot merge after all
+            for i in group:
+                req, encoded, request_id = items[i]
+                try:
                     one = self.denoise(req, encoded, request_id, callback)
-                    report = dataclasses.replace(one.reports[-1], batch={
-                        "size": 1, "samples": req.params.num_images_per_prompt, **({"alone": alone} if alone else {})})
-                    out[i] = Denoised(one.latents, (*one.reports[:-1], report))
-                continue
-            for i, result in zip(group, results):
-                out[i] = result
+                except RequestError as exc:
+                    out[i] = exc
+                    continue
+                report = dataclasses.replace(one.reports[-1], batch={
+                    "size": 1, "samples": req.params.num_images_per_prompt, **({"alone": alone} if alone else {})})
+                out[i] = Denoised(one.latents, (*one.reports[:-1], report))
         return out
 
     def batch_groups(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]]) -> list[tuple[list[int], str | None]]:

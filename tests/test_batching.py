@@ -171,3 +171,16 @@ def test_a_freed_replica_goes_to_the_oldest_interactive_request_before_older_bat
     queue = [pending(batch), pending(interactive, done=True), pending(batch), pending(interactive)]
     assert first_interactive(queue) is queue[3]  # the done (routed or cancelled) one is passed over
     assert first_interactive(queue[:3]) is None  # no interactive waits: the oldest of all goes (FIFO)
+
+
+def test_a_request_refused_in_a_batch_fails_alone_and_its_batch_mates_run(engine):
+    import dataclasses
+
+    from ditserve.deployments.schema import LoraRequest, RequestError
+
+    good = [_req(engine, seed=1), _req(engine, seed=2)]
+    # an adapter on a deployment without lora_dir: the Denoiser refuses it (a 4xx naming lora)
+    bad = dataclasses.replace(_req(engine, seed=3), lora=(LoraRequest(name="x"),))
+    out = engine.denoiser.denoise_batch(_items(engine, [good[0], bad, good[1]]))
+    assert isinstance(out[1], RequestError) and out[1].field == "lora"
+    assert [d.reports[-1].batch["size"] for d in (out[0], out[2])] == [2, 2]
