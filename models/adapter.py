@@ -158,6 +158,19 @@ class DenoiseState:
         return ("cond", "uncond") if self.cfg_scale is not None else ("cond",)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two denoiser kwargs are equal (tensors by value; containers of tensors, unknown: no)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            torch.equal(a, b)
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a dict holding tensors
+        return False
+
+
 class CFGStrategy(Protocol):
     """Computes the guided prediction of one step from the per-branch predictions."""
 
@@ -685,10 +698,10 @@ class FamilyAdapter:
                 raise ValueError(f"CFG branches differ ({s.branches} vs {first.branches})")
             if s.latents.shape[1:] != first.latents.shape[1:]:
                 raise ValueError(f"latent shapes differ ({tuple(s.latents.shape)} vs {tuple(first.latents.shape)})")
-        sizes = [s.latents.shape[0] for s in states]
-        kwargs = {k: self._merge_value(k, [s.branch_kwargs[k] for s in states], sizes) for k in first.branch_kwargs}
         if any(s.branch_kwargs.keys() != first.branch_kwargs.keys() for s in states):
             raise ValueError("denoiser kwargs differ")
+        sizes = [s.latents.shape[0] for s in states]
+        kwargs = {k: self._merge_value(k, [s.branch_kwargs[k] for s in states], sizes) for k in first.branch_kwargs}
 
         def texts(side: str) -> dict[str, torch.Tensor | None] | None:
             values = [getattr(c, side) for c in conds]
@@ -711,11 +724,8 @@ class FamilyAdapter:
                 isinstance(v, torch.Tensor) and v.shape[0] == n and v.shape[1:] == first.shape[1:]
                 for v, n in zip(values, sizes)):
             return torch.cat(values)
-        for v in values[1:]:
-            same = (torch.equal(v, first) if isinstance(v, torch.Tensor) and isinstance(first, torch.Tensor)
-                    and v.shape == first.shape else v is first or (not isinstance(v, torch.Tensor) and v == first))
-            if not same:
-                raise ValueError(f"denoiser kwarg {key!r} differs between the requests and is not per sample")
+        if not all(_same(v, first) for v in values[1:]):
+            raise ValueError(f"denoiser kwarg {key!r} differs between the requests and is not per sample")
         return first
 
     @torch.inference_mode()
