@@ -32,7 +32,7 @@ from ditserve.parallel.vae import VaeConfig
 
 from .audio import encode_audio
 from .loading import quantize_checkpoint
-from .config import AppConfig, AutoscalingOptions, SequentialStageOptions, StageOptions
+from .config import AppConfig, AutoscalingOptions, DitStageOptions, SequentialStageOptions, StageOptions, TextEncoderOptions
 from .engine import Engine, EngineConfig, GenerationResult
 from .images_in import ImageInputConfig
 from .local import ParallelEngine
@@ -74,6 +74,8 @@ __all__ = [
     "RequestError",
     "ResolvedRequest",
     "SequentialStageOptions",
+    "DitStageOptions",
+    "TextEncoderOptions",
     "StageOptions",
     "VaeConfig",
     "api_key_digests",

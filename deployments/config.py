@@ -70,6 +70,16 @@ class StageOptions(BaseModel):
     health_check_timeout_s: float = Field(30.0, gt=0, description="Health check timeout.")
 
 
+class TextEncoderOptions(StageOptions):
+    """Resources and scaling of the TextEncoder deployment, and its prompt cache."""
+
+    prompt_cache_mb: float = Field(
+        64.0, ge=0, description="MiB of encoded prompts (and negative prompts) each TextEncoder replica keeps, least "
+        "recently used out first: a repeated text skips the encoder (counted as prompt_hits/prompt_misses in the "
+        "response's conditioning and ditserve_conditioning_cache_total); 0 disables it.",
+    )
+
+
 # Why the DiT and VAE deployments take one request at a time per replica.
 ONE_AT_A_TIME = ("a replica runs one request at a time so that its workers' collectives (all-to-all, ring, "
                  "gather) of two requests never interleave")
@@ -87,6 +97,27 @@ class SequentialStageOptions(StageOptions):
         if isinstance(data, dict) and "max_ongoing_requests" in data:
             raise ValueError(f"max_ongoing_requests is fixed at 1 because {ONE_AT_A_TIME}")
         return data
+
+
+class DitStageOptions(SequentialStageOptions):
+    """Resources and scaling of the DiT deployment, and its request batching: a replica runs one
+    batch at a time (``ONE_AT_A_TIME`` holds for batches); Serve lets up to ``max_batch_size``
+    requests into a replica so that they can meet there."""
+
+    max_batch_size: int = Field(
+        1, ge=1, le=64, description="Most requests a DiT replica denoises together as one batch (1: batching off). "
+        "Only requests that can share a forward batch (same size, frames, steps, guidance kind, LoRA set, text "
+        "shapes; no cache, no input images); each keeps its own seed, CFG scale and negative prompt.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a DiT replica waits for more requests to fill a batch once one has come "
+        "(with max_batch_size > 1).",
+    )
+    request_router: Literal["power_of_two", "least_cost"] = Field(
+        "power_of_two", description="How callers pick a DiT replica: 'power_of_two' (Serve's default: the shorter "
+        "queue of two, by request count) or 'least_cost' (the least queued work as this caller sent it: pixels x "
+        "frames x steps x CFG branches x n; after LoRA multiplexing's preference).",
+    )
 
 
 class VideoJobsOptions(BaseModel):
@@ -129,8 +160,8 @@ class AppConfig(BaseModel):
         "minutes). Past it every rank is aborted at its next step and the request fails with 504. Separate from "
         "distributed_timeout_s, which bounds one collective.",
     )
-    text_encoder: StageOptions = Field(
-        default_factory=lambda: StageOptions(num_cpus=0.2, max_ongoing_requests=16),
+    text_encoder: TextEncoderOptions = Field(
+        default_factory=lambda: TextEncoderOptions(num_cpus=0.2, max_ongoing_requests=16),
         description="TextEncoder deployment.",
     )
     prior: StageOptions = Field(
@@ -138,8 +169,9 @@ class AppConfig(BaseModel):
         description="Prior deployment: the autoregressive prior of models that have one (GLM-Image); not "
         "deployed for the others. A replica generates one request at a time (the seed drives torch's generator).",
     )
-    dit: SequentialStageOptions = Field(
-        default_factory=SequentialStageOptions, description="DiT deployment (one request at a time per replica)."
+    dit: DitStageOptions = Field(
+        default_factory=DitStageOptions, description="DiT deployment (one request, or one batch of max_batch_size "
+        "requests, at a time per replica)."
     )
     vae: SequentialStageOptions = Field(
         default_factory=SequentialStageOptions, description="VAE deployment (one request at a time per replica)."

@@ -3,8 +3,8 @@ each with the ``deployment``, ``replica`` and ``application`` that recorded it).
 
 ``RouterMetrics``, one object per Router replica: seconds per stage and per request, requests by
 outcome, and the cache's computed/skipped transformer calls and blocks. ``DitMetrics``, one per DiT
-replica: what its ranks' LoRA store did (adapters loaded from ``lora_dir``, hits, restores from
-CPU memory, evictions), so the ``replica`` tag shows how well multiplexed routing keeps adapters
+replica: the size of the batch each request was denoised in, and what its ranks' LoRA store did
+(adapters loaded from ``lora_dir``, hits, restores from CPU memory, evictions), so the ``replica`` tag shows how well multiplexed routing keeps adapters
 where they are loaded. The README's "Observability" lists them.
 """
 
@@ -38,8 +38,9 @@ class RouterMetrics:
             tag_keys=("model", "backend", "outcome"),
         )
         self.conditioning_cache = Counter(
-            "ditserve_conditioning_cache_total", description="Input images' encodes (editing) by kind (vision: the "
-            "text encoder's vision tower, latent: the VAE encode) and outcome (hits: skipped, misses: computed).",
+            "ditserve_conditioning_cache_total", description="Cached encodes by kind (prompt: the text encoder's "
+            "prompt cache; editing: vision, the vision tower, latent, the VAE encode) and outcome (hits: skipped, "
+            "misses: computed).",
             tag_keys=("model", "kind", "outcome"),
         )
         self.cache_blocks = Counter(
@@ -100,6 +101,13 @@ class DitMetrics:
     def __init__(self) -> None:
         self.lora = {event: Counter(f"ditserve_lora_{event}_total", description=description, tag_keys=("model",))
                      for event, description in LORA_EVENTS.items()}
+        self.batch_size = Histogram("ditserve_dit_batch_size", description="Requests per DiT batch, observed once "
+                                    "per request (1: denoised alone).", boundaries=[1, 2, 4, 8, 16, 32, 64],
+                                    tag_keys=("model",))
+
+    def batched(self, model: str, size: int) -> None:
+        """One request denoised in a batch of ``size`` requests (1: alone; ``dit.max_batch_size``)."""
+        self.batch_size.observe(size, tags={"model": model})
 
     def lora_report(self, model: str, report: Mapping[str, Any] | None) -> None:
         """One request's LoRA report (``{"adapters", "loads", "hits", "restores", "evictions"}``)."""

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
@@ -112,6 +112,10 @@ class GenerationRequest(BaseModel):
         "encoded PNG/JPEG/WebP bytes, checked by deployments/images_in.py (formats, pixel and byte caps).",
     )
     layers: int | None = Field(None, ge=1, le=10, description="Layered models: RGBA layers to decompose into.")
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="Queue tier: with the DiT's least_cost router, an 'interactive' request waiting "
+        "for a DiT replica is sent before every 'batch' one that waits with it.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -178,6 +182,7 @@ class ResolvedRequest:
     images: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
     image_keys: tuple[str, ...] = ()
     layers: int | None = None
+    priority: str = "interactive"  # the request's queue tier (routing.py)
 
     @property
     def loras(self) -> tuple[tuple[str, float], ...]:
@@ -274,7 +279,7 @@ def resolve_request(req: GenerationRequest, spec: ModelSpec, images: tuple[Any, 
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     lora = req.lora if isinstance(req.lora, list) else [req.lora] if req.lora is not None else []
     return ResolvedRequest(spec.id, req.prompt, negative, params, seed, tuple(lora), images=images,
-                           layers=req.layers)
+                           layers=req.layers, priority=req.priority)
 
 
 def _video_params(req: GenerationRequest, spec: ModelSpec, guidance_scale: float | None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ray import serve
 from .config import AppConfig, StageOptions
 from .metrics import DitMetrics
 from .ray_executor import RayExecutor
-from .schema import ResolvedRequest
+from .schema import RequestError, ResolvedRequest
 from .stages import Decoded, Denoised, Encoded, EncodedImages, Encoder, PriorTokens
 from .stages import Prior as PriorStage
 
@@ -93,7 +93,7 @@ class TextEncoder:
         }
 
     def __init__(self, cfg: AppConfig) -> None:
-        self.encoder = Encoder(cfg.engine)
+        self.encoder = Encoder(cfg.engine, prompt_cache_mb=cfg.text_encoder.prompt_cache_mb)
         self.encode.set_max_batch_size(cfg.encode_batch_size)
         self.encode.set_batch_wait_timeout_s(cfg.encode_batch_wait_s)
 
@@ -182,7 +182,8 @@ def _lora_store_state(worker: Any) -> dict[str, Any] | None:
 
 @serve.deployment(name="DiT")
 class DiT(_GroupCoordinator):
-    """Coordinator of one DiT worker group (one torch.distributed world); one request at a time.
+    """Coordinator of one DiT worker group (one torch.distributed world); one request, or with
+    ``dit.max_batch_size`` > 1 one batch of requests (``Denoiser.denoise_batch``), at a time.
 
     LoRA and Serve's model multiplexing: ``adapter`` is a ``@serve.multiplexed`` method, made in
     ``__init__`` because its capacity is the deployment's ``lora.max_loras_per_replica``. Its
@@ -202,13 +203,28 @@ class DiT(_GroupCoordinator):
 
     @staticmethod
     def deployment_options(cfg: AppConfig, gpu: bool) -> dict[str, Any]:
-        return _worker_group_options(cfg.dit, cfg.dit_world_size, gpu, cfg.placement_strategy)
+        options = _worker_group_options(cfg.dit, cfg.dit_world_size, gpu, cfg.placement_strategy)
+        # batching: the requests of a batch must all be inside the replica to meet there; the
+        # replica still runs one executor call (a request or a batch) at a time
+        options = {**options, "max_ongoing_requests": cfg.dit.max_batch_size}
+        if cfg.dit.request_router == "least_cost":
+            from ray.serve.config import RequestRouterConfig
+
+            from .routing import ROUTER_PATH
+
+            options["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH)
+        return options
 
     def __init__(self, cfg: AppConfig, gpu: bool) -> None:
         super().__init__(cfg, gpu, cfg.dit_world_size, cfg.dit)
         self.metrics = DitMetrics()
+        self.max_batch_size = cfg.dit.max_batch_size
+        self._one_call = asyncio.Lock()  # a batch and a request that runs alone never share the ranks
+        self._denoise_batch.set_max_batch_size(cfg.dit.max_batch_size)
+        self._denoise_batch.set_batch_wait_timeout_s(cfg.dit.batch_wait_timeout_s)
         self._jobs: Any = None  # the Jobs deployment's handle, made at the first progress report
         self.lora_requests: collections.Counter[str] = collections.Counter()  # served requests per adapter
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # served requests by their batch's size
 
         # a fresh function per replica: Serve keeps the LRU on the decorated function object
         async def adapter(model_id: str) -> str:
@@ -220,6 +236,36 @@ class DiT(_GroupCoordinator):
                       images: EncodedImages | None = None, progress_key: str | None = None) -> Denoised:
         # prior: an autoregressive prior's tokens (GLM-Image); images: the input images' latents
         # (editing), from the VAE's encode; progress_key: report rank 0's steps to the Jobs deployment
+        if self.max_batch_size > 1 and prior is None and images is None and progress_key is None:
+            # batching on: the request meets others in ``_denoise_batch`` (a job reporting progress,
+            # an editing request or a prior's tokens run alone, below)
+            denoised = await self._denoise_batch((req, encoded, _request_id()))
+            if isinstance(denoised, RequestError):  # refused on its own account; its batch-mates ran
+                raise denoised
+        else:
+            async with self._one_call:
+                denoised = await self._denoise_alone(req, encoded, prior, images, progress_key)
+        batch = next((r.batch for r in reversed(denoised.reports) if r.stage == "denoise"), None)
+        size = batch["size"] if batch else 1
+        self.batch_sizes[size] += 1
+        self.metrics.batched(req.model, size)
+        if req.lora:
+            for lora in req.lora:
+                await self.adapter(lora.name)
+                self.lora_requests[lora.name] += 1
+            report = next((r.lora for r in reversed(denoised.reports) if r.stage == "denoise"), None)
+            self.metrics.lora_report(req.model, report)
+        return denoised
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.01)
+    async def _denoise_batch(self, items: list[tuple[ResolvedRequest, Encoded, str]]) -> list[Denoised]:
+        """The requests Serve gathered (up to ``max_batch_size``), as one call of the ranks'
+        ``Denoiser.denoise_batch``: those that can share a forward are denoised as one batch."""
+        async with self._one_call:
+            return await self.executor.call_all_async("denoise_batch", items, timeout_s=self.request_timeout_s)
+
+    async def _denoise_alone(self, req: ResolvedRequest, encoded: Encoded, prior: PriorTokens | None,
+                             images: EncodedImages | None, progress_key: str | None) -> Denoised:
         extra = (None, images) if images is not None else ()
         watcher = asyncio.ensure_future(self._watch(progress_key)) if progress_key else None
         self.executor.stopping = None
@@ -235,12 +281,6 @@ class DiT(_GroupCoordinator):
                 watcher.cancel()
         if progress_key:
             self._report(progress_key, steps_done=req.params.num_inference_steps)
-        if req.lora:
-            for lora in req.lora:
-                await self.adapter(lora.name)
-                self.lora_requests[lora.name] += 1
-            report = next((r.lora for r in reversed(denoised.reports) if r.stage == "denoise"), None)
-            self.metrics.lora_report(req.model, report)
         return denoised
 
     async def _report_stop(self, key: str, stopping: asyncio.Future | None) -> None:
@@ -270,6 +310,13 @@ class DiT(_GroupCoordinator):
                 self._report(key, steps_done=steps)
                 last = steps
             await asyncio.sleep(PROGRESS_PERIOD_S)
+
+    async def batch_stats(self) -> dict[str, Any]:
+        """This replica's requests by the size of the batch they were denoised in
+        (``requests_by_batch_size``; 1: alone) and its ``replica_id`` (tests, operators:
+        ``handle.broadcast("batch_stats")``)."""
+        return {"replica_id": serve.get_replica_context().replica_id.unique_id,
+                "requests_by_batch_size": dict(self.batch_sizes)}
 
     async def lora_stats(self) -> dict[str, Any]:
         """This replica's adapters: rank 0's store counters (``loads``, ``hits``, ``restores``,

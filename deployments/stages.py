@@ -73,7 +73,10 @@ class StageReport:
         lora: the adapters of the request and what the DiT's store did for them (loads, hits, ...).
         conditioning: the conditioning cache's hits and misses for the request's input images
             (``vision_hits``/``vision_misses`` from the Encoder, ``latent_hits``/``latent_misses`` from
-            the VAE's ``encode``).
+            the VAE's ``encode``) and the Encoder's prompt cache (``prompt_hits``/``prompt_misses``).
+        batch: request batching in the DiT (``Denoiser.denoise_batch``): ``size`` (requests that
+            shared the loop), ``samples`` (their images together), and ``alone`` (why the request
+            ran by itself, when it did); ``None``: the request came alone (``denoise``).
     """
 
     stage: str
@@ -82,6 +85,7 @@ class StageReport:
     bytes_sent: int = 0
     lora: dict[str, Any] | None = None
     conditioning: dict[str, int] | None = None
+    batch: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -147,7 +151,8 @@ def merge_reports(reports: Sequence[StageReport]) -> tuple[dict[str, float], dic
 
 
 def conditioning_report(reports: Sequence[StageReport]) -> dict[str, int] | None:
-    """The conditioning cache's counts of all stages for one request (``None``: no input images)."""
+    """The conditioning caches' counts of all stages for one request (input images' ``vision_*``,
+    ``latent_*``; the prompt cache's ``prompt_hits``/``prompt_misses``); ``None``: no cache ran."""
     out: dict[str, int] = {}
     for report in reports:
         for name, count in (report.conditioning or {}).items():
@@ -224,10 +229,13 @@ class Encoder(_Stage):
     stage = "encode"
 
     def __init__(self, config: Any, adapter: FamilyAdapter | None = None, *, resolved: ResolvedModel | None = None,
-                 caps: Support | None = None) -> None:
+                 caps: Support | None = None, prompt_cache_mb: float = 0.0) -> None:
         super().__init__(config, adapter, resolved, caps)
         # input images' vision features by content key (editing; conditioning.py)
         self.vision_cache = ConditioningCache(config.images.conditioning_cache_mb)
+        # encoded texts (prompts and negative prompts) by text: the TextEncoder deployment's
+        # prompt_cache_mb; the reference runner keeps none (0)
+        self.prompt_cache = ConditioningCache(prompt_cache_mb)
 
     def conditioning(self, reqs: Sequence[ResolvedRequest]) -> list[TextConditioning]:
         return self._conditioning(reqs)[0]
@@ -247,6 +255,11 @@ class Encoder(_Stage):
             counts["vision_hits"] = counts.get("vision_hits", 0) + 1
         return kwargs
 
+    def _prompt_key(self, text: str) -> str:
+        """The prompt cache's key: the text under this replica's model and encoder dtype (what else
+        shapes an encoding, e.g. the family's template and max sequence length, is the model's)."""
+        return f"{self.spec.id}|{self.adapter.dtype}|{text}"
+
     def _conditioning(self, reqs: Sequence[ResolvedRequest]) -> tuple[list[TextConditioning], list[dict[str, int]]]:
         # texts alone batch by shape; a request with input images is read with its images, alone
         texts = sorted({t for r in reqs if not r.images for t in (r.prompt, r.negative_prompt) if t is not None})
@@ -255,9 +268,27 @@ class Encoder(_Stage):
             by_shape.setdefault(self.adapter.text_shape_key(text), []).append(text)
         encoded: dict[Any, dict[str, torch.Tensor | None]] = {}
         counts: list[dict[str, int]] = [{} for _ in reqs]
+        if self.prompt_cache.max_bytes:
+            for text in texts:
+                hit = self.prompt_cache.get(self._prompt_key(text))
+                if hit is not None:
+                    encoded[text] = {k: v.to(self.adapter.device) if v is not None else None for k, v in hit.items()}
+            for i, r in enumerate(reqs):
+                for text in (r.prompt, r.negative_prompt) if not r.images else ():
+                    if text is not None:
+                        outcome = "prompt_hits" if text in encoded else "prompt_misses"
+                        counts[i][outcome] = counts[i].get(outcome, 0) + 1
+            by_shape = {k: [t for t in group if t not in encoded] for k, group in by_shape.items()}
         with torch.inference_mode(), self.scope():
             for group in by_shape.values():
-                encoded.update(zip(group, self.adapter.encode_texts(group)))
+                if not group:
+                    continue
+                fresh = self.adapter.encode_texts(group)
+                encoded.update(zip(group, fresh))
+                if self.prompt_cache.max_bytes:
+                    for text, kwargs in zip(group, fresh):
+                        self.prompt_cache.put(self._prompt_key(text), {
+                            k: v.detach().to("cpu", copy=True) if v is not None else None for k, v in kwargs.items()})
             for i, r in enumerate(reqs):
                 for text in (r.prompt, r.negative_prompt) if r.images else ():
                     if text is not None:
@@ -360,6 +391,108 @@ class Denoiser(_Stage):
         prior_reports = encoded.prior.reports if encoded.prior is not None else ()
         before = (*prior_reports, *encoded.reports, *(images.reports if images is not None else ()))
         return Denoised(latents.cpu(), (*before, report))
+
+    def denoise_batch(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]],
+                      callback: StepCallback | None = None) -> list[Denoised | RequestError]:
+        """Several requests (``(request, encoded, request_id)``), denoised in as few loops as they
+        allow: those that can share a forward (``batch_groups``) run as one batch, each with its own
+        seed, CFG scale and negative prompt; the others one at a time. Results in order, each with
+        the timings of the loop it ran in and its ``batch`` report; a request refused on its own
+        account (``RequestError``, e.g. an adapter that does not load; every rank agrees) gets the
+        error in its place, and the other groups still run."""
+        out: list[Denoised | RequestError | None] = [None] * len(items)
+        for group, alone in self.batch_groups(items):
+            if len(group) > 1:
+                try:
+                    results = self._denoise_group([items[i] for i in group], callback)
+                except RequestError as exc:  # the group's shared LoRA set: the same answer for each
+                    results = [exc] * len(group)
+                if results is not None:
+                    for i, result in zip(group, results):
+                        out[i] = result
+                    continue
+                alone = self._merge_refusal  # prepared states that cannot merge after all
+            for i in group:
+                req, encoded, request_id = items[i]
+                try:
+                    one = self.denoise(req, encoded, request_id, callback)
+                except RequestError as exc:
+                    out[i] = exc
+                    continue
+                report = dataclasses.replace(one.reports[-1], batch={
+                    "size": 1, "samples": req.params.num_images_per_prompt, **({"alone": alone} if alone else {})})
+                out[i] = Denoised(one.latents, (*one.reports[:-1], report))
+        return out
+
+    def batch_groups(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]]) -> list[tuple[list[int], str | None]]:
+        """Indices of ``items`` that can share a forward, and why an item runs alone (``None``: it
+        had no partner, or it is a group). Requests share one when they ask for the same size,
+        frames, steps and guidance kind (CFG on or off), the same LoRA set, no cache, no input
+        images, and their texts encode to the same shapes; seeds, CFG scales, negative prompts and
+        ``n`` may differ."""
+        refusal = self.adapter.batch_refusal() or (
+            "the model denoises with a prior's tokens" if self.adapter.has_prior() else None)
+        groups: dict[Any, list[int]] = {}
+        alone: list[tuple[list[int], str | None]] = []
+        for i, (req, encoded, _) in enumerate(items):
+            reason = refusal
+            if reason is None and req.cache is not None:
+                # the block caches skip or compute a whole forward: one decision for every sample
+                reason = "cache: a block cache decides per forward, not per sample; a cached request runs alone"
+            if reason is None and req.images:
+                reason = "input images: an editing request runs alone"
+            if reason is not None:
+                alone.append(([i], reason))
+                continue
+            groups.setdefault(self._batch_key(req, encoded.cond), []).append(i)
+        return [(g, None) for g in groups.values()] + alone
+
+    def _batch_key(self, req: ResolvedRequest, cond: TextConditioning) -> Any:
+        # what two requests must share for one forward (per-request values set to one placeholder)
+        p = dataclasses.replace(req.params, guidance_scale=None, true_cfg_scale=None, guidance_scale_2=None,
+                                num_images_per_prompt=1)
+
+        def shapes(kw: dict[str, torch.Tensor | None] | None) -> Any:
+            return None if kw is None else tuple(sorted((k, None if v is None else tuple(v.shape[1:]))
+                                                        for k, v in kw.items()))
+
+        return p, req.loras, self.adapter.cfg_scale(req.params, cond) is None, shapes(cond.positive), \
+            shapes(cond.negative)
+
+    _merge_refusal = "the requests' prepared states differ in a denoiser input that is not per sample"
+
+    def _denoise_group(self, items: Sequence[tuple[ResolvedRequest, Encoded, str]],
+                       callback: StepCallback | None) -> list[Denoised] | None:
+        """One loop over the samples of ``items`` (one batch group); ``None``: their prepared states
+        do not merge (the caller runs them one at a time)."""
+        timer = Timer()
+        sent_before = self.groups.bytes_sent()
+        reqs = [req for req, _, _ in items]
+        conds = [encoded.cond.to(self.adapter.device, self.adapter.dtype) for _, encoded, _ in items]
+        first = reqs[0]
+        ctx = RequestContext(id="+".join(rid for _, _, rid in items), seed=first.seed,
+                             num_inference_steps=first.params.num_inference_steps)
+        on_step = self._step_callback(callback)
+        with request_context(ctx), self.scope(), self._lora(self.adapter.lora_store, first, timer) as lora:
+            with timer.stage("prepare"):
+                # each request its own initial noise, from its own seed, as alone
+                states = [self.adapter.prepare(r.params, c, torch.Generator("cpu").manual_seed(r.seed))
+                          for r, c in zip(reqs, conds)]
+                try:
+                    self.adapter.merge_states(states, conds)
+                except ValueError as exc:
+                    logger.info("batch of %d not merged (%s); its requests run one at a time", len(items), exc)
+                    return None
+            with timer.stage("denoise"):
+                latents = self.adapter.denoise_batch(states, conds, callback=on_step)
+        batch = {"size": len(items), "samples": sum(r.params.num_images_per_prompt for r in reqs)}
+        sent = (self.groups.bytes_sent() - sent_before) // len(items)
+        out = []
+        for (req, encoded, _), lat in zip(items, latents):
+            report = StageReport("denoise", dict(timer.timings), None, sent, lora, batch=dict(batch))
+            before = (*encoded.reports,)
+            out.append(Denoised(lat.cpu(), (*before, report)))
+        return out
 
     @contextlib.contextmanager
     def _lora(self, store: LoraStore | None, req: ResolvedRequest, timer: Timer) -> Iterator[dict[str, Any] | None]:

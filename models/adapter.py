@@ -158,6 +158,19 @@ class DenoiseState:
         return ("cond", "uncond") if self.cfg_scale is not None else ("cond",)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two denoiser kwargs are equal (tensors by value; containers of tensors, unknown: no)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            torch.equal(a, b)
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a dict holding tensors
+        return False
+
+
 class CFGStrategy(Protocol):
     """Computes the guided prediction of one step from the per-branch predictions."""
 
@@ -625,12 +638,17 @@ class FamilyAdapter:
 
     def predict_noise(self, state: DenoiseState, cond: TextConditioning, index: int, t: torch.Tensor) -> torch.Tensor:
         """The guided prediction of step ``index`` (all CFG branches, combined)."""
-        branches = state.branches
         scale = self.step_cfg_scale(state, index, t)
 
         def combine(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             return self.combine_cfg(c, u, scale)
 
+        return self._guided(state, cond, index, t, combine)
+
+    def _guided(self, state: DenoiseState, cond: TextConditioning, index: int, t: torch.Tensor,
+                combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The branches of step ``index`` evaluated as the CFG strategy says, joined by ``combine``."""
+        branches = state.branches
         if len(branches) > 1 and self.cfg_evaluation is CFGEvaluation.BATCHED and self.cfg_strategy is serial_cfg:
             return combine(*self.run_branches(state, cond, branches, index, t).chunk(len(branches)))
         return self.cfg_strategy(branches, lambda b: self.run_branches(state, cond, (b,), index, t), combine)
@@ -651,6 +669,96 @@ class FamilyAdapter:
             if callback is not None:
                 callback(StepOutput(index=i, num_steps=n, timestep=float(t), latents=state.latents, noise_pred=noise_pred))
         return state.latents
+
+    # ---- request batching ---------------------------------------------------------------------
+
+    def batch_refusal(self) -> str | None:
+        """Why this family cannot denoise several requests as one batch (``None``: it can). A family
+        that overrides the step's guided prediction (``predict_noise``) has math the batched loop
+        does not know; it denoises one request at a time."""
+        if type(self).predict_noise is not FamilyAdapter.predict_noise:
+            return f"{self.family} computes its own guided prediction (predict_noise); requests run one at a time"
+        return None
+
+    def merge_states(
+        self, states: Sequence[DenoiseState], conds: Sequence[TextConditioning]
+    ) -> tuple[DenoiseState, TextConditioning]:
+        """Several requests' prepared states as one batch, as ``num_images_per_prompt`` > 1 already
+        is one: latents, per-sample denoiser kwargs and texts concatenated along the batch, in order.
+
+        Raises:
+            ValueError: the requests cannot share a forward (different timesteps, branches, latent
+                or text shapes, or a shared kwarg that differs); the message says which.
+        """
+        first = states[0]
+        for s in states[1:]:
+            if not torch.equal(s.timesteps, first.timesteps):
+                raise ValueError("timesteps differ (steps, size or scheduler)")
+            if s.branches != first.branches:
+                raise ValueError(f"CFG branches differ ({s.branches} vs {first.branches})")
+            if s.latents.shape[1:] != first.latents.shape[1:]:
+                raise ValueError(f"latent shapes differ ({tuple(s.latents.shape)} vs {tuple(first.latents.shape)})")
+        if any(s.branch_kwargs.keys() != first.branch_kwargs.keys() for s in states):
+            raise ValueError("denoiser kwargs differ")
+        sizes = [s.latents.shape[0] for s in states]
+        kwargs = {k: self._merge_value(k, [s.branch_kwargs[k] for s in states], sizes) for k in first.branch_kwargs}
+
+        def texts(side: str) -> dict[str, torch.Tensor | None] | None:
+            values = [getattr(c, side) for c in conds]
+            if values[0] is None:
+                if any(v is not None for v in values):
+                    raise ValueError(f"{side} conditioning present for some requests only")
+                return None
+            return {k: self._merge_value(k, [v[k] for v in values], sizes, text=True) for k in values[0]}
+
+        merged = DenoiseState(torch.cat([s.latents for s in states]), first.timesteps, first.scheduler, kwargs,
+                              first.cfg_scale, first.params)
+        return merged, TextConditioning(texts("positive"), texts("negative"), sum(c.batch_size for c in conds))
+
+    def _merge_value(self, key: str, values: list[Any], sizes: list[int], text: bool = False) -> Any:
+        """One kwarg of several requests: per-sample tensors (batch-first, one row per sample)
+        concatenated; anything else must be equal in all and is taken once."""
+        first = values[0]
+        unbatched = text and key in self.unbatched_text_kwargs
+        if isinstance(first, torch.Tensor) and not unbatched and first.dim() > 0 and all(
+                isinstance(v, torch.Tensor) and v.shape[0] == n and v.shape[1:] == first.shape[1:]
+                for v, n in zip(values, sizes)):
+            return torch.cat(values)
+        if not all(_same(v, first) for v in values[1:]):
+            raise ValueError(f"denoiser kwarg {key!r} differs between the requests and is not per sample")
+        return first
+
+    @torch.inference_mode()
+    def denoise_batch(
+        self, states: Sequence[DenoiseState], conds: Sequence[TextConditioning], callback: StepCallback | None = None
+    ) -> list[torch.Tensor]:
+        """Several requests' loops as one: one denoiser call per step (and per CFG branch, or one
+        for both when batched) over all their samples; each request keeps its own initial noise,
+        scheduler, CFG scale and negative prompt (the guided prediction is combined per request).
+
+        Returns:
+            each request's final latents, in order. ``callback`` sees the whole batch.
+        """
+        if len(states) == 1:
+            return [self.denoise(states[0], conds[0], callback)]
+        merged, cond = self.merge_states(states, conds)
+        sizes = [s.latents.shape[0] for s in states]
+        n = len(merged.timesteps)
+        for i, t in enumerate(merged.timesteps):
+            scales = [self.step_cfg_scale(s, i, t) for s in states]
+
+            def combine(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+                return torch.cat([self.combine_cfg(ci, ui, scale)
+                                  for ci, ui, scale in zip(c.split(sizes), u.split(sizes), scales)])
+
+            noise_pred = self._guided(merged, cond, i, t, combine)
+            for s, pred in zip(states, noise_pred.split(sizes)):
+                self.scheduler_step(s, pred, t)
+            merged.latents = torch.cat([s.latents for s in states])
+            if callback is not None:
+                callback(StepOutput(index=i, num_steps=n, timestep=float(t), latents=merged.latents,
+                                    noise_pred=noise_pred))
+        return [s.latents for s in states]
 
     # ---- decode -------------------------------------------------------------------------------
 

@@ -38,14 +38,17 @@ APP = "serving-test"
 
 def make_app_config(model: str, lora_dir: str, **overrides) -> AppConfig:
     """Text encoder pinned to node A (CPU only); two DiT replicas and the VAE, whose ranks take a
-    (logical) GPU each on node B; LoRA adapters from ``lora_dir``, two per replica."""
+    (logical) GPU each on node B; LoRA adapters from ``lora_dir``, two per replica; DiT request
+    batching on (up to 4), so concurrent requests that can share a forward are denoised together;
+    callers route to the DiT replica with the least queued cost (routing.py), after LoRA multiplexing."""
     base = dict(
         engine={"model": model, "device": "cpu", "dtype": "float32",
                 "lora": {"lora_dir": lora_dir, "max_loras_per_replica": 2, "max_loras_per_request": 2}},
         accelerator="gpu",
         distributed_timeout_s=60,
         text_encoder={"num_cpus": 0.1, "num_gpus": 0, "custom_resources": {"node_a": 0.01}, "max_ongoing_requests": 16},
-        dit={"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+        dit={"autoscaling": {"min_replicas": 2, "max_replicas": 2}, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
+             "request_router": "least_cost"},
     )
     return AppConfig.model_validate({**base, **overrides})
 
@@ -135,7 +138,8 @@ def test_http_matches_reference_runner(served, reference):
 
 
 def test_eight_concurrent_http_requests_each_match_their_reference(served, reference):
-    # Prompts of equal and different token counts, so the text encoder batches some of them.
+    # Prompts of equal and different token counts, so the text encoder batches some of them, and
+    # the DiT replicas (max_batch_size 4) denoise those of equal text shapes together.
     prompts = ["a red circle", "a blue square", "a green star on black", "a cat", "a dog", "a red circle",
                "a small yellow triangle in the top left", "a white cross"]
     bodies = [dict(REQ, prompt=p, seed=100 + i) for i, p in enumerate(prompts)]
@@ -149,6 +153,11 @@ def test_eight_concurrent_http_requests_each_match_their_reference(served, refer
         diff = np.abs(_pixels(reply["data"][0]["b64_json"]).astype(int) - expected[0].astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (body, diff.max(), (diff > 0).mean())
     assert len({r[1]["request_id"] for r in replies}) == 8
+    # every request was counted by the replica that denoised it, with the size of its batch (which
+    # sizes form depends on arrival times; test_batching checks batches themselves)
+    stats = served["dit"].broadcast("batch_stats").results()
+    counted = sum(n for s in stats for n in s["requests_by_batch_size"].values())
+    assert counted >= 8 and all(1 <= int(size) <= 4 for s in stats for size in s["requests_by_batch_size"])
 
 
 def test_http_cache_request_matches_reference_and_reports_stats(served, reference):
