@@ -162,7 +162,9 @@ def read_images(values: Sequence[Any] | None, spec: ModelSpec, config: ImageInpu
             raise RequestError(field, f"model {spec.id} takes no input images")
         return (), ()
     if not values:
-        raise RequestError(field, f"model {spec.id} edits input images: send 1 to {limit}")
+        if spec.min_input_images == 0:  # optional (Wan2.2 TI2V-5B: text, or text and an image)
+            return (), ()
+        raise RequestError(field, f"model {spec.id} ({spec.task}) needs an input image: send 1 to {limit}")
     if len(values) > limit:
         raise RequestError(field, f"{len(values)} images exceed the limit of {limit} for model {spec.id}")
     total = sum(len(v) for v in values if isinstance(v, bytes | bytearray | memoryview))

@@ -8,6 +8,7 @@ is refused with the reason."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
@@ -42,8 +43,8 @@ def engines(checkpoints):
 
 
 def _request(**fields) -> GenerationRequest:
-    return GenerationRequest(prompt=PROMPT, size=f"{SIZE}x{SIZE}", num_frames=FRAMES, num_inference_steps=STEPS,
-                             seed=SEED, **fields)
+    return GenerationRequest(**{"prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "num_frames": FRAMES,
+                                "num_inference_steps": STEPS, "seed": SEED, **fields})
 
 
 CASES = [
@@ -183,3 +184,93 @@ def test_tensor_parallel_is_refused_with_the_reason(checkpoints):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2: .* does not support tensor parallelism.*"
                                          r"rms_norm_across_heads"):
         check_support(config, ["denoise"])
+
+
+# ---- image to video: I2V-A14B (image required) and TI2V-5B with an image --------------------------
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)  # resized to the output size
+I2V_SIZE = 32  # small: the image is VAE-encoded too (I2V: with all its zero frames)
+I2V_CASES = [
+    ("wan-i2v", {"guidance_scale": 4.0, "guidance_scale_2": 2.0}),  # CFG, each expert its own scale
+    ("wan-ti2v", {"guidance_scale": 5.0}),
+]
+
+
+@pytest.fixture(scope="module")
+def i2v_checkpoint(tmp_path_factory):
+    return make_tiny("wan-i2v", tmp_path_factory.mktemp("wan-i2v") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def image_engines(i2v_checkpoint, engines):
+    return {"wan-i2v": Engine(EngineConfig(model=str(i2v_checkpoint), device="cpu", dtype="float32")),
+            "wan-ti2v": engines["wan-ti2v"]}
+
+
+def _i2v_pipeline(path, monkeypatch):
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+    # the I2V pipeline's prompt cleaning calls ftfy unguarded (not installed here); WanPipeline's guards it
+    monkeypatch.setattr(pipeline_wan_i2v, "basic_clean", pipeline_wan.basic_clean)
+    pipe = WanImageToVideoPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(("family", "fields"), I2V_CASES, ids=["i2v-two-experts-cfg", "ti2v-image"])
+def test_image_to_video_matches_wan_i2v_pipeline(checkpoints, i2v_checkpoint, image_engines, monkeypatch, family,
+                                                  fields):
+    """Ours equals ``WanImageToVideoPipeline`` on the same checkpoint, image, prompt and seed (I2V: the
+    image latents and mask on channels, across the expert switch; TI2V: the image as the first latent
+    frame at timestep 0), latents and frames."""
+    from PIL import Image
+
+    engine = image_engines[family]
+    path = i2v_checkpoint if family == "wan-i2v" else checkpoints[family]
+    fields = {**fields, "size": f"{I2V_SIZE}x{I2V_SIZE}"}
+    ours = engine.generate(_request(images=[IMAGE], **fields), output_type="np")
+    pipe = _i2v_pipeline(path, monkeypatch)
+    assert pipe.image_encoder is None and pipe.transformer.config.image_dim is None  # Wan2.2: no CLIP
+    kwargs = {k: v for k, v in fields.items() if k != "size"}
+    call = dict(image=Image.fromarray(IMAGE), prompt=PROMPT, height=I2V_SIZE, width=I2V_SIZE, num_frames=FRAMES,
+                num_inference_steps=STEPS, **kwargs)
+    seen = {}
+
+    def last_latents(pipe, i, t, tensors):  # the pipeline's latents after its last step
+        seen["latents"] = tensors["latents"].clone()
+        return {}
+
+    ref_frames = pipe(**call, generator=torch.Generator().manual_seed(SEED), output_type="np",
+                      callback_on_step_end=last_latents).frames
+    ref_latents = seen["latents"]
+    assert ours.latents.shape == ref_latents.shape
+    assert ours.images.shape == ref_frames.shape == (1, FRAMES, I2V_SIZE, I2V_SIZE, 3)
+    assert abs(ours.images - ref_frames).max() <= 1e-4
+    resolved = engine.resolve(_request(images=[IMAGE], **fields))
+    encoded_image = engine.decoder.encode(resolved).images
+    image_latents = encoded_image.latents[0]
+    if family == "wan-i2v":
+        assert (ours.latents - ref_latents).abs().max().item() <= 1e-4
+        # the boundary falls inside the run: both experts denoised
+        state = engine.adapter.prepare(resolved.params, engine.encode(resolved), None, encoded_image)
+        boundary = engine.adapter.boundary_timestep
+        assert (state.timesteps >= boundary).any() and (state.timesteps < boundary).any()
+        assert image_latents.shape[2] == ours.latents.shape[2]  # the image + zero frames, encoded
+    else:
+        # the pipeline blends the image's latent frame in after its loop: frames after the first are
+        # the loop's, the first is the image's (the decoded frames above compare all of them)
+        assert (ours.latents[:, :, 1:] - ref_latents[:, :, 1:]).abs().max().item() <= 1e-4
+        assert (ours.latents[:, :, :1] - image_latents).abs().max().item() <= 1e-6
+
+
+def test_image_fields_name_the_field(image_engines, engines):
+    with pytest.raises(RequestError, match=r"image-to-video\) needs an input image") as err:
+        image_engines["wan-i2v"].resolve(GenerationRequest(prompt="x"))
+    assert err.value.field == "image"
+    with pytest.raises(RequestError, match="takes no input images") as err:  # T2V-A14B
+        engines["wan"].resolve(GenerationRequest(prompt="x", images=[IMAGE]))
+    assert err.value.field == "image"
+    with pytest.raises(RequestError, match="not a PNG, JPEG or WebP") as err:
+        image_engines["wan-i2v"].resolve(GenerationRequest(prompt="x", images=[b"GIF? no: plain text"]))
+    assert err.value.field == "image[0]"
