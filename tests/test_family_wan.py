@@ -274,3 +274,28 @@ def test_image_fields_name_the_field(image_engines, engines):
     with pytest.raises(RequestError, match="not a PNG, JPEG or WebP") as err:
         image_engines["wan-i2v"].resolve(GenerationRequest(prompt="x", images=[b"GIF? no: plain text"]))
     assert err.value.field == "image[0]"
+
+
+# each layout once, with an input image: CFG-parallel and Ring on I2V's two experts, Ulysses on TI2V (the
+# image's first-frame tokens at timestep 0 are split with the others)
+I2V_LAYOUTS = [("wan-i2v", {"cfg_parallel_size": 2}), ("wan-i2v", {"ring_degree": 2}),
+               ("wan-ti2v", {"ulysses_degree": 2})]
+
+
+@pytest.mark.parametrize(("family", "degrees"), I2V_LAYOUTS, ids=[f"{f}-{layout_ids(d)}" for f, d in I2V_LAYOUTS])
+def test_image_layout_matches_single_rank(checkpoints, i2v_checkpoint, image_engines, family, degrees):
+    path = i2v_checkpoint if family == "wan-i2v" else checkpoints[family]
+    request = _request(images=[IMAGE], size=f"{I2V_SIZE}x{I2V_SIZE}" if family == "wan-i2v" else "64x32",
+                       guidance_scale=4.0, num_inference_steps=3)
+    reference = image_engines[family].generate(request, output_type="np")
+    run_and_compare(str(path), degrees, [request], [reference])
+
+
+def test_i2v_cache_at_threshold_zero_equals_uncached(image_engines):
+    engine = image_engines["wan-i2v"]
+    base = dict(size=f"{I2V_SIZE}x{I2V_SIZE}", images=[IMAGE], guidance_scale=4.0, guidance_scale_2=2.0)
+    uncached = engine.generate(_request(**base), output_type="np")
+    zero = engine.generate(_request(**base, cache={"backend": "tea_cache", "config": {"rel_l1_thresh": 0}}),
+                           output_type="np")
+    assert torch.equal(uncached.latents, zero.latents) and zero.cache["calls_cached"] == 0
+    assert set(zero.cache["decisions"]) == {"cond", "uncond", "cond@transformer_2", "uncond@transformer_2"}
