@@ -299,3 +299,18 @@ def test_i2v_cache_at_threshold_zero_equals_uncached(image_engines):
                            output_type="np")
     assert torch.equal(uncached.latents, zero.latents) and zero.cache["calls_cached"] == 0
     assert set(zero.cache["decisions"]) == {"cond", "uncond", "cond@transformer_2", "uncond@transformer_2"}
+
+
+def test_wan21_image_encoder_layout_is_refused_naming_it(i2v_checkpoint, tmp_path):
+    """Wan2.2 I2V conditions on VAE latents only; a Wan2.1 layout (CLIP image features into the
+    transformer, ``image_dim``) is refused at load, not run without its image features."""
+    import json
+    import shutil
+
+    from ditserve.models.wan import WanI2VAdapter
+
+    path = shutil.copytree(i2v_checkpoint, tmp_path / "wan21-layout")
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    (path / "transformer" / "config.json").write_text(json.dumps({**config, "image_dim": 16}))
+    with pytest.raises(ValueError, match=r"Wan2.1 image-to-video layout .*image_dim=16.* VAE latents only"):
+        WanI2VAdapter.from_pretrained(path, stages=["decode"])
