@@ -4,7 +4,10 @@ expert's own scale, across the expert switch) and without; the registry carries 
 the model cards' defaults and each folder is recognised as its own model; bad video fields are 4xx
 naming the field; caches run on both experts (threshold 0 equals uncached, evaluations drop, no
 state crosses the switch); CFG-parallel, Ulysses and Ring at degree 2 equal one rank; tensor parallel
-is refused with the reason."""
+is refused with the reason. Image to video (family ``wan2.2-i2v`` and TI2V with an image): equal to
+``WanImageToVideoPipeline``; an I2V request without an image, and a T2V one with an image, are 4xx
+naming the field; CFG-parallel, Ring and Ulysses with an image equal one rank; TeaCache at 0 equals
+uncached on both I2V experts; a Wan2.1 (CLIP image encoder) layout is refused at load."""
 
 from __future__ import annotations
 
