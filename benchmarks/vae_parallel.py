@@ -3,7 +3,10 @@
 Realistically sized VAEs with random weights (FLUX.1's AutoencoderKL: 128/256/512/512 channels,
 2 resnets per level, 32 norm groups, 16 latent channels; Qwen-Image's AutoencoderKLQwenImage:
 base 96, multipliers 1/2/4/4, 2 resnets per level, z 16), decoding one image of 1024² and 2048²
-in the exact patch mode (``parallel/vae/exact.py``).
+in the exact patch mode (``parallel/vae/exact.py``). The Wan2.2 video VAEs (``--vaes
+AutoencoderKLWan AutoencoderKLWan2.2 --sizes 1280x720 --frames 81``): A14B's ``AutoencoderKLWan``
+(Wan2.1's: base 96, z 16, 8x spatial) and TI2V-5B's (base 160, decoder base 256, z 48, residual,
+2x2-patchified output, 16x spatial), decoding ``--frames`` frames (4k + 1) of a WxH video.
 
 Peak memory: on GPU ``torch.cuda.max_memory_allocated`` minus the weights; on CPU a
 ``TorchDispatchMode`` that tracks the bytes of live tensor storages created during the decode
@@ -23,6 +26,9 @@ Two ways to run:
 
     python benchmarks/vae_parallel.py --sizes 1024 --workers 1 2 4
     python benchmarks/vae_parallel.py --shape-only --sizes 1024 2048 --workers 1 2 4
+    python benchmarks/vae_parallel.py --vaes AutoencoderKLWan --sizes 256x160 --frames 5 --workers 1 2 4
+    python benchmarks/vae_parallel.py --shape-only --vaes AutoencoderKLWan AutoencoderKLWan2.2 --sizes 1280x720 \
+        --frames 81 --workers 1 2 4
 
 Prints one JSON object.
 """
@@ -48,8 +54,17 @@ VAES = {
     ),
     "AutoencoderKLQwenImage": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                                    temperal_downsample=[False, True, True]),
+    # Wan2.2 A14B (T2V, I2V): the Wan2.1 VAE's config.json
+    "AutoencoderKLWan": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                             temperal_downsample=[False, True, True]),
+    # Wan2.2 TI2V-5B: its VAE's config.json
+    "AutoencoderKLWan2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                                out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4),
 }
-SCALE = 8
+CLASSES = {"AutoencoderKLWan2.2": "AutoencoderKLWan"}  # label -> diffusers class (default: the label)
+SCALES = {"AutoencoderKLWan2.2": 16}  # pixels per latent row (default 8)
+VIDEO = ("AutoencoderKLWan", "AutoencoderKLWan2.2")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -85,13 +100,30 @@ def _make_vae(name: str, device: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     with torch.device(device):
-        return getattr(diffusers, name)(**VAES[name]).eval()
+        return getattr(diffusers, CLASSES.get(name, name))(**VAES[name]).eval()
 
 
-def _latent(name: str, size: int, device: str) -> torch.Tensor:
+def _scale(name: str) -> int:
+    return SCALES.get(name, 8)
+
+
+def _latent(name: str, size: tuple[int, int], device: str, frames: int = 1) -> torch.Tensor:
+    """The latent of a (width, height) output: one image, or ``frames`` video frames (Wan)."""
     g = torch.Generator().manual_seed(1)
-    shape = (1, 16, size // SCALE, size // SCALE) if name == "AutoencoderKL" else (1, 16, 1, size // SCALE, size // SCALE)
+    width, height = size
+    h, w = height // _scale(name), width // _scale(name)
+    z = VAES[name].get("z_dim", VAES[name].get("latent_channels"))
+    latent_frames = (frames - 1) // 4 + 1 if name in VIDEO else 1
+    shape = (1, z, h, w) if name == "AutoencoderKL" else (1, z, latent_frames, h, w)
+    if device == "meta":
+        return torch.empty(shape, device="meta")
     return torch.randn(shape, generator=g).to(device)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'1024' (square) or 'WIDTHxHEIGHT'."""
+    width, _, height = text.partition("x")
+    return int(width), int(height or width)
 
 
 def _decode_measured(vae: torch.nn.Module, z: torch.Tensor) -> tuple[int, float]:
@@ -116,13 +148,13 @@ def _real_worker(payload: tuple[str, int, int, str]) -> dict[str, Any]:
 
     from ditserve.parallel.vae import VaeConfig, apply_vae_parallel, build_vae_group
 
-    name, size, m, device = payload
+    name, size, m, device, frames = payload
     if device == "cuda":
         device = f"cuda:{dist.get_rank()}"
     vae = _make_vae(name, device)
     config = VaeConfig(vae_patch_parallel_size=m)
-    apply_vae_parallel(vae, config, build_vae_group(config) if m > 1 else None, SCALE)
-    peak, seconds = _decode_measured(vae, _latent(name, size, device))
+    apply_vae_parallel(vae, config, build_vae_group(config) if m > 1 else None, _scale(name))
+    peak, seconds = _decode_measured(vae, _latent(name, size, device, frames))
     return {"peak_bytes": peak, "seconds": seconds}
 
 
@@ -138,22 +170,24 @@ class _SimulatedGroup:
         self.group.exchange = lambda send, recv: None  # type: ignore[method-assign]
 
 
-def _shape_only(name: str, size: int, m: int) -> list[int]:
+def _shape_only(name: str, size: tuple[int, int], m: int, frames: int) -> list[int]:
     from ditserve.parallel.vae import VaeConfig, apply_vae_parallel
 
     peaks = []
     for rank in range(m):
         vae = _make_vae(name, "meta")
         group = _SimulatedGroup(rank, m).group if m > 1 else None
-        apply_vae_parallel(vae, VaeConfig(vae_patch_parallel_size=m), group, SCALE)
-        peaks.append(_decode_measured(vae, _latent(name, size, "meta"))[0])
+        apply_vae_parallel(vae, VaeConfig(vae_patch_parallel_size=m), group, _scale(name))
+        peaks.append(_decode_measured(vae, _latent(name, size, "meta", frames))[0])
     return peaks
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vaes", nargs="+", default=list(VAES), choices=list(VAES))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--sizes", nargs="+", type=_size, default=[(1024, 1024), (2048, 2048)],
+                        help="outputs, '1024' (square) or 'WIDTHxHEIGHT'")
+    parser.add_argument("--frames", type=int, default=17, help="video VAEs: frames decoded (k x 4 + 1)")
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--shape-only", action="store_true", help="meta device: activation peaks only, no times")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -166,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             base: dict[str, Any] | None = None
             for m in args.workers:
-                row: dict[str, Any] = {"vae": name, "size": f"{size}x{size}", "workers": m}
+                row: dict[str, Any] = {"vae": name, "size": f"{size[0]}x{size[1]}", "workers": m}
+                if name in VIDEO:
+                    row["frames"] = args.frames
                 if args.shape_only:
-                    peaks = _shape_only(name, size, m)
+                    peaks = _shape_only(name, size, m, args.frames)
                     row["peak_mib_per_worker"] = [round(p / 2**20, 1) for p in peaks]
                 else:
                     backend = "nccl" if args.device == "cuda" else "gloo"
@@ -176,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["skipped"] = f"needs {m} GPUs"
                         results.append(row)
                         continue
-                    out = run_processes(m, _real_worker, (name, size, m, args.device), backend=backend)
+                    out = run_processes(m, _real_worker, (name, size, m, args.device, args.frames), backend=backend)
                     row["peak_mib_per_worker"] = [round(o["peak_bytes"] / 2**20, 1) for o in out]
                     row["seconds"] = round(max(o["seconds"] for o in out), 3)
                 if base is None and m == 1:

@@ -106,14 +106,7 @@ class ImageEditsRequest(ImagesRequest):
         if self.image is None:
             raise RequestError("image", "required: base64 image(s), or files `image` / `image[]` in a multipart form")
         values = self.image if isinstance(self.image, list) else [self.image]
-        out = []
-        for i, value in enumerate(values):
-            text = value.split(",", 1)[1] if value.startswith("data:") else value
-            try:
-                out.append(base64.b64decode(text, validate=True))
-            except ValueError:
-                raise RequestError(f"image[{i}]", "is not valid base64") from None
-        return out
+        return [decode_base64(value, f"image[{i}]") for i, value in enumerate(values)]
 
 
 # multipart form fields that hold JSON (objects or lists) rather than a scalar
@@ -160,6 +153,12 @@ class VideosRequest(GenerationRequest):
     fps: int | None = Field(None, ge=1, le=120, description="Frames per second of the MP4, and of seconds -> frames; "
                             "default: the model's.")
     user: str | None = Field(None, max_length=256, description="End-user id, logged with the request.")
+    input_reference: str | None = Field(
+        None, description="Image-to-video (Wan2.2 I2V-A14B: required; TI2V-5B: optional): the image the video "
+        "starts from, base64 (or a data: URL) of PNG, JPEG or WebP, resized to the video's size; a multipart "
+        "request sends it as the file `input_reference` (OpenAI's videos API). Checked as every input image "
+        "(deployments/images_in.py).",
+    )
 
     def seconds_value(self) -> float:
         try:
@@ -174,8 +173,52 @@ class VideosRequest(GenerationRequest):
         if self.n != 1:
             raise RequestError("n", "a video job makes one video; send one job per video")
         # ``seconds`` here is the video's length (turned into num_frames), not an audio clip's end
-        fields = self.model_dump(include=set(GenerationRequest.model_fields) - {"seconds"}, exclude_none=True)
-        return GenerationRequest.model_validate({**fields, "num_frames": num_frames})
+        fields = self.model_dump(include=set(GenerationRequest.model_fields) - {"seconds", "images"}, exclude_none=True)
+        images = self.images or self.reference_images()
+        return GenerationRequest.model_validate({**fields, "num_frames": num_frames, **({"images": images} if images else {})})
+
+    def reference_images(self) -> list[bytes]:
+        """``input_reference`` (base64) as encoded image bytes; none when it is unset."""
+        if self.input_reference is None:
+            return []
+        return [decode_base64(self.input_reference, "input_reference")]
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Base64 (or a data: URL) -> bytes (422 naming ``field`` when it is not valid base64)."""
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise RequestError(field, "is not valid base64") from None
+
+
+async def videos_from_form(request: Request) -> VideosRequest:
+    """A multipart ``POST /v1/videos`` (OpenAI's form: ``input_reference`` a file, the other fields as form
+    fields, ``lora`` and ``cache`` as JSON text) as ``VideosRequest`` (errors name the field)."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # noqa: BLE001 - a malformed body is the client's
+        raise RequestError("body", f"unreadable multipart form: {exc}", status=400) from None
+    data: dict[str, Any] = {}
+    images: list[bytes] = []
+    for key, value in form.multi_items():
+        if key == "input_reference" and not isinstance(value, str):
+            if images:
+                raise RequestError(key, "one input_reference per video job")
+            images.append(await value.read())
+        elif not isinstance(value, str):
+            raise RequestError(key, "unexpected file; only input_reference takes a file")
+        elif key in _JSON_FORM_FIELDS:
+            data[key] = parse_json(value, key)
+        else:
+            data[key] = value
+    if images and "input_reference" in data:
+        raise RequestError("input_reference", "give it once: a file or base64, not both")
+    try:
+        return VideosRequest.model_validate({**data, **({"images": images} if images else {})})
+    except ValidationError as exc:
+        raise field_error(exc.errors()[0]) from None
 
 
 class _Response(BaseModel):
@@ -611,8 +654,22 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
 
     video_errors = _error_docs(400, 404, 409, 413, 422, 429, 500, 503)
 
-    @app.post(VIDEOS_PATH, response_model=VideoJob, responses=video_errors, summary="Create a video job.")
-    async def create_video(req: VideosRequest) -> Response:
+    @app.post(VIDEOS_PATH, response_model=VideoJob, responses=video_errors,
+              summary="Create a video job (JSON, or a multipart form with the file input_reference as OpenAI's).",
+              openapi_extra={"requestBody": {"content": {
+                  "multipart/form-data": {"schema": {"type": "object", "required": ["prompt"]}},
+                  "application/json": {"schema": VideosRequest.model_json_schema()}}}})
+    async def create_video(request: Request) -> Response:
+        try:
+            if "multipart/form-data" in request.headers.get("content-type", ""):
+                req = await videos_from_form(request)
+            else:
+                req = VideosRequest.model_validate(await _json_body(request))
+        except RequestError as exc:
+            return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+        except ValidationError as exc:
+            err = field_error(exc.errors()[0])
+            return error_response(err.status, str(err), err.field)
         return await _video_answer(backend, lambda: backend.create_video(req))
 
     @app.get(VIDEOS_PATH, response_model=VideoList, responses=video_errors, summary="List video jobs, newest first.")

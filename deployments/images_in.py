@@ -144,12 +144,13 @@ def image_key(array: np.ndarray) -> str:
 
 
 def read_images(values: Sequence[Any] | None, spec: ModelSpec, config: ImageInputConfig | None = None,
-                field: str = "image") -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+                field: str = "image", indexed: bool = True) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
     """Check and decode a request's input images for model ``spec``.
 
     Args:
         values: PIL images, uint8 numpy arrays (H, W[, C]) or encoded bytes (PNG, JPEG, WebP).
         field: how the errors name the images (``image[0]``, ``image[1]``, ...).
+        indexed: ``False``: one image at most, named ``field`` itself (``input_reference`` of a video job).
 
     Returns:
         the images as uint8 (H, W, 3|4) arrays, and their content keys.
@@ -162,7 +163,9 @@ def read_images(values: Sequence[Any] | None, spec: ModelSpec, config: ImageInpu
             raise RequestError(field, f"model {spec.id} takes no input images")
         return (), ()
     if not values:
-        raise RequestError(field, f"model {spec.id} edits input images: send 1 to {limit}")
+        if spec.min_input_images == 0:  # optional (Wan2.2 TI2V-5B: text, or text and an image)
+            return (), ()
+        raise RequestError(field, f"model {spec.id} ({spec.task}) needs an input image: send 1 to {limit}")
     if len(values) > limit:
         raise RequestError(field, f"{len(values)} images exceed the limit of {limit} for model {spec.id}")
     total = sum(len(v) for v in values if isinstance(v, bytes | bytearray | memoryview))
@@ -171,7 +174,7 @@ def read_images(values: Sequence[Any] | None, spec: ModelSpec, config: ImageInpu
                            status=413)
     arrays = []
     for i, value in enumerate(values):
-        name = f"{field}[{i}]"
+        name = f"{field}[{i}]" if indexed else field
         if isinstance(value, bytes | bytearray | memoryview):
             arrays.append(_decode(name, bytes(value), config))
         elif isinstance(value, Image.Image):

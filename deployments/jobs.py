@@ -67,6 +67,18 @@ def video_request(body: VideosRequest, served: ServedModel, opts: VideoJobsOptio
     return body.generation_request(frames), fps
 
 
+def new_job(body: VideosRequest, served: ServedModel, opts: VideoJobsOptions) -> tuple[Job, Any]:
+    """A ``POST /v1/videos`` body checked against the served model (raises ``RequestError`` naming the
+    field; its image is ``input_reference``): the new job's record and the resolved request."""
+    req, fps = video_request(body, served, opts)
+    resolved = served.validate(req, image_field="input_reference")
+    p = resolved.params
+    job = Job(id=f"video_{uuid.uuid4().hex}", model=resolved.model, size=f"{p.width}x{p.height}",
+              num_frames=p.num_frames, fps=fps, num_inference_steps=p.num_inference_steps, seed=resolved.seed,
+              created_at=int(time.time()))
+    return job, resolved
+
+
 @dataclasses.dataclass
 class Job:
     """One video job (the store's record)."""
@@ -193,12 +205,7 @@ class Jobs:
     # ---- the job API ----------------------------------------------------------------------------
 
     async def create(self, body: VideosRequest) -> dict[str, Any]:
-        req, fps = video_request(body, self.served, self.opts)
-        resolved = self.served.validate(req)
-        p = resolved.params
-        job = Job(id=f"video_{uuid.uuid4().hex}", model=resolved.model, size=f"{p.width}x{p.height}",
-                  num_frames=p.num_frames, fps=fps, num_inference_steps=p.num_inference_steps, seed=resolved.seed,
-                  created_at=int(time.time()))
+        job, resolved = new_job(body, self.served, self.opts)
         self.store.add(job)
         job.task = asyncio.get_running_loop().create_task(self._run(job, resolved))
         logger.info("video job %s created: model=%s size=%s frames=%d steps=%d seed=%d", job.id, job.model, job.size,

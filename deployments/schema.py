@@ -398,6 +398,7 @@ def validate_request(
     vae: VaeConfig | None = None,
     lora: LoraConfig | None = None,
     images: Any = None,
+    image_field: str | None = None,
 ) -> ResolvedRequest:
     """Everything the edge checks: the model is served, the fields fit it, options are available.
 
@@ -408,6 +409,8 @@ def validate_request(
         lora: the deployment's LoRA options (``lora_dir`` is listed for the adapter names).
         images: the deployment's input image limits (``images_in.ImageInputConfig``; default limits when
             ``None``).
+        image_field: the name the client gave the input image, for the errors (a video job's
+            ``input_reference``: one image, named as is); default ``image[i]``.
     """
     # lora_dir is listed only for a request that may name an adapter (a lora field, or a model that
     # is not the served one), not for every request
@@ -416,7 +419,8 @@ def validate_request(
     spec = select_model(req, served, default, adapters)
     from .images_in import read_images  # images_in names fields with this module's RequestError
 
-    arrays, keys = read_images(req.images, spec, images)
+    where = {"field": image_field, "indexed": False} if image_field else {}
+    arrays, keys = read_images(req.images, spec, images, **where)
     resolved = dataclasses.replace(resolve_request(req, spec, arrays), image_keys=keys)
     resolved = dataclasses.replace(resolved, lora=resolve_lora(req, resolved, lora, adapters))
     if vae is not None and spec.modality != Modality.AUDIO:  # audio has no image size to split

@@ -52,10 +52,12 @@ class ServedModel:
         """The served models by id (one today; ``/v1/models`` lists them)."""
         return {self.spec.id: self.spec}
 
-    def validate(self, req: GenerationRequest) -> ResolvedRequest:
-        """Check ``req`` against this model and fill its defaults (raises ``RequestError``)."""
+    def validate(self, req: GenerationRequest, image_field: str | None = None) -> ResolvedRequest:
+        """Check ``req`` against this model and fill its defaults (raises ``RequestError``);
+        ``image_field``: what the errors call its input image (``validate_request``)."""
         return validate_request(req, self.specs, self.spec.id, cache_default=self.cache_default,
-                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora, images=self.images)
+                                num_blocks=self.num_blocks, vae=self.vae, lora=self.lora, images=self.images,
+                                image_field=image_field)
 
 
 def describe_served_model(config: EngineConfig) -> ServedModel:

@@ -556,13 +556,15 @@ class Decoder(_Stage):
         if self.group is not None and self.group.size > 1 and self.group.rank != 0:
             return None
         start = time.perf_counter()
-        keys = req.image_keys or (None,) * len(req.images)
+        # an image's latents may depend on the request too (Wan2.2: its output size and frames)
+        extra = self.adapter.image_encode_key(req.params)
+        keys = [f"{k}|{extra}" if extra else k for k in req.image_keys] if req.image_keys else (None,) * len(req.images)
         latents, sizes, counts = [], [], {"latent_hits": 0, "latent_misses": 0}
         for image, key in zip(req.images, keys):
             item = self.latent_cache.get(key) if key is not None else None
             if item is None:
                 with torch.inference_mode(), self.scope():
-                    one = self.adapter.encode_images([image]).to("cpu")
+                    one = self.adapter.encode_request_images([image], req.params).to("cpu")
                 item = (one.latents[0], one.sizes[0])
                 counts["latent_misses"] += 1
                 if key is not None:

@@ -484,6 +484,17 @@ class FamilyAdapter:
         """Image-conditioned families: the input images (uint8 (H, W, C) arrays) -> their VAE latents."""
         raise NotImplementedError(f"{self.family} takes no input images")
 
+    def encode_request_images(self, images: Sequence[Any], params: SamplingParams) -> ImageConditioning:
+        """The VAE stage's call: a request's input images -> their latents, for families whose image
+        latents depend on the request (Wan2.2 encodes at the output size and frame count); default:
+        ``encode_images``, which does not."""
+        return self.encode_images(images)
+
+    def image_encode_key(self, params: SamplingParams) -> str:
+        """What besides an image's pixels its latents depend on (part of the conditioning cache's
+        key); default: nothing."""
+        return ""
+
     def text_shape_key(self, text: str) -> Hashable:
         """Texts with equal keys encode to equal shapes and can share one encoder batch, with the
         same numbers as alone. Default: the family pads to a fixed length, so all texts batch."""

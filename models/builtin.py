@@ -23,6 +23,7 @@ TINY_CONDITION_PIXELS = 64 * 64
 _TINY_FAMILY_DEFAULTS = {
     "wan": dict(num_frames=5, default_width=64, default_height=64),
     "wan-ti2v": dict(num_frames=5, default_width=64, default_height=64, min_size=32),
+    "wan-i2v": dict(num_frames=5, default_width=64, default_height=64),
     "glm-image": dict(min_size=32),  # sizes are multiples of 32 (the prior's token grid)
     # the tiny audio geometry (models/tiny/stable_audio.py): 128 Hz stereo, at most 1 s; sizes do not apply
     "stable-audio": dict(audio_seconds=1.0, max_audio_seconds=1.0, audio_sample_rate=128, default_width=1,
@@ -64,6 +65,8 @@ BUILTIN_MODELS: list[ModelSpec] = [
           "wan"),
     _tiny("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "ditserve/tiny-wan-ti2v", "Tiny Wan2.2 TI2V (random weights)",
           "wan-ti2v"),
+    _tiny("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "ditserve/tiny-wan-i2v", "Tiny Wan2.2 I2V, two experts (random weights)",
+          "wan-i2v"),
     _tiny("stabilityai/stable-audio-open-1.0", "ditserve/tiny-stable-audio", "Tiny Stable-Audio-Open (random weights)",
           "stable-audio"),
     _tiny("Qwen/Qwen-Image-Edit", "ditserve/tiny-qwen-image-edit", "Tiny Qwen-Image-Edit (random weights)",

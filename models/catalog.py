@@ -434,19 +434,23 @@ MODELS: list[ModelSpec] = [
     ModelSpec(
         id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         name="Wan2.2-I2V",
-        family="wan2.2-i2v",  # WanImageToVideoPipeline: its own adapter (an input image), not yet
+        family="wan2.2-i2v",  # WanImageToVideoPipeline: its own adapter (an input image, required)
         modality=Modality.VIDEO,
         task="image-to-video",
         components=_with_pipeline(_WAN, "WanImageToVideoPipeline"),
         guidance=Guidance.CFG,
         num_inference_steps=40,
         guidance_scale=3.5,
+        guidance_scale_2=3.5,
         boundary_ratio=0.9,
+        max_input_images=1,
         **_video_sizes(16, 1280, 720),
         num_frames=81,
         fps=16,
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
-        notes=_WAN_A14B_NOTE.format(ratio=0.9) + " No CLIP image encoder (Wan2.2 conditions on VAE latents).",
+        notes=_WAN_A14B_NOTE.format(ratio=0.9) + " No CLIP image encoder (Wan2.2 conditions on VAE latents): "
+        "the input image (input_reference; required) is resized to the output size and VAE-encoded as the first "
+        "frame of a video of zeros; a first-frame mask and those latents are concatenated to the noise on channels.",
     ),
     ModelSpec(
         id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
@@ -461,6 +465,8 @@ MODELS: list[ModelSpec] = [
         **_video_sizes(32, 1280, 704),
         num_frames=121,
         fps=24,
+        max_input_images=1,
+        min_input_images=0,  # text-to-video, or text+image (the image becomes the first latent frame)
         seed_features=_row("❌ ✅ ✅ ✅ ✅ ✅ ✅ ❌", _VIDEO_COLUMNS),
         notes=(
             "One 5B transformer; its VAE compresses 16x spatially, so sizes are multiples of 32. The checkpoint "

@@ -30,6 +30,7 @@ _ADAPTERS = {
     "longcat-image": "ditserve.models.longcat_image:LongCatImageAdapter",
     "glm-image": "ditserve.models.glm_image:GlmImageAdapter",
     "wan2.2": "ditserve.models.wan:WanAdapter",
+    "wan2.2-i2v": "ditserve.models.wan:WanI2VAdapter",
     "stable-audio": "ditserve.models.stable_audio:StableAudioAdapter",
     "qwen-image-edit": "ditserve.models.qwen_image_edit:QwenImageEditAdapter",
     "qwen-image-edit-plus": "ditserve.models.qwen_image_edit:QwenImageEditPlusAdapter",

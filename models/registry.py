@@ -124,6 +124,10 @@ class ModelSpec(BaseModel):
     max_input_images: int = Field(
         0, ge=0, description="Input images a request may send (editing); 0: the model takes none.",
     )
+    min_input_images: int = Field(
+        1, ge=0, description="Input images a request must send when the model takes any (max_input_images > 0); "
+        "0: optional (Wan2.2 TI2V-5B: text, or text and an image).",
+    )
     condition_pixels: int | None = Field(
         None, gt=0, description="Editing: the pixel area an input image is resized to (keeping its aspect "
         "ratio, sides multiples of 32) before the VAE encodes it; the output size follows it by default "

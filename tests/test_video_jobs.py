@@ -177,8 +177,11 @@ def test_cancelled_sync_call_stops_the_ranks_and_frees_the_replica(served):
     ("/v1/videos", dict(JOB, model="not-served"), "model"),
     ("/v1/images/generations", {"prompt": "a cat"}, "model"),  # a video model: use /v1/videos
     ("/v1/videos/video_x/content?variant=gif", None, "variant"),
+    ("/v1/videos", dict(JOB, input_reference="data:image/png;base64,{png}"), "input_reference"),  # T2V: no image
 ])
 def test_bad_input_is_a_4xx_naming_the_field(served, path, body, param):
+    if body and "input_reference" in body:
+        body = dict(body, input_reference=body["input_reference"].format(png=_png_b64()))
     status, answer = _json(served["url"] + path, "POST" if body is not None else "GET", body)
     assert 400 <= status < 500 and answer["error"]["param"] == param, answer
     if path == "/v1/images/generations":
@@ -218,3 +221,100 @@ def test_job_store_keeps_results_within_ttl_bytes_and_job_count():
     with pytest.raises(RequestError, match="max_jobs") as err:
         store.add(job(7, done=False))
     assert err.value.status == 429
+
+
+# ---- input_reference (image-to-video): parsed and checked without a cluster -------------------------
+
+def _png_b64(side: int = 32) -> str:
+    import base64
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 200, np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class _JobsBackend:
+    """Creates jobs as the Jobs deployment checks them (``jobs.new_job``), without running them."""
+
+    def __init__(self, served) -> None:
+        from ditserve.deployments.config import VideoJobsOptions
+
+        self.served, self.opts, self.resolved = served, VideoJobsOptions(max_seconds=2.0), []
+
+    async def create_video(self, req):
+        from ditserve.deployments.http import VideoJob
+        from ditserve.deployments.jobs import new_job
+
+        job, resolved = new_job(req, self.served, self.opts)
+        self.resolved.append(resolved)
+        return VideoJob.model_validate(job.view(self.opts.result_ttl_s))
+
+    def failed(self, status: int) -> None:
+        pass
+
+
+def _post(app, body: bytes, content_type: str) -> tuple[int, dict]:
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/videos", "raw_path": b"/v1/videos", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1)}
+    messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def _multipart(fields: dict, files: dict) -> tuple[bytes, str]:
+    boundary = "ditserveboundary"
+    parts = [f'--{boundary}\r\ncontent-disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts += [f'--{boundary}\r\ncontent-disposition: form-data; name="{k}"; filename="f"\r\n'
+              f"content-type: application/octet-stream\r\n\r\n".encode() + v + b"\r\n" for k, v in files.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_input_reference_multipart_and_base64_checked_by_images_in(tmp_path_factory):
+    """``POST /v1/videos`` takes ``input_reference`` as OpenAI's multipart file or as base64 in JSON, for
+    the image-to-video models; it passes images_in's checks, errors naming ``input_reference``; an I2V
+    request without it is a 4xx naming it. (Ray-free: the served app of this module deploys the T2V
+    tiny model only, where an image is refused over HTTP above.)"""
+    import base64
+
+    from ditserve.deployments import EngineConfig
+    from ditserve.deployments.http import build_http_app
+    from ditserve.deployments.served import describe_served_model
+
+    path = make_tiny("wan-i2v", tmp_path_factory.mktemp("video-jobs-i2v") / "wan-i2v")
+    backend = _JobsBackend(describe_served_model(EngineConfig(model=str(path), device="cpu")))
+    app = build_http_app(backend, max_request_bytes=1 << 20)
+    png = _png_b64()
+    body, content_type = _multipart({"prompt": "a cat", "size": "64x48", "seconds": "0.25"},
+                                    {"input_reference": base64.b64decode(png)})
+    status, job = _post(app, body, content_type)
+    assert status == 200 and job["object"] == "video" and job["size"] == "64x48", job
+    status, job = _post(app, json.dumps({"prompt": "a cat", "size": "64x48", "num_frames": 5,
+                                         "input_reference": "data:image/png;base64," + png}).encode(), "application/json")
+    assert status == 200 and job["num_frames"] == 5, job
+    first, second = backend.resolved
+    assert first.images[0].shape == second.images[0].shape == (32, 32, 3) and first.image_keys == second.image_keys
+    bad = [
+        ({"prompt": "a cat"}, "needs an input image"),  # I2V without an image
+        ({"prompt": "a cat", "input_reference": "not base64!"}, "not valid base64"),
+        ({"prompt": "a cat", "input_reference": base64.b64encode(b"GIF89a....").decode()}, "GIF is not accepted"),
+        ({"prompt": "a cat", "input_reference": _png_b64(8)}, "smaller than 16 pixels"),
+    ]
+    for fields, message in bad:
+        status, answer = _post(app, json.dumps(fields).encode(), "application/json")
+        assert 400 <= status < 500 and answer["error"]["param"] == "input_reference", answer
+        assert message in answer["error"]["message"], answer
+    body, content_type = _multipart({"prompt": "a cat"}, {"input_reference": b"plain text, not an image"})
+    status, answer = _post(app, body, content_type)
+    assert status == 415 and answer["error"]["param"] == "input_reference", answer

@@ -20,12 +20,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("qwen-image", "flux", "sd3", "z-image", "flux2-klein", "ovis-image", "longcat-image", "glm-image", "wan",
-            "wan-ti2v", "stable-audio", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered",
+            "wan-ti2v", "wan-i2v", "stable-audio", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-layered",
             "longcat-image-edit")
 BUILTIN_FAMILY = {"ditserve/tiny-qwen-image": "qwen-image", "ditserve/tiny-flux": "flux", "ditserve/tiny-sd3": "sd3",
                   "ditserve/tiny-z-image": "z-image", "ditserve/tiny-flux2-klein": "flux2-klein",
                   "ditserve/tiny-ovis-image": "ovis-image", "ditserve/tiny-longcat-image": "longcat-image",
                   "ditserve/tiny-glm-image": "glm-image", "ditserve/tiny-wan": "wan", "ditserve/tiny-wan-ti2v": "wan-ti2v",
+                  "ditserve/tiny-wan-i2v": "wan-i2v",
                   "ditserve/tiny-stable-audio": "stable-audio", "ditserve/tiny-qwen-image-edit": "qwen-image-edit",
                   "ditserve/tiny-qwen-image-edit-2509": "qwen-image-edit-plus",
                   "ditserve/tiny-qwen-image-layered": "qwen-image-layered",
@@ -174,10 +175,10 @@ def _glm_image_pipeline():
     return glm_image_pipeline()
 
 
-def _wan_pipeline(ti2v: bool = False):
+def _wan_pipeline(ti2v: bool = False, i2v: bool = False):
     from .wan import wan_pipeline
 
-    return wan_pipeline(ti2v=ti2v)
+    return wan_pipeline(ti2v=ti2v, i2v=i2v)
 
 
 def _stable_audio_pipeline():
@@ -214,6 +215,7 @@ _BUILDERS = {"qwen-image": _qwen_image_pipeline, "flux": _flux_pipeline, "sd3": 
              "z-image": _z_image_pipeline, "flux2-klein": _flux2_klein_pipeline,
              "ovis-image": _ovis_image_pipeline, "longcat-image": _longcat_image_pipeline,
              "glm-image": _glm_image_pipeline, "wan": _wan_pipeline, "wan-ti2v": lambda: _wan_pipeline(ti2v=True),
+             "wan-i2v": lambda: _wan_pipeline(i2v=True),
              "stable-audio": _stable_audio_pipeline, "qwen-image-edit": _qwen_image_edit_pipeline,
              "qwen-image-edit-plus": _qwen_image_edit_plus_pipeline, "qwen-image-layered": _qwen_image_layered_pipeline,
              "longcat-image-edit": _longcat_image_edit_pipeline}

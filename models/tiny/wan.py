@@ -1,8 +1,10 @@
 """Tiny Wan2.2 checkpoints: the real classes (``WanTransformer3DModel``, ``UMT5EncoderModel``,
 ``AutoencoderKLWan``, ``UniPCMultistepScheduler`` with flow shift) at toy sizes, a locally built T5
-tokenizer. Two layouts, as published: the A14B one (two experts switched at ``boundary_ratio``,
-the Wan2.1 VAE: 8x spatial) and the TI2V-5B one (one expert, ``expand_timesteps``, the Wan2.2 VAE:
-16x spatial with a 2x2 patchified input)."""
+tokenizer. Three layouts, as published: the A14B one (two experts switched at ``boundary_ratio``,
+the Wan2.1 VAE: 8x spatial), its image-to-video twin I2V-A14B (a ``WanImageToVideoPipeline`` without
+CLIP image encoder: the experts read the noise, a 4-channel first-frame mask and the input image's
+VAE latents concatenated on channels) and the TI2V-5B one (one expert, ``expand_timesteps``, the
+Wan2.2 VAE: 16x spatial with a 2x2 patchified input)."""
 
 from __future__ import annotations
 
@@ -22,25 +24,27 @@ WAN_SCHEDULER = dict(
 )
 
 
-def _transformer(in_channels: int, n_layers: int, n_heads: int, text_dim: int):
+def _transformer(in_channels: int, n_layers: int, n_heads: int, text_dim: int, out_channels: int | None = None):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=n_heads, attention_head_dim=8, in_channels=in_channels,
-        out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=n_layers,
+        out_channels=out_channels or in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=n_layers,
         rope_max_seq_len=64,
     )
 
 
-def wan_pipeline(*, ti2v: bool = False, n_layers: int = 2, n_heads: int = 4):
+def wan_pipeline(*, ti2v: bool = False, i2v: bool = False, n_layers: int = 2, n_heads: int = 4):
     """A tiny ``WanPipeline``: two experts (``boundary_ratio`` 0.875, as T2V-A14B) or, with ``ti2v``,
-    one expert with ``expand_timesteps`` and the Wan2.2 VAE (as TI2V-5B).
+    one expert with ``expand_timesteps`` and the Wan2.2 VAE (as TI2V-5B); with ``i2v`` a
+    ``WanImageToVideoPipeline`` with two experts (``boundary_ratio`` 0.9, as I2V-A14B) whose input
+    channels are noise + mask (the VAE's temporal factor, 4) + image latents, and no image encoder.
 
     Args:
         n_layers: blocks per expert.
         n_heads: attention heads (head dim 8; divisible by 2 for the parallel tests).
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .tokenizer_builders import build_t5_tokenizer, t5_special_token_ids
@@ -64,6 +68,13 @@ def wan_pipeline(*, ti2v: bool = False, n_layers: int = 2, n_heads: int = 4):
         vae = AutoencoderKLWan(
             base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
             latents_mean=[-0.2, 0.1, 0.3, -0.1], latents_std=[1.5, 2.0, 0.8, 1.2],
+        )
+    if i2v:  # noise, the first-frame mask (4 channels) and the image latents, concatenated
+        experts = [_transformer(2 * z_dim + 4, n_layers, n_heads, text_dim, out_channels=z_dim) for _ in range(2)]
+        scheduler = UniPCMultistepScheduler(**{**WAN_SCHEDULER, "flow_shift": 5.0})
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=None,
+            image_encoder=None, transformer=experts[0], transformer_2=experts[1], boundary_ratio=0.9,
         )
     transformer = _transformer(z_dim, n_layers, n_heads, text_dim)
     transformer_2 = None if ti2v else _transformer(z_dim, n_layers, n_heads, text_dim)
