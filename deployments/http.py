@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .audio import AUDIO_MEDIA_TYPES, encode_audio
-from .executor import RequestTimeoutError
+from .executor import RequestTimeoutError, WorkerError
+from .overload import RETRY_AFTER_S, StageBusy, StageUnavailable
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
 from .security import ApiKeyAuth, JsonGuard, RequestIdGuard, parse_json, replay_body, request_id
@@ -348,9 +349,10 @@ _ERRORS = {
     409: "The video job is not completed: no content yet.",
     413: "Body larger than max_request_bytes.",
     422: "A field is invalid (param names it).",
-    429: "A stage's queue is full; retry after Retry-After seconds.",
+    429: "A stage's queue is full (the message names it); retry after Retry-After seconds.",
     500: "Generation failed.",
-    503: "A model stage is unavailable; retry after Retry-After seconds.",
+    503: "A model stage is unavailable or lost a worker mid-request; retry after Retry-After seconds.",
+    504: "The request ran past its timeout_s (or the deployment's request_timeout_s); its work was stopped.",
 }
 
 
@@ -365,7 +367,7 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An error in OpenAI's shape."""
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    headers = {**(headers or {}), **({"Retry-After": "1"} if status in (429, 503) else {})}
+    headers = {**(headers or {}), **({"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {})}
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers or None)
 
@@ -576,7 +578,7 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
             message = str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)
 
-    @app.post(IMAGES_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503),
+    @app.post(IMAGES_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503, 504),
               summary="Generate images from a prompt.")
     async def images(req: ImagesRequest) -> JSONResponse:
         return await _answer(backend, req)
@@ -584,11 +586,11 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
     @app.post(AUDIO_PATH, response_model=AudioResponse, responses={
         200: {"content": {t: {} for t in AUDIO_MEDIA_TYPES.values()},
               "description": "The clip (wav, flac) or JSON with base64 WAV clips (b64_json)."},
-        **_error_docs(400, 404, 413, 422, 429, 500, 503)}, summary="Generate audio from a prompt.")
+        **_error_docs(400, 404, 413, 422, 429, 500, 503, 504)}, summary="Generate audio from a prompt.")
     async def audio(req: AudioRequest) -> Response:
         return await _answer(backend, req, _audio_response)
 
-    @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503),
+    @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503, 504),
               summary="Edit input image(s) by a prompt (multipart form as OpenAI's, or JSON with base64 images).",
               openapi_extra={"requestBody": {"content": {
                   "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"]}},
@@ -681,16 +683,28 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
         status = exc.status
         # from the fields: a stage's refusal arrives wrapped by Ray, whose str() is a traceback
         return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+    except StageBusy as exc:
+        status = 429
+        logger.warning("request %s refused: %s", request_id(), exc)
+        return error_response(429, f"{exc.stage}: queue full, retry after {RETRY_AFTER_S} s (request id "
+                              f"{request_id()})", kind="rate_limit_error", headers={"x-request-id": request_id()})
     except BackPressureError as exc:
         status = 429
         logger.warning("request %s refused: %s", request_id(), exc)
         return error_response(429, f"server busy, retry later (request id {request_id()})", kind="rate_limit_error",
                               headers={"x-request-id": request_id()})
-    except (DeploymentUnavailableError, RayActorError) as exc:
+    except StageUnavailable as exc:
+        # a worker died mid-request: the stage rebuilds its group; the detail (rank, pid) is logged
+        status = 503
+        return internal_error(503, f"{exc.stage} lost a worker and is rebuilding, retry later", exc)
+    except (DeploymentUnavailableError, RayActorError, WorkerError) as exc:
         status = 503
         return internal_error(503, "model stage unavailable, retry later", exc)
-    except RequestTimeoutError:
+    except RequestTimeoutError as exc:
         status = 504
+        if str(exc).startswith("timeout_s"):
+            return error_response(504, "timeout_s: the request ran past its timeout_s and its work was stopped",
+                                  "timeout_s", kind="timeout_error")
         return error_response(504, "the request ran past request_timeout_s and was stopped", kind="timeout_error")
     except Exception as exc:  # the replica stays up; the detail goes to the log only
         status = 500

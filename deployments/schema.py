@@ -112,6 +112,9 @@ class GenerationRequest(BaseModel):
         "encoded PNG/JPEG/WebP bytes, checked by deployments/images_in.py (formats, pixel and byte caps).",
     )
     layers: int | None = Field(None, ge=1, le=10, description="Layered models: RGBA layers to decompose into.")
+    timeout_s: float | None = Field(None, gt=0, description="This request's deadline in seconds, queues included "
+                                    "(at most the deployment's max_timeout_s): past it the work is cancelled on "
+                                    "every rank and the answer is 504.")
 
     @field_validator("prompt")
     @classmethod
