@@ -536,6 +536,9 @@ class HttpBackend(Protocol):
     def failed(self, status: int) -> None:
         """Count a refused or failed generation request (metrics)."""
 
+    def redact(self, text: str) -> str:
+        """``text`` without host paths (a model served from a folder is named by the folder's name)."""
+
 
 def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app of one Router replica; the routes call ``backend``. ``api_keys``: the
@@ -603,7 +606,7 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
                 req = ImageEditsRequest.model_validate(await _json_body(request))
         except RequestError as exc:
             backend.failed(exc.status)
-            return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+            return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field)
         except ValidationError as exc:
             err = field_error(exc.errors()[0])
             backend.failed(err.status)
@@ -682,7 +685,7 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
     except RequestError as exc:
         status = exc.status
         # from the fields: a stage's refusal arrives wrapped by Ray, whose str() is a traceback
-        return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+        return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field)
     except StageBusy as exc:
         status = 429
         logger.warning("request %s refused: %s", request_id(), exc)
@@ -715,6 +718,11 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
 
 
 
+def _redact(backend: HttpBackend, text: str) -> str:
+    redact = getattr(backend, "redact", None)  # test backends may not have one
+    return redact(text) if redact is not None else text
+
+
 def internal_error(status: int, what: str, exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
     """A 5xx that tells the client what failed and the request id, never the exception's text
     (Ray's carries pids, addresses, actor ids and tracebacks): that goes to the log, with the id."""
@@ -735,7 +743,7 @@ async def _video_answer(backend: HttpBackend, call: Callable[[], Any]) -> Respon
             return Response(data, media_type=media_type, headers=headers)
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
     except RequestError as exc:
-        return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field, headers=headers)
+        return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field, headers=headers)
     except BackPressureError:
         return error_response(429, "server busy, retry later", kind="rate_limit_error", headers=headers)
     except (DeploymentUnavailableError, RayActorError) as exc:

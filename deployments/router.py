@@ -66,7 +66,7 @@ from .executor import RequestTimeoutError
 from .metrics import RouterMetrics
 from .overload import RETRY_AFTER_S, Admission, check_cost, check_timeout, stage_bounds
 from .schema import GenerationRequest, RequestError, ResolvedRequest
-from .security import api_key_digests
+from .security import api_key_digests, host_paths, redact_paths
 from .served import ServedModel
 from .stages import Decoded, conditioning_report, merge_reports
 
@@ -140,6 +140,7 @@ class Router:
         # per-stage queue bounds, enforced here (overload.py says why Serve's alone does not hold)
         self.admission = Admission(stage_bounds(cfg, served.prior))
         self.outcomes: dict[str, int] = {}  # requests by outcome, as ditserve_requests_total (info())
+        self._hidden = host_paths(self.served.id, self.served.lora.lora_dir)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         keys = api_key_digests(self.cfg.api_key, self.cfg.api_key_file)  # the file is read here, at start
@@ -327,6 +328,11 @@ class Router:
         in flight (operators, tests: ``handle.broadcast("info")``)."""
         return {"replica_id": self.replica_id, "model": self.served.id, "requests": dict(self.outcomes),
                 "in_flight": self.admission.in_flight}
+
+    def redact(self, text: str) -> str:
+        """``text`` without host paths: a model served from a folder (its id is the path) is named by
+        the folder's name, ``lora_dir`` by the option's name (error bodies; the log keeps the paths)."""
+        return redact_paths(text, self._hidden)
 
     def _count(self, status: str) -> None:
         self.outcomes[status] = self.outcomes.get(status, 0) + 1

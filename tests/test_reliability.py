@@ -98,6 +98,16 @@ def test_cost_counts_n_pixels_frames_steps_and_cfg_branches(tiny_qwen):
     assert err.value.field == "num_inference_steps"
 
 
+def test_error_bodies_name_a_served_folder_by_its_name_not_its_path():
+    from ditserve.deployments.security import host_paths, redact_paths
+
+    pairs = host_paths("/srv/models/qwen-tiny", "/srv/loras")
+    message = "size: width 65 is not a multiple of 16 for model /srv/models/qwen-tiny; /srv/loras/x.safetensors"
+    assert redact_paths(message, pairs) == "size: width 65 is not a multiple of 16 for model qwen-tiny; " \
+                                           "lora_dir/x.safetensors"
+    assert host_paths("Qwen/Qwen-Image", None) == []  # a registry id is not a path
+
+
 # ---- served --------------------------------------------------------------------------------------
 
 
@@ -117,7 +127,8 @@ def served(ray_cluster, tiny_qwen):
         "max_request_cost": BUDGET,
     })
     handle = serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield {"handle": handle, "url": ray_cluster["url"], "dit": serve.get_deployment_handle("DiT", APP)}
+    yield {"handle": handle, "url": ray_cluster["url"], "dit": serve.get_deployment_handle("DiT", APP),
+           "model": str(tiny_qwen)}
     serve.delete(APP)
 
 
@@ -170,6 +181,10 @@ def test_served_overload_deadline_caps_disconnect_and_dead_worker(served):
     status, answer, _ = _post(url, {**LONG, "size": "1024x1024"})
     assert status == 422 and answer["error"]["param"] == "size", answer
     assert f"max_request_cost={BUDGET}" in answer["error"]["message"]
+
+    status, answer, _ = _post(url, {**QUICK, "size": "72x64"})  # off the grid: names the model, not its path
+    assert status == 422 and answer["error"]["param"] == "size" and served["model"] not in answer["error"]["message"]
+    assert served["model"].rstrip("/").rsplit("/", 1)[-1] in answer["error"]["message"], answer
 
     # 4. a client that goes away: the ranks stop within two steps, the next request starts at once
     router = served["handle"]
@@ -236,3 +251,36 @@ def _logged(text: str) -> bool:
                     continue
         time.sleep(0.5)
     return False
+
+
+# ---- path confinement (no cluster) ----------------------------------------------------------------
+
+
+def test_model_component_that_links_out_of_the_folder_is_refused(tmp_path, tiny_qwen):
+    import shutil
+
+    from ditserve.models.loading import CheckpointError, load_component, read_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen, model)
+    outside = tmp_path / "outside"
+    shutil.move(str(model / "scheduler"), outside)
+    (model / "scheduler").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="resolves outside the model folder"):
+        load_component(read_checkpoint(model), "scheduler", object, dtype=None)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "../../etc": ["diffusers", "X"]}))
+    with pytest.raises(CheckpointError, match="'../../etc' is not a plain name"):
+        read_checkpoint(model)
+
+
+def test_registered_model_linked_out_of_the_models_dir_is_refused(tmp_path, tiny_qwen, monkeypatch):
+    from ditserve.models.families import _local_copy
+    from ditserve.models.registry import ModelNotFoundError
+
+    root = tmp_path / "models"
+    (root / "Qwen").mkdir(parents=True)
+    (root / "Qwen" / "Qwen-Image").symlink_to(tiny_qwen, target_is_directory=True)
+    monkeypatch.setenv("DITSERVE_MODELS_DIR", str(root))
+    with pytest.raises(ModelNotFoundError, match="resolves outside"):
+        _local_copy("Qwen/Qwen-Image")
