@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .audio import AUDIO_MEDIA_TYPES, encode_audio
-from .executor import RequestTimeoutError, WorkerError
+from .executor import RequestTimeoutError
 from .overload import RETRY_AFTER_S, StageBusy, StageUnavailable
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
@@ -700,7 +700,7 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
         # a worker died mid-request: the stage rebuilds its group; the detail (rank, pid) is logged
         status = 503
         return internal_error(503, f"{exc.stage} lost a worker and is rebuilding, retry later", exc)
-    except (DeploymentUnavailableError, RayActorError, WorkerError) as exc:
+    except (DeploymentUnavailableError, RayActorError) as exc:
         status = 503
         return internal_error(503, "model stage unavailable, retry later", exc)
     except RequestTimeoutError as exc:
