@@ -232,9 +232,11 @@ class RayExecutor(Executor):
 
     async def _stop(self, done: asyncio.Future, call_id: int) -> None:
         """Abort call ``call_id`` and wait for every rank to leave it; records ``last_cancel``."""
-        at = await self.progress()
+        # the abort goes out first; rank 0's step is read right after (waiting for the read first
+        # would let the ranks run on for a round trip before the abort is even sent)
         for actor in self.actors:
             actor.abort.remote(call_id)
+        at = await self.progress()
         try:
             await asyncio.wait_for(done, timeout=self.timeout_s)
         except asyncio.TimeoutError:
