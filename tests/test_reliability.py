@@ -8,7 +8,7 @@ image) and 429s naming the DiT, no replica restarted; ``timeout_s`` gets a 504 a
 caps are 422s naming the field; a client that disconnects frees the ranks within two steps (rank
 0's step counter) and is counted as cancelled; a DiT rank SIGKILLed mid-request gives that request a
 503 (Retry-After, no pid in the body), the log names the dead rank, the group is rebuilt in the same
-replica and the next request is the reference image; the open-loop load client (``benchmarks/load.py``)
+replica and the next request is the reference image (a dead VAE worker: the same); the open-loop load client (``benchmarks/load.py``)
 at a rate above capacity gets an answer for every request.
 """
 
@@ -215,6 +215,18 @@ def test_served_overload_deadline_caps_disconnect_and_dead_worker(served):
     assert rebuilt["replica_id"] == before["replica_id"] and rebuilt["rebuilds"] == 1
     assert pid not in rebuilt["worker_pids"]
     assert _logged(f"rank(s) [0] (pid [{pid}]) died mid-request"), "no log line names the dead rank"
+
+    #    the same for a VAE worker (killed between requests: the next request finds it dead)
+    from ray import serve
+
+    vae = serve.get_deployment_handle("VAE", APP)
+    vae_before = vae.info.remote().result()
+    os.kill(vae_before["worker_pids"][0], signal.SIGKILL)
+    status, answer, headers = _post(url, QUICK)
+    assert status == 503 and answer["error"]["message"].startswith("VAE lost a worker"), answer
+    status, answer, _ = _post(url, QUICK)
+    assert status == 200 and (_image(answer) == reference).all()
+    assert vae.info.remote().result()["rebuilds"] == 1
 
     # 6. the open-loop load client above capacity: every request answered (200 or 429), none lost
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
