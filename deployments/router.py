@@ -20,6 +20,12 @@ use ``handle.generate_video.remote(req)`` (a ``VideoResult`` with uint8 frames);
 ``/v1/images/generations`` refuse video models, naming ``model``. A synchronous request whose
 caller goes away (HTTP disconnect, ``DeploymentResponse.cancel()``) cancels its stage calls
 (``compose``): the DiT's ranks stop at their next step; counted as ``status="cancelled"``.
+
+Overload (``overload.py``): a request is admitted only while this replica's requests in flight are
+below the smallest stage bound (429 naming the stage past it), its ``timeout_s`` (at most
+``max_timeout_s``) cancels its stage calls like a disconnect and answers 504, and its cost
+(``max_request_cost``) is checked before any stage runs. Error bodies go through ``redact``: a model
+served from a folder is named by the folder's name, never its path.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ synchronous request's id) polls rank 0's step count on the ranks' control thread
 a coordinator's call (its caller cancelled it or went away), the executor aborts the ranks, waits
 for them and re-raises (``ray_executor``); the DiT reports where they stopped.
 
+A dead rank: a request that loses a worker (killed, OOM) fails with ``overload.StageUnavailable``
+(HTTP 503 with ``Retry-After``; the log names the rank and its pid) and the coordinator rebuilds its
+group in its own placement group while the next request waits for it, so one request fails, not
+every request until Serve's health check replaces the replica.
+
 LoRA across replicas: the Router sends a request with adapters to the DiT with the first adapter's
 name as Serve's ``multiplexed_model_id``, and each DiT replica registers the adapters it served
 with Serve's model multiplexing (``DiT.adapter``), so Serve routes the next request for an adapter
