@@ -80,7 +80,8 @@ async def compose(stages: StageHandles, resolved: ResolvedRequest, return_latent
 
 def _refused(response: Any) -> bool:
     """Whether Serve refused this call for backpressure. Serve 2.60 keeps the assignment's future
-    on the response (private; untested: the Router's own bound refuses first in the tests): done with BackPressureError."""
+    on the response (private; untested: the Router's own bound refuses first in the tests): done
+    with BackPressureError."""
     future = getattr(response, "_replica_result_future", None)
     try:
         return future is not None and future.done() and isinstance(future.exception(), BackPressureError)

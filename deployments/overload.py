@@ -132,8 +132,9 @@ def check_cost(resolved: ResolvedRequest, budget: float | None, defaults: Mappin
     field = max(ratios, key=ratios.__getitem__)
     branches = 2 if resolved.negative_prompt is not None else 1
     raise RequestError(field, f"the request's cost n x pixels x frames x steps x CFG branches = "
-                              f"{p.num_images_per_prompt} x {p.width * p.height} x {getattr(p, 'num_frames', None) or 1}"
-                              f" x {p.num_inference_steps} x {branches} = {cost} exceeds the deployment's "
+                              f"{p.num_images_per_prompt} x {p.width * p.height} x "
+                              f"{getattr(p, 'num_frames', None) or 1} x {p.num_inference_steps} x {branches} = {cost} "
+                              f"exceeds the deployment's "
                               f"max_request_cost={_num(budget)}; lower {field}")
 
 
