@@ -266,7 +266,7 @@ def _flags() -> _Flags:
         info = AppConfig.model_fields[field]
         default = info.get_default(call_default_factory=True)
         # max_ongoing_requests is no field of the DiT/VAE options (fixed at 1), so they get no flag
-        resources = ("num_cpus", "num_gpus", "max_ongoing_requests") + (
+        resources = ("num_cpus", "num_gpus", "max_ongoing_requests", "max_queued_requests") + (
             ("worker_cpus",) if field not in ("text_encoder", "prior") else ()) + (
             "prompt_cache_mb", "max_batch_size", "batch_wait_timeout_s", "request_router")  # where the stage's options have them
         stages.append(_StageFlags(

@@ -10,6 +10,10 @@ call, a deleted job), every stage call of the request is cancelled explicitly. S
 the DiT and VAE coordinators' handlers, which abort their ranks at the next step
 (``RayExecutor.call_all_async``). Serve 2.60 cancels an ingress request's child calls itself only
 for gRPC and direct ingress (``replica._on_request_cancelled``); this makes it hold for every path.
+
+Overload: a stage call refused by Serve's ``max_queued_requests`` (``BackPressureError``, which does
+not say whose queue was full) surfaces from the last awaited reply; ``compose`` finds the stage
+whose call was refused and raises ``overload.StageBusy`` naming it (HTTP 429).
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import asyncio
 import dataclasses
 from typing import Any
 
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+
+from .overload import StageBusy
 
 from .schema import ResolvedRequest
 from .stages import Decoded
@@ -62,3 +69,21 @@ async def compose(stages: StageHandles, resolved: ResolvedRequest, return_latent
             if response is not None:
                 response.cancel()
         raise
+    except BackPressureError as exc:
+        calls = {"TextEncoder": encoded, "Prior": prior, "VAE": images, "DiT": denoised}
+        stage = next((name for name, r in calls.items() if r is not None and _refused(r)), "VAE")
+        for response in (decoded, denoised, prior, images, encoded):
+            if response is not None:
+                response.cancel()
+        raise StageBusy(stage, str(exc)) from None
+
+
+def _refused(response: Any) -> bool:
+    """Whether Serve refused this call for backpressure. Serve 2.60 keeps the assignment's future
+    on the response (private; untested: the Router's own bound refuses first in the tests): done
+    with BackPressureError."""
+    future = getattr(response, "_replica_result_future", None)
+    try:
+        return future is not None and future.done() and isinstance(future.exception(), BackPressureError)
+    except BaseException:  # noqa: BLE001 - cancelled, or another loop's future
+        return False

@@ -160,6 +160,16 @@ class AppConfig(BaseModel):
         "minutes). Past it every rank is aborted at its next step and the request fails with 504. Separate from "
         "distributed_timeout_s, which bounds one collective.",
     )
+    max_timeout_s: float = Field(
+        600.0, gt=0, description="Largest timeout_s a request may ask for (422 naming timeout_s above it). A "
+        "request's timeout_s covers its queues and every stage; past it the stage calls are cancelled (the DiT's "
+        "ranks stop at their next step) and the answer is 504.",
+    )
+    max_request_cost: float | None = Field(
+        None, gt=0, description="Budget of one request: n x width x height x frames x steps x CFG branches "
+        "(2 when the negative branch runs). A request above it is refused with 422 naming the budget and the field "
+        "to lower (None: no budget). E.g. 1024x1024, 50 steps, CFG: 1.05e8.",
+    )
     text_encoder: TextEncoderOptions = Field(
         default_factory=lambda: TextEncoderOptions(num_cpus=0.2, max_ongoing_requests=16),
         description="TextEncoder deployment.",

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .audio import AUDIO_MEDIA_TYPES, encode_audio
 from .executor import RequestTimeoutError
+from .overload import RETRY_AFTER_S, StageBusy, StageUnavailable
 from .engine import GenerationResult
 from .schema import GenerationRequest, RequestError, field_error
 from .security import ApiKeyAuth, JsonGuard, RequestIdGuard, parse_json, replay_body, request_id
@@ -391,9 +392,10 @@ _ERRORS = {
     409: "The video job is not completed: no content yet.",
     413: "Body larger than max_request_bytes.",
     422: "A field is invalid (param names it).",
-    429: "A stage's queue is full; retry after Retry-After seconds.",
+    429: "A stage's queue is full (the message names it); retry after Retry-After seconds.",
     500: "Generation failed.",
-    503: "A model stage is unavailable; retry after Retry-After seconds.",
+    503: "A model stage is unavailable or lost a worker mid-request; retry after Retry-After seconds.",
+    504: "The request ran past its timeout_s (or the deployment's request_timeout_s); its work was stopped.",
 }
 
 
@@ -408,7 +410,7 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An error in OpenAI's shape."""
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    headers = {**(headers or {}), **({"Retry-After": "1"} if status in (429, 503) else {})}
+    headers = {**(headers or {}), **({"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {})}
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers or None)
 
@@ -577,6 +579,9 @@ class HttpBackend(Protocol):
     def failed(self, status: int) -> None:
         """Count a refused or failed generation request (metrics)."""
 
+    def redact(self, text: str) -> str:
+        """``text`` without host paths (a model served from a folder is named by the folder's name)."""
+
 
 def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app of one Router replica; the routes call ``backend``. ``api_keys``: the
@@ -619,7 +624,7 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
             message = str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)
 
-    @app.post(IMAGES_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503),
+    @app.post(IMAGES_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503, 504),
               summary="Generate images from a prompt.")
     async def images(req: ImagesRequest) -> JSONResponse:
         return await _answer(backend, req)
@@ -627,11 +632,11 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
     @app.post(AUDIO_PATH, response_model=AudioResponse, responses={
         200: {"content": {t: {} for t in AUDIO_MEDIA_TYPES.values()},
               "description": "The clip (wav, flac) or JSON with base64 WAV clips (b64_json)."},
-        **_error_docs(400, 404, 413, 422, 429, 500, 503)}, summary="Generate audio from a prompt.")
+        **_error_docs(400, 404, 413, 422, 429, 500, 503, 504)}, summary="Generate audio from a prompt.")
     async def audio(req: AudioRequest) -> Response:
         return await _answer(backend, req, _audio_response)
 
-    @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503),
+    @app.post(EDITS_PATH, response_model=ImagesResponse, responses=_error_docs(400, 404, 413, 422, 429, 500, 503, 504),
               summary="Edit input image(s) by a prompt (multipart form as OpenAI's, or JSON with base64 images).",
               openapi_extra={"requestBody": {"content": {
                   "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"]}},
@@ -644,7 +649,7 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
                 req = ImageEditsRequest.model_validate(await _json_body(request))
         except RequestError as exc:
             backend.failed(exc.status)
-            return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+            return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field)
         except ValidationError as exc:
             err = field_error(exc.errors()[0])
             backend.failed(err.status)
@@ -737,17 +742,29 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
     except RequestError as exc:
         status = exc.status
         # from the fields: a stage's refusal arrives wrapped by Ray, whose str() is a traceback
-        return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
+        return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field)
+    except StageBusy as exc:
+        status = 429
+        logger.warning("request %s refused: %s", request_id(), exc)
+        return error_response(429, f"{exc.stage}: queue full, retry after {RETRY_AFTER_S} s (request id "
+                              f"{request_id()})", kind="rate_limit_error", headers={"x-request-id": request_id()})
     except BackPressureError as exc:
         status = 429
         logger.warning("request %s refused: %s", request_id(), exc)
         return error_response(429, f"server busy, retry later (request id {request_id()})", kind="rate_limit_error",
                               headers={"x-request-id": request_id()})
+    except StageUnavailable as exc:
+        # a worker died mid-request: the stage rebuilds its group; the detail (rank, pid) is logged
+        status = 503
+        return internal_error(503, f"{exc.stage} lost a worker and is rebuilding, retry later", exc)
     except (DeploymentUnavailableError, RayActorError) as exc:
         status = 503
         return internal_error(503, "model stage unavailable, retry later", exc)
-    except RequestTimeoutError:
+    except RequestTimeoutError as exc:
         status = 504
+        if str(exc).startswith("timeout_s"):
+            return error_response(504, "timeout_s: the request ran past its timeout_s and its work was stopped",
+                                  "timeout_s", kind="timeout_error")
         return error_response(504, "the request ran past request_timeout_s and was stopped", kind="timeout_error")
     except Exception as exc:  # the replica stays up; the detail goes to the log only
         status = 500
@@ -756,6 +773,11 @@ async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
         if status != 200:
             backend.failed(status)
 
+
+
+def _redact(backend: HttpBackend, text: str) -> str:
+    redact = getattr(backend, "redact", None)  # test backends may not have one
+    return redact(text) if redact is not None else text
 
 
 def internal_error(status: int, what: str, exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -778,7 +800,7 @@ async def _video_answer(backend: HttpBackend, call: Callable[[], Any]) -> Respon
             return Response(data, media_type=media_type, headers=headers)
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
     except RequestError as exc:
-        return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field, headers=headers)
+        return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field, headers=headers)
     except BackPressureError:
         return error_response(429, "server busy, retry later", kind="rate_limit_error", headers=headers)
     except (DeploymentUnavailableError, RayActorError) as exc:

@@ -110,7 +110,8 @@ class RayExecutor(Executor):
         self.timeout_s = timeout_s
         #: (steps rank 0 had finished when the last cancel arrived, steps when the ranks stopped)
         self.last_cancel: tuple[int, int] | None = None
-        self.stopping: asyncio.Future | None = None  # the latest cancel's stop (it outlives its caller)
+        self.cancels: list[tuple[int, int]] = []  # every cancel's (at, stopped), oldest first
+        self.stopping: asyncio.Future | None = None  # the latest cancelled call's stop task (outlives its caller)
         self._call_id = 0  # id of the latest call (progress of an older one reads as 0)
         # starting actors and loading weights is not a collective: it gets its own, longer, limit
         self.startup_timeout_s = startup_timeout_s or timeout_s
@@ -162,14 +163,21 @@ class RayExecutor(Executor):
 
     async def call_all_async(self, target: Target, *args: Any, reply_rank: int | None = 0,
                              timeout_s: float | None = None, **kwargs: Any) -> Any:
+        if self.stopping is not None and not self.stopping.done():
+            # the previous call was cancelled and its ranks are still stopping: start after them, so
+            # their abort cannot reach this call (and its progress reads from 0)
+            await asyncio.shield(self.stopping)
         refs = self._refs(target, args, kwargs, reply_rank)
+        call_id = self._call_id
         done = asyncio.gather(*refs, return_exceptions=True)
         try:
             results = await asyncio.wait_for(asyncio.shield(done), timeout=timeout_s)
         except asyncio.CancelledError:
-            # the caller went away: stop the ranks, wait until they have (in a task of its own, so
-            # a second cancel cannot leave the group busy behind our back), then re-raise
-            stop = self.stopping = asyncio.ensure_future(self._stop(done))
+            # the caller went away: stop the ranks, wait until they have (in a task of its own, held
+            # by the executor: Serve may cancel the handler again, and it then returns at once and
+            # frees the replica before the ranks have stopped; the next call waits for this task),
+            # then re-raise
+            stop = self.stopping = asyncio.ensure_future(self._stop(done, call_id))
             try:
                 await asyncio.shield(stop)
             except asyncio.CancelledError:
@@ -222,14 +230,18 @@ class RayExecutor(Executor):
                 raise WorkerError(f"{method} failed on rank {rank}: {exc}") from exc
         return out
 
-    async def _stop(self, done: asyncio.Future) -> tuple[int, int]:
-        """Abort the running call and wait for every rank to leave it; records and returns ``last_cancel``."""
-        at = await self._abort_refs()[0]  # rank 0's steps when the abort landed there
+    async def _stop(self, done: asyncio.Future, call_id: int) -> tuple[int, int]:
+        """Abort call ``call_id`` and wait for every rank to leave it; records and returns ``last_cancel``."""
+        # rank 0 answers the abort with the steps it had finished when the abort landed (a separate
+        # progress read before or after it would be off by the steps run during a round trip)
+        refs = self._abort_refs(call_id)
+        at = await refs[0]
         try:
             await asyncio.wait_for(done, timeout=self.timeout_s)
         except asyncio.TimeoutError:
             logger.warning("ranks did not stop within %g s of a cancel", self.timeout_s)
         self.last_cancel = (at, await self.progress())
+        self.cancels = [*self.cancels[-99:], self.last_cancel]
         logger.info("call cancelled at step %d; the ranks stopped after step %d", *self.last_cancel)
         return self.last_cancel
 
@@ -244,10 +256,11 @@ class RayExecutor(Executor):
     def abort(self) -> None:
         self._abort_refs()
 
-    def _abort_refs(self) -> list:
-        """Abort the latest call (one at a time per replica), even on a rank that has not started it
-        yet; each rank's reference answers the steps it had finished when the abort landed."""
-        return [actor.abort.remote(self._call_id) for actor in self.actors]
+    def _abort_refs(self, call_id: int | None = None) -> list:
+        """Abort call ``call_id`` (default: the latest; one at a time per replica), even on a rank
+        that has not started it yet; each rank's reference answers the steps it had finished when
+        the abort landed."""
+        return [actor.abort.remote(self._call_id if call_id is None else call_id) for actor in self.actors]
 
     async def check_health(self, timeout_s: float = 10.0) -> None:
         """Every rank answers a ping (from its control thread: a running request does not delay it)."""

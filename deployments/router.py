@@ -20,6 +20,12 @@ use ``handle.generate_video.remote(req)`` (a ``VideoResult`` with uint8 frames);
 ``/v1/images/generations`` refuse video models, naming ``model``. A synchronous request whose
 caller goes away (HTTP disconnect, ``DeploymentResponse.cancel()``) cancels its stage calls
 (``compose``): the DiT's ranks stop at their next step; counted as ``status="cancelled"``.
+
+Overload (``overload.py``): a request is admitted only while this replica's requests in flight are
+below the smallest stage bound (429 naming the stage past it), its ``timeout_s`` (at most
+``max_timeout_s``) cancels its stage calls like a disconnect and answers 504, and its cost
+(``max_request_cost``) is checked before any stage runs. Error bodies go through ``redact``: a model
+served from a folder is named by the folder's name, never its path.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from ditserve.features.lora import list_adapters
@@ -61,9 +68,11 @@ from .http import (
     encode_images,
     images_response,
 )
+from .executor import RequestTimeoutError
 from .metrics import RouterMetrics
+from .overload import RETRY_AFTER_S, Admission, check_cost, check_timeout, stage_bounds
 from .schema import GenerationRequest, RequestError, ResolvedRequest
-from .security import api_key_digests
+from .security import api_key_digests, host_paths, redact_paths
 from .served import ServedModel
 from .stages import Decoded, conditioning_report, merge_reports
 
@@ -117,6 +126,8 @@ class Router:
         return {
             "max_ongoing_requests": opts.max_ongoing_requests,
             "max_queued_requests": opts.max_queued_requests,
+            # past the Router's own queue Serve's proxy answers (not our handlers): 429, as our stages' bounds
+            "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
             "autoscaling_config": opts.autoscaling.to_serve(),
             "ray_actor_options": {"num_cpus": opts.num_cpus, "resources": dict(opts.custom_resources)},
         }
@@ -132,6 +143,10 @@ class Router:
         self.replica_id = _replica_id()  # the x-ditserve-replica header of /v1/videos answers
         self.created = int(time.time())
         self.metrics = RouterMetrics()
+        # per-stage queue bounds, enforced here (overload.py says why Serve's alone does not hold)
+        self.admission = Admission(stage_bounds(cfg, served.prior))
+        self.outcomes: dict[str, int] = {}  # requests by outcome, as ditserve_requests_total (info())
+        self._hidden = host_paths(self.served.id, self.served.lora.lora_dir)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         keys = api_key_digests(self.cfg.api_key, self.cfg.api_key_file)  # the file is read here, at start
@@ -161,14 +176,27 @@ class Router:
         start = time.perf_counter()
         request_id = serve.context._get_serve_request_context().request_id
         resolved = self.served.validate(req)
+        timeout_s = check_timeout(req.timeout_s, self.cfg.max_timeout_s)
+        spec = self.served.specs[resolved.model]
+        check_cost(resolved, self.cfg.max_request_cost, {
+            "steps": spec.num_inference_steps, "pixels": spec.default_width * spec.default_height,
+            "frames": spec.num_frames or 1})
         # with a Jobs deployment, the DiT reports this request's steps there (Jobs.progress(request_id))
         key = request_id if self.jobs is not None and request_id else None
-        try:
-            decoded = await self._compose(resolved, return_latents, key)
-        except asyncio.CancelledError:
-            self.metrics.cancelled(resolved.model)
-            logger.info("request %s cancelled (caller gone); its stage calls were cancelled", request_id)
-            raise
+        with self.admission.admit():  # StageBusy (429) when a stage's queue is full
+            try:
+                # the deadline cancels the stage calls (compose), so the ranks stop at their next step
+                decoded = await asyncio.wait_for(self._compose(resolved, return_latents, key), timeout_s)
+            except asyncio.TimeoutError:
+                logger.info("request %s passed its timeout_s=%g; its stage calls were cancelled", request_id,
+                            timeout_s)
+                raise RequestTimeoutError(f"timeout_s: the request ran past its timeout_s={timeout_s:g} and was "
+                                          "stopped") from None
+            except asyncio.CancelledError:
+                self.metrics.cancelled(resolved.model)
+                self._count("cancelled")
+                logger.info("request %s cancelled (caller gone); its stage calls were cancelled", request_id)
+                raise
         # each stage reported its own timings and statistics; they are merged here, once
         timings, cache, lora = merge_reports(decoded.reports)
         timings["wall"] = time.perf_counter() - start
@@ -186,6 +214,7 @@ class Router:
         timings["queue"] = max(0.0, wall - busy)
         timings["total"] = wall
         self.metrics.succeeded(result.model, timings, result.cache)
+        self._count("ok")
         self.metrics.conditioning(result.model, result.conditioning)
         logger.info("request %s done: model=%s seed=%s timings=%s", result.request_id, result.model, result.seed,
                     {k: round(v, 4) for k, v in timings.items()})
@@ -301,8 +330,19 @@ class Router:
         return await self._jobs().content.remote(video_id, variant)
 
     def info(self) -> dict[str, Any]:
-        """This replica's id and model (operators, tests: ``handle.broadcast("info")``)."""
-        return {"replica_id": self.replica_id, "model": self.served.id}
+        """This replica's id and model, its requests by outcome (as ``ditserve_requests_total``) and
+        in flight (operators, tests: ``handle.broadcast("info")``)."""
+        return {"replica_id": self.replica_id, "model": self.served.id, "requests": dict(self.outcomes),
+                "in_flight": self.admission.in_flight}
+
+    def redact(self, text: str) -> str:
+        """``text`` without host paths: a model served from a folder (its id is the path) is named by
+        the folder's name, ``lora_dir`` by the option's name (error bodies; the log keeps the paths)."""
+        return redact_paths(text, self._hidden)
+
+    def _count(self, status: str) -> None:
+        self.outcomes[status] = self.outcomes.get(status, 0) + 1
 
     def failed(self, status: int) -> None:
         self.metrics.failed(self.served.id, status)
+        self._count(str(status))

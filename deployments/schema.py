@@ -116,6 +116,9 @@ class GenerationRequest(BaseModel):
         "interactive", description="Queue tier: with the DiT's least_cost router, an 'interactive' request waiting "
         "for a DiT replica is sent before every 'batch' one that waits with it.",
     )
+    timeout_s: float | None = Field(None, gt=0, description="This request's deadline in seconds, queues included "
+                                    "(at most the deployment's max_timeout_s): past it the work is cancelled on "
+                                    "every rank and the answer is 504.")
 
     @field_validator("prompt")
     @classmethod

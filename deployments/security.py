@@ -271,3 +271,24 @@ def request_id() -> str:
     from ray.serve import context as serve_context
 
     return serve_context._get_serve_request_context().request_id
+
+
+# ---- host paths out of error bodies ----------------------------------------------------------------
+
+
+def host_paths(model_id: str, lora_dir: str | None) -> list[tuple[str, str]]:
+    """(path, public name) pairs to take out of error bodies, longest path first: a model served
+    from a folder has its path as id (named by the folder's name), ``lora_dir`` by the option's name."""
+    pairs = {}
+    if model_id.startswith(("/", "~", "./", "../")) or "\\" in model_id:
+        pairs[model_id] = Path(model_id.rstrip("/\\")).name or "model"
+    if lora_dir:
+        pairs[str(lora_dir)] = "lora_dir"
+    return sorted(pairs.items(), key=lambda kv: -len(kv[0]))
+
+
+def redact_paths(text: str, pairs: Iterable[tuple[str, str]]) -> str:
+    """``text`` with each path of ``pairs`` replaced by its public name."""
+    for path, name in pairs:
+        text = text.replace(path, name)
+    return text

@@ -16,6 +16,11 @@ synchronous request's id) polls rank 0's step count on the ranks' control thread
 a coordinator's call (its caller cancelled it or went away), the executor aborts the ranks, waits
 for them and re-raises (``ray_executor``); the DiT reports where they stopped.
 
+A dead rank: a request that loses a worker (killed, OOM) fails with ``overload.StageUnavailable``
+(HTTP 503 with ``Retry-After``; the log names the rank and its pid) and the coordinator rebuilds its
+group in its own placement group while the next request waits for it, so one request fails, not
+every request until Serve's health check replaces the replica.
+
 LoRA across replicas: the Router sends a request with adapters to the DiT with the first adapter's
 name as Serve's ``multiplexed_model_id``, and each DiT replica registers the adapters it served
 with Serve's model multiplexing (``DiT.adapter``), so Serve routes the next request for an adapter
@@ -34,7 +39,9 @@ import ray
 from ray import serve
 
 from .config import AppConfig, StageOptions
+from .executor import WorkerError
 from .metrics import DitMetrics
+from .overload import StageUnavailable
 from .ray_executor import RayExecutor
 from .schema import RequestError, ResolvedRequest
 from .stages import Decoded, Denoised, Encoded, EncodedImages, Encoder, PriorTokens
@@ -140,7 +147,7 @@ class _GroupCoordinator:
     def __init__(self, cfg: AppConfig, gpu: bool, workers: int, opts: StageOptions) -> None:
         self.request_timeout_s = cfg.request_timeout_s
         self.health_check_timeout_s = opts.health_check_timeout_s
-        self.executor = RayExecutor(
+        self._new_executor = lambda: RayExecutor(
             workers,
             cfg.engine,
             [self.stage],
@@ -151,14 +158,64 @@ class _GroupCoordinator:
             timeout_s=cfg.distributed_timeout_s,
             startup_timeout_s=max(cfg.distributed_timeout_s, 300.0),
         )
+        self.executor = self._new_executor()
+        self._rebuilding: asyncio.Future | None = None  # the group being rebuilt after a rank died
+        self.rebuilds = 0
+        self.pids = [pid for _, pid in ray.get([a.where.remote() for a in self.executor.actors])]
         logger.info("%s ranks ready: %s", type(self).__name__, self.executor.info)
 
-    async def _call(self, *args: Any) -> Any:
-        # every rank computes; rank 0 alone sends its result back
-        return await self.executor.call_all_async(self.method, *args, timeout_s=self.request_timeout_s)
+    async def _call(self, *args: Any, method: str | None = None) -> Any:
+        """Every rank computes; rank 0 alone sends its result back. A rank that died mid-request
+        fails the request with ``StageUnavailable`` (503 with Retry-After: choosing to fail fast
+        rather than retry, because the group has to be rebuilt first, which takes as long as a
+        load) and the group is rebuilt in this replica, in the same placement group, while the
+        next request waits for it; the log names the dead rank and its pid."""
+        if self._rebuilding is not None:
+            await asyncio.shield(self._rebuilding)
+        try:
+            return await self.executor.call_all_async(method or self.method, *args, timeout_s=self.request_timeout_s)
+        except WorkerError:
+            dead = await self._dead_ranks()
+            if not dead:
+                raise
+            name = type(self).__name__
+            logger.error("request %s: %s rank(s) %s (pid %s) died mid-request; rebuilding the group", _request_id(),
+                         name, dead, [self.pids[r] for r in dead], exc_info=True)
+            self._rebuild()
+            raise StageUnavailable(name, f"rank(s) {dead} died mid-request; the worker group is being rebuilt") \
+                from None
+
+    async def _dead_ranks(self) -> list[int]:
+        async def alive(actor: Any) -> bool:
+            try:
+                await asyncio.wait_for(actor.ping.remote(), timeout=self.health_check_timeout_s)
+                return True
+            except Exception:  # noqa: BLE001 - dead (RayActorError) or not answering
+                return False
+
+        states = await asyncio.gather(*[alive(a) for a in self.executor.actors])
+        return [rank for rank, ok in enumerate(states) if not ok]
+
+    def _rebuild(self) -> None:
+        old = self.executor
+
+        def build() -> None:
+            old.kill()  # frees the ranks' bundles of this replica's placement group for the new ranks
+            self.executor = self._new_executor()
+            self.pids = [pid for _, pid in ray.get([a.where.remote() for a in self.executor.actors])]
+            self.rebuilds += 1
+            logger.info("%s group rebuilt: ranks %s", type(self).__name__, self.pids)
+
+        self._rebuilding = asyncio.ensure_future(asyncio.to_thread(build))
+        self._rebuilding.add_done_callback(lambda f: setattr(self, "_rebuilding", None) if not f.exception() else None)
 
     async def check_health(self) -> None:
-        # answered from the ranks' control threads, so a long request does not fail it
+        # answered from the ranks' control threads, so a long request does not fail it; while the
+        # group is rebuilt the replica is healthy, unless the rebuild failed (then Serve replaces it)
+        if self._rebuilding is not None:
+            if not self._rebuilding.done():
+                return
+            self._rebuilding.result()
         await self.executor.check_health(timeout_s=self.health_check_timeout_s)
 
     async def info(self) -> dict[str, Any]:
@@ -168,6 +225,7 @@ class _GroupCoordinator:
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "worker_node_ids": [node for node, _ in where],
             "worker_pids": [pid for _, pid in where],
+            "rebuilds": self.rebuilds,
             **self.executor.info,
         }
 
@@ -262,17 +320,17 @@ class DiT(_GroupCoordinator):
         """The requests Serve gathered (up to ``max_batch_size``), as one call of the ranks'
         ``Denoiser.denoise_batch``: those that can share a forward are denoised as one batch."""
         async with self._one_call:
-            return await self.executor.call_all_async("denoise_batch", items, timeout_s=self.request_timeout_s)
+            return await self._call(items, method="denoise_batch")  # a dead rank: 503 and a rebuild, as alone
 
     async def _denoise_alone(self, req: ResolvedRequest, encoded: Encoded, prior: PriorTokens | None,
                              images: EncodedImages | None, progress_key: str | None) -> Denoised:
         extra = (None, images) if images is not None else ()
         watcher = asyncio.ensure_future(self._watch(progress_key)) if progress_key else None
-        self.executor.stopping = None
+        before = self.executor.stopping  # a previous cancel's stop: not this call's
         try:
             denoised = await self._call(req, encoded.with_prior(prior), _request_id(), *extra)
         except asyncio.CancelledError:
-            if progress_key:
+            if progress_key and self.executor.stopping is not before:
                 # from a task of its own: Serve may cancel this one again before the ranks have stopped
                 asyncio.ensure_future(self._report_stop(progress_key, self.executor.stopping))
             raise
@@ -288,6 +346,13 @@ class DiT(_GroupCoordinator):
         if stopping is not None:
             at, stopped = await stopping
             self._report(key, steps_done=stopped, cancelled_at_step=at, stopped_at_step=stopped)
+
+    def cancels(self) -> list[tuple[int, int]]:
+        """The latest cancels of this replica's group (at most 100), oldest first: (steps rank 0 had
+        finished when the cancel arrived, steps when every rank had stopped). Tests, operators: how
+        fast a disconnect or a timeout freed the ranks. A cancelled call's handler may end before
+        its ranks have stopped; the entry appears when they have."""
+        return list(self.executor.cancels)
 
     def _report(self, key: str, **progress: int) -> None:
         """Send progress to the Jobs deployment (fire and forget: a lost report only delays progress)."""
@@ -349,4 +414,4 @@ class VAE(_GroupCoordinator):
     async def encode(self, req: ResolvedRequest) -> EncodedImages:
         """Input images -> their latents (editing): every worker encodes whole (patch parallel splits
         decode only), rank 0 answers."""
-        return await self.executor.call_all_async("encode", req, timeout_s=self.request_timeout_s)
+        return await self._call(req, method="encode")

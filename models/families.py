@@ -121,6 +121,11 @@ def _builtin_path(spec: ModelSpec) -> Path:
 def _local_copy(model_id: str) -> Path | None:
     root = os.environ.get("DITSERVE_MODELS_DIR")
     if root and (Path(root) / model_id / "model_index.json").is_file():
+        try:  # confined to the root, symlinks resolved
+            (Path(root) / model_id).resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            raise ModelNotFoundError(f"model {model_id!r}: $DITSERVE_MODELS_DIR/{model_id} resolves outside "
+                                     "$DITSERVE_MODELS_DIR (a symlink pointing out); copy the folder in") from None
         return Path(root) / model_id
     try:
         from huggingface_hub import snapshot_download

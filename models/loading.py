@@ -64,8 +64,26 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
             continue
+        if not name.isidentifier():  # a component is a subfolder named by an identifier, never a path
+            raise CheckpointError(f"{index_file}: component name {name!r} is not a plain name")
         components[name] = ComponentRef(name=name, library=value[0], class_name=value[1])
     return CheckpointInfo(path=root, pipeline_class=index.get("_class_name", ""), components=components)
+
+
+def _check_confined(root: Path, folder: Path) -> None:
+    """A component folder, and every file in it, must resolve inside the checkpoint folder: a
+    crafted ``model_index.json`` (``"../x"``) or a symlink pointing out would otherwise have us read
+    files the operator never meant to serve."""
+    top = root.resolve()
+    if top.parent.name == "snapshots":  # the Hugging Face cache: snapshot files link to the repo's blobs/
+        top = top.parent.parent
+    for path in (folder, *folder.iterdir()):
+        try:
+            path.resolve().relative_to(top)
+        except ValueError:
+            raise CheckpointError(f"{path.relative_to(root) if path.is_relative_to(root) else path.name}: "
+                                  "resolves outside the model folder (a symlink or '..' pointing out); "
+                                  "copy the files into it") from None
 
 
 def _check_safetensors_only(folder: Path) -> None:
@@ -130,6 +148,7 @@ def load_component(
     folder = info.path / name
     if not folder.is_dir():
         raise CheckpointError(f"{info.path}: component folder {name}/ is missing")
+    _check_confined(info.path, folder)
     _check_safetensors_only(folder)
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
         if loader is not None:
