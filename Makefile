@@ -22,7 +22,7 @@ serve: install
 	$(BIN)/ditserve run
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache out.png

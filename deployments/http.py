@@ -642,19 +642,8 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
                   "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"]}},
                   "application/json": {"schema": ImageEditsRequest.model_json_schema()}}}})
     async def edits(request: Request) -> JSONResponse:
-        try:
-            if "multipart/form-data" in request.headers.get("content-type", ""):
-                req = await edits_from_form(request)
-            else:
-                req = ImageEditsRequest.model_validate(await _json_body(request))
-        except RequestError as exc:
-            backend.failed(exc.status)
-            return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field)
-        except ValidationError as exc:
-            err = field_error(exc.errors()[0])
-            backend.failed(err.status)
-            return error_response(err.status, str(err), err.field)
-        return await _answer(backend, req)
+        req = await _form_or_json(backend, request, ImageEditsRequest, edits_from_form)
+        return req if isinstance(req, Response) else await _answer(backend, req)
 
 
     video_errors = _error_docs(400, 404, 409, 413, 422, 429, 500, 503)
@@ -665,17 +654,8 @@ def build_http_app(backend: HttpBackend, *, max_request_bytes: int, api_keys: Se
                   "multipart/form-data": {"schema": {"type": "object", "required": ["prompt"]}},
                   "application/json": {"schema": VideosRequest.model_json_schema()}}}})
     async def create_video(request: Request) -> Response:
-        try:
-            if "multipart/form-data" in request.headers.get("content-type", ""):
-                req = await videos_from_form(request)
-            else:
-                req = VideosRequest.model_validate(await _json_body(request))
-        except RequestError as exc:
-            return error_response(exc.status, f"{exc.field}: {exc.message}", exc.field)
-        except ValidationError as exc:
-            err = field_error(exc.errors()[0])
-            return error_response(err.status, str(err), err.field)
-        return await _video_answer(backend, lambda: backend.create_video(req))
+        req = await _form_or_json(backend, request, VideosRequest, videos_from_form)
+        return req if isinstance(req, Response) else await _video_answer(backend, lambda: backend.create_video(req))
 
     @app.get(VIDEOS_PATH, response_model=VideoList, responses=video_errors, summary="List video jobs, newest first.")
     async def videos(limit: int = Query(20, ge=1, le=100, description="Jobs per page."),
@@ -729,6 +709,23 @@ async def _json_body(request: Request) -> Any:
     if not isinstance(data, dict):
         raise RequestError("body", "must be a JSON object", status=400)
     return data
+
+
+async def _form_or_json(backend: HttpBackend, request: Request, model: type[BaseModel],
+                        from_form: Callable[[Request], Awaitable[Any]]) -> Any:
+    """A body that may carry files: a multipart form (OpenAI's uploads, read by ``from_form``) or
+    JSON, validated into ``model``; a bad one is answered here (a 4xx ``Response``, naming the field)."""
+    try:
+        if "multipart/form-data" in request.headers.get("content-type", ""):
+            return await from_form(request)
+        return model.model_validate(await _json_body(request))
+    except RequestError as exc:
+        backend.failed(exc.status)
+        return error_response(exc.status, _redact(backend, f"{exc.field}: {exc.message}"), exc.field)
+    except ValidationError as exc:
+        err = field_error(exc.errors()[0])
+        backend.failed(err.status)
+        return error_response(err.status, str(err), err.field)
 
 
 async def _answer(backend: HttpBackend, req: ImagesRequest | AudioRequest,
