@@ -24,6 +24,7 @@ reply rank returns its result.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 from collections.abc import Sequence
@@ -177,7 +178,10 @@ class RayExecutor(Executor):
             # by the executor: Serve may cancel the handler again, and it then returns at once and
             # frees the replica before the ranks have stopped; the next call waits for this task),
             # then re-raise
-            stop = self.stopping = asyncio.ensure_future(self._stop(done, call_id))
+            # (in a fresh context: Serve cancels the request's Ray task recursively, which would
+            # also cancel the abort and progress calls made from a task that inherited its context)
+            stop = self.stopping = asyncio.get_running_loop().create_task(self._stop(done, call_id),
+                                                                         context=contextvars.Context())
             try:
                 await asyncio.shield(stop)
             except asyncio.CancelledError:
@@ -234,13 +238,12 @@ class RayExecutor(Executor):
         """Abort call ``call_id`` and wait for every rank to leave it; records and returns ``last_cancel``."""
         # rank 0 answers the abort with the steps it had finished when the abort landed (a separate
         # progress read before or after it would be off by the steps run during a round trip)
-        refs = self._abort_refs(call_id)
-        at = await refs[0]
+        at = await _answer(self._abort_refs(call_id)[0], "abort", 0)
         try:
             await asyncio.wait_for(done, timeout=self.timeout_s)
         except asyncio.TimeoutError:
             logger.warning("ranks did not stop within %g s of a cancel", self.timeout_s)
-        self.last_cancel = (at, await self.progress())
+        self.last_cancel = (at, await _answer(self.progress(), "progress", at))
         self.cancels = [*self.cancels[-99:], self.last_cancel]
         logger.info("call cancelled at step %d; the ranks stopped after step %d", *self.last_cancel)
         return self.last_cancel
@@ -280,3 +283,13 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         self.kill()
+
+
+async def _answer(awaitable: Any, what: str, default: int) -> int:
+    """A control call's answer during a cancel, or ``default`` when Ray cancelled or lost it (the
+    stop must finish and be recorded either way)."""
+    try:
+        return await awaitable
+    except (ray.exceptions.RayError, asyncio.CancelledError) as exc:
+        logger.warning("%s during a cancel got no answer (%s)", what, type(exc).__name__)
+        return default
