@@ -98,7 +98,7 @@ def test_requests_longer_than_the_collective_timeout_complete(tiny_qwen, monkeyp
         config = EngineConfig(model=str(tiny_qwen), device="cpu", parallel=ParallelConfig(ring_degree=2))
         executor.load(config, ["denoise"])
         engine = Engine(config.model_copy(update={"parallel": ParallelConfig()}), ["encode"])
-        req = engine.resolve(GenerationRequest(prompt="a cat", size="256x256", num_inference_steps=200, seed=0))
+        req = engine.resolve(GenerationRequest(prompt="a cat", size="384x384", num_inference_steps=200, seed=0))
         from ditserve.deployments.stages import Encoded
 
         import time
