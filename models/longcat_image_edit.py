@@ -82,11 +82,13 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
     _pil = QwenImageEditAdapter._pil
     _vision_hook = QwenImageEditAdapter._vision_hook
 
-    def _resized(self, image: Any) -> tuple[Any, int, int]:
-        """An input image resized as the pipeline resizes it (about ``condition_pixels``)."""
-        pil = self._pil(image)
-        width, height = self.condition_size(pil.width, pil.height, self.condition_pixels)
-        return self.pipe.image_processor.resize(pil, height, width), height, width
+    _resized = QwenImageEditAdapter._resized
+    encode_images = QwenImageEditAdapter.encode_images  # through this class's _vae_pixels
+
+    def _vae_pixels(self, image: Any) -> tuple[torch.Tensor, int, int]:
+        """An input image as the (2-D) VAE's input (B, C, H, W) in [-1, 1], as the pipeline prepares it."""
+        resized, height, width = self._resized(image)
+        return self.pipe.image_processor.preprocess(resized, height, width), height, width
 
     def encode_image_prompt(
         self, texts: Sequence[str], images: Sequence[Any], num_images_per_prompt: int,
@@ -110,18 +112,6 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
         finally:
             hook.cached = hook.computed = None
         return {"encoder_hidden_states": torch.cat(embeds), "txt_ids": text_ids}, features
-
-    @torch.inference_mode()
-    def encode_images(self, images: Sequence[Any]) -> ImageConditioning:
-        self._require("vae")
-        vae = self.components["vae"]
-        latents, sizes = [], []
-        for image in images:
-            resized, height, width = self._resized(image)
-            pixels = self.pipe.image_processor.preprocess(resized, height, width)
-            latents.append(self.pipe._encode_vae_image(pixels.to(self.device, vae.dtype), generator=None))
-            sizes.append((height, width))
-        return ImageConditioning(latents, sizes)
 
     def prepare_latents(
         self, params: SamplingParams, cond: TextConditioning, batch: int, generator: torch.Generator | None,
